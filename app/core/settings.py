@@ -1,0 +1,133 @@
+"""The one settings class. Names come from the brief (DATABASE_URL, SIRA_API_URL, ...) and
+SELFHEAL_* for the rest; a `.env` file in the working directory is read too."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that mean "nobody chose a secret yet". Refused when SELFHEAL_ENV=prod.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "changethis", "secret", "dev", "dev-secret", "selfheal-dev"}
+)
+DEV_SECRET_KEY = "selfheal-dev"  # noqa: S105 - the documented development placeholder
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    env: Literal["dev", "prod"] = Field("dev", validation_alias=_env("SELFHEAL_ENV"))
+    secret_key: str = Field(DEV_SECRET_KEY, validation_alias=_env("SELFHEAL_SECRET_KEY"))
+    data_dir: Path = Field(Path(".selfheal"), validation_alias=_env("SELFHEAL_DATA_DIR"))
+
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
+    redis_prefix: str = Field("selfheal:", validation_alias=_env("SELFHEAL_REDIS_PREFIX"))
+
+    sira_api_url: str | None = Field(None, validation_alias=_env("SIRA_API_URL"))
+    sira_api_token: str | None = Field(None, validation_alias=_env("SIRA_API_TOKEN"))
+    staging_runner_url: str | None = Field(None, validation_alias=_env("STAGING_RUNNER_URL"))
+    staging_runner_token: str | None = Field(None, validation_alias=_env("STAGING_RUNNER_TOKEN"))
+
+    host: str = Field("127.0.0.1", validation_alias=_env("SELFHEAL_HOST"))
+    port: int = Field(8112, ge=1, le=65535, validation_alias=_env("PORT"))
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias=_env("LOG_LEVEL")
+    )
+
+    heartbeat_interval_s: int = Field(
+        120, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEARTBEAT_INTERVAL_S")
+    )
+    heartbeat_grace_s: int = Field(
+        60, ge=0, le=86400, validation_alias=_env("SELFHEAL_HEARTBEAT_GRACE_S")
+    )
+    detect_every_s: float = Field(5.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_DETECT_EVERY_S"))
+    health_window_s: int = Field(90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S"))
+
+    signature_tolerance_s: int = Field(
+        300, ge=1, le=3600, validation_alias=_env("SELFHEAL_SIGNATURE_TOLERANCE_S")
+    )
+    secret_grace_s: int = Field(
+        86400, ge=0, le=30 * 86400, validation_alias=_env("SELFHEAL_SECRET_GRACE_S")
+    )
+    auth_cache_ttl_s: float = Field(
+        5.0, ge=0, le=300, validation_alias=_env("SELFHEAL_AUTH_CACHE_TTL_S")
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, le=10 * 1024 * 1024, validation_alias=_env("SELFHEAL_MAX_BODY_BYTES")
+    )
+    command_lease_s: int = Field(
+        60, ge=1, le=86400, validation_alias=_env("SELFHEAL_COMMAND_LEASE_S")
+    )
+    command_ttl_s: int = Field(
+        3600, ge=60, le=30 * 86400, validation_alias=_env("SELFHEAL_COMMAND_TTL_S")
+    )
+    command_max_deliveries: int = Field(
+        5, ge=1, le=100, validation_alias=_env("SELFHEAL_COMMAND_MAX_DELIVERIES")
+    )
+    heartbeat_retention_days: int = Field(
+        14, ge=1, le=3650, validation_alias=_env("SELFHEAL_HEARTBEAT_RETENTION_DAYS")
+    )
+
+    db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("SELFHEAL_DB_POOL_SIZE"))
+    db_timeout_s: float = Field(5.0, gt=0, le=120, validation_alias=_env("SELFHEAL_DB_TIMEOUT_S"))
+    redis_timeout_s: float = Field(
+        2.0, gt=0, le=60, validation_alias=_env("SELFHEAL_REDIS_TIMEOUT_S")
+    )
+    ingest_batch_max: int = Field(
+        256, ge=1, le=5000, validation_alias=_env("SELFHEAL_INGEST_BATCH_MAX")
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret_in_prod(self) -> Settings:
+        if self.env == "prod" and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "SELFHEAL_SECRET_KEY is missing or a placeholder while SELFHEAL_ENV=prod: "
+                "set SELFHEAL_SECRET_KEY to a long random value, e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
+            )
+        if self.env == "prod" and len(self.secret_key) < 32:
+            raise ValueError("SELFHEAL_SECRET_KEY must be at least 32 characters when SELFHEAL_ENV=prod")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept postgres://, postgresql:// and postgresql+psycopg:// alike; we always use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://", "postgresql+asyncpg://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith("postgresql+psycopg://"):
+        return url
+    raise ValueError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL in the form libpq (psql, psycopg.connect) understands."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,52 @@
+"""Alembic environment: the URL comes from the settings (or -x url=... / config option), never
+from alembic.ini, so the same migrations run against the embedded and the real PostgreSQL."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from app.core.models import Base
+from app.core.settings import get_settings, normalize_database_url
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _database_url() -> str:
+    url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get(
+        "url"
+    )
+    if not url:
+        url = get_settings().database_url
+    if not url:
+        raise SystemExit(
+            "DATABASE_URL is not set: run `selfheal migrate` (which starts the embedded "
+            "PostgreSQL) or set DATABASE_URL"
+        )
+    return normalize_database_url(url)
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_database_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(
+        _database_url(),
+        poolclass=pool.NullPool,
+        connect_args={"application_name": "selfheal-migrate"},
+    )
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()
