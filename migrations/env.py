@@ -4,7 +4,7 @@ from alembic.ini, so the same migrations run against the embedded and the real P
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from app.core.models import Base
 from app.core.settings import get_settings, normalize_database_url
@@ -14,9 +14,9 @@ target_metadata = Base.metadata
 
 
 def _database_url() -> str:
-    url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get(
-        "url"
-    )
+    url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(
+        as_dictionary=True
+    ).get("url")
     if not url:
         url = get_settings().database_url
     if not url:
@@ -40,9 +40,17 @@ def run_migrations_online() -> None:
         connect_args={"application_name": "selfheal-migrate"},
     )
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata)
-        with context.begin_transaction():
-            context.run_migrations()
+        # Many API processes may start at once: one migrates, the others wait, then find
+        # nothing left to do.
+        connection.execute(text("SELECT pg_advisory_lock(hashtext('selfheal-migrations'))"))
+        connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(hashtext('selfheal-migrations'))"))
+            connection.commit()
     engine.dispose()
 
 

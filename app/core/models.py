@@ -66,7 +66,9 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
-    return mapped_column(UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()"))
+    return mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
 
 
 def _now() -> Mapped[datetime]:
@@ -154,7 +156,9 @@ class PluginHeartbeat(Base):
     telemetry: Mapped[dict[str, Any]] = mapped_column(
         JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
-    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    meta: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     msg_digest: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     __table_args__ = (
         UniqueConstraint("installation_id", "msg_digest", name="uq_plugin_heartbeats_replay"),
@@ -287,13 +291,19 @@ class OpsPolicy(Base):
     autopatch_whitelist: Mapped[list[str]] = mapped_column(
         JSONB, nullable=False, server_default=text("'[]'::jsonb")
     )
-    autopatch_max_severity: Mapped[str] = mapped_column(Text, nullable=False, server_default="medium")
-    min_confidence: Mapped[Decimal] = mapped_column(Numeric(4, 3), nullable=False, server_default="0.8")
+    autopatch_max_severity: Mapped[str] = mapped_column(
+        Text, nullable=False, server_default="medium"
+    )
+    min_confidence: Mapped[Decimal] = mapped_column(
+        Numeric(4, 3), nullable=False, server_default="0.8"
+    )
     canary_percent: Mapped[int] = mapped_column(Integer, nullable=False, server_default="100")
     approvals_required: Mapped[int] = mapped_column(Integer, nullable=False, server_default="2")
     approval_min_severity: Mapped[str] = mapped_column(Text, nullable=False, server_default="high")
     approval_ttl_s: Mapped[int] = mapped_column(Integer, nullable=False, server_default="3600")
-    max_concurrent_actions: Mapped[int] = mapped_column(Integer, nullable=False, server_default="10")
+    max_concurrent_actions: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default="10"
+    )
     max_concurrent_actions_per_tenant: Mapped[int] = mapped_column(
         Integer, nullable=False, server_default="2"
     )
@@ -341,7 +351,9 @@ class PluginAgentCommand(Base):
     )
     attempt_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("plugin_autopatch_attempts.id"))
     type: Mapped[str] = mapped_column(Text, nullable=False)
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     automatic: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default="pending")
     created_at: Mapped[datetime] = _now()
@@ -390,7 +402,9 @@ class ApiToken(Base):
 
     __tablename__ = "ops_api_tokens"
     id: Mapped[uuid.UUID] = _uuid_pk()
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ops_users.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ops_users.id", ondelete="CASCADE"), nullable=False
+    )
     token_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False, unique=True)
     created_at: Mapped[datetime] = _now()
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -400,7 +414,9 @@ class ApiToken(Base):
 class Approval(Base):
     __tablename__ = "approvals"
     id: Mapped[uuid.UUID] = _uuid_pk()
-    incident_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plugin_incidents.id"), nullable=False)
+    incident_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("plugin_incidents.id"), nullable=False
+    )
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ops_users.id"), nullable=False)
     action_key: Mapped[str] = mapped_column(Text, nullable=False)
     comment: Mapped[str | None] = mapped_column(Text)

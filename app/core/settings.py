@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     heartbeat_grace_s: int = Field(
         60, ge=0, le=86400, validation_alias=_env("SELFHEAL_HEARTBEAT_GRACE_S")
     )
-    detect_every_s: float = Field(5.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_DETECT_EVERY_S"))
-    health_window_s: int = Field(90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S"))
+    detect_every_s: float = Field(
+        5.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_DETECT_EVERY_S")
+    )
+    health_window_s: int = Field(
+        90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")
+    )
 
     signature_tolerance_s: int = Field(
         300, ge=1, le=3600, validation_alias=_env("SELFHEAL_SIGNATURE_TOLERANCE_S")
@@ -105,7 +109,9 @@ class Settings(BaseSettings):
                 "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
             )
         if self.env == "prod" and len(self.secret_key) < 32:
-            raise ValueError("SELFHEAL_SECRET_KEY must be at least 32 characters when SELFHEAL_ENV=prod")
+            raise ValueError(
+                "SELFHEAL_SECRET_KEY must be at least 32 characters when SELFHEAL_ENV=prod"
+            )
         return self
 
     @property
@@ -115,7 +121,12 @@ class Settings(BaseSettings):
 
 def normalize_database_url(url: str) -> str:
     """Accept postgres://, postgresql:// and postgresql+psycopg:// alike; we always use psycopg 3."""
-    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://", "postgresql+asyncpg://"):
+    for prefix in (
+        "postgres://",
+        "postgresql://",
+        "postgresql+psycopg2://",
+        "postgresql+asyncpg://",
+    ):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     if url.startswith("postgresql+psycopg://"):

@@ -1,0 +1,334 @@
+"""The `selfheal` command line (DESIGN.md, "Command line")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from pydantic import ValidationError
+
+from app.core.settings import Settings
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    help="selfheal: a self-healing incident control plane for plugins.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plugin_cli = typer.Typer(
+    help="Plugin installations and their signing secrets.", no_args_is_help=True
+)
+user_cli = typer.Typer(help="Ops users and their API tokens.", no_args_is_help=True)
+cli.add_typer(plugin_cli, name="plugin")
+cli.add_typer(user_cli, name="user")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"selfheal: {message}", err=True)
+    return typer.Exit(code)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; a bad value stops here with the variable's name."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        raise fail("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+@contextlib.contextmanager
+def running_services(settings: Settings) -> Iterator[Settings]:
+    """With DATABASE_URL and REDIS_URL set, use them. Otherwise start (or join, when `selfheal
+    up` already runs them) the embedded PostgreSQL and Redis under SELFHEAL_DATA_DIR; the ones
+    this process started are stopped when it leaves."""
+    if not settings.embedded:
+        yield settings
+        return
+    from app.core.embedded import EmbeddedServices
+
+    embedded = EmbeddedServices(
+        settings.data_dir,
+        postgres=settings.database_url is None,
+        redis=settings.redis_url is None,
+    )
+    try:
+        embedded.start()
+    except Exception as exc:
+        raise fail(f"could not start the embedded services: {exc}") from exc
+    try:
+        updates: dict[str, str] = {}
+        if embedded.database_url:
+            updates["DATABASE_URL"] = embedded.database_url
+        if embedded.redis_url:
+            updates["REDIS_URL"] = embedded.redis_url
+        # Child processes (uvicorn workers) read their settings from the environment.
+        os.environ.update(updates)
+        yield load_settings()
+    finally:
+        embedded.stop()
+
+
+def run_migrations(settings: Settings) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    assert settings.database_url is not None
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.database_url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM ends the process like Ctrl-C, so context managers stop embedded services."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _serve(settings: Settings, *, port: int, workers: int) -> None:
+    import uvicorn
+
+    from app.core.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    if workers > 1:
+        # Each worker keeps its own counters; the multiprocess collector adds them up.
+        metrics_dir = settings.data_dir / f"prometheus-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    typer.echo(
+        f"selfheal API listening on http://{settings.host}:{port}"
+        f" ({workers} worker{'s' if workers > 1 else ''}; health: /health, metrics: /metrics)",
+        err=True,
+    )
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=settings.host,
+            port=port,
+            workers=workers,
+            loop="uvloop" if sys.platform != "win32" else "asyncio",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if workers > 1:
+            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
+
+
+@cli.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: PORT or 8112)")] = None,
+) -> None:
+    """Start everything: embedded PostgreSQL and Redis when no URLs are set, migrations, API."""
+    _terminate_on_sigterm()
+    settings = load_settings()
+    try:
+        with running_services(settings) as settings:
+            _describe(settings)
+            run_migrations(settings)
+            _serve(settings, port=port or settings.port, workers=1)
+    except KeyboardInterrupt:
+        pass
+    typer.echo("selfheal stopped", err=True)
+
+
+@cli.command()
+def api(
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: PORT or 8112)")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the API only (migrations are `selfheal migrate`)."""
+    _terminate_on_sigterm()
+    settings = load_settings()
+    try:
+        with running_services(settings) as settings:
+            _serve(settings, port=port or settings.port, workers=workers)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database schema to the latest revision."""
+    with running_services(load_settings()) as settings:
+        run_migrations(settings)
+    typer.echo("database schema is up to date", err=True)
+
+
+def _describe(settings: Settings) -> None:
+    typer.echo(f"PostgreSQL: {_redact(settings.database_url or '')}", err=True)
+    typer.echo(f"Redis: {_redact(settings.redis_url or '')}", err=True)
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{userinfo}{at}{host}"
+
+
+def _with_database(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(session)` in one transaction against the configured database."""
+    from app.core.db import create_engine, create_sessionmaker
+
+    async def main() -> T:
+        engine = create_engine(settings, role="cli")
+        try:
+            async with create_sessionmaker(engine)() as session, session.begin():
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _print(data: dict[str, Any], as_json: bool, note: str) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(data).decode() + "\n")
+        return
+    width = max(len(key) for key in data)
+    for key, value in data.items():
+        typer.echo(f"{key.ljust(width)}  {value}")
+    typer.echo(note, err=True)
+
+
+@plugin_cli.command("register")
+def plugin_register(
+    tenant: Annotated[str, typer.Option(help="Tenant (merchant) id; created if new")],
+    name: Annotated[str, typer.Option(help="Plugin name")],
+    version: Annotated[str, typer.Option(help="Installed plugin version")],
+    env: Annotated[str, typer.Option(help="Environment of the installation")] = "prod",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Register an installation; prints its id and signing secret (shown once)."""
+    from app.core.crypto import SecretBox
+    from app.plugins.service import check_registration, register_installation
+
+    try:
+        check_registration(tenant, name, version, env)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    with running_services(load_settings()) as settings:
+        box = SecretBox(settings.secret_key)
+        issued = _with_database(
+            settings,
+            lambda s: register_installation(
+                s, box, tenant=tenant, name=name, version=version, env=env
+            ),
+        )
+    _print(
+        {
+            "plugin_id": str(issued.plugin_id),
+            "secret": issued.secret,
+            "tenant": tenant,
+            "name": name,
+            "version": version,
+            "env": env,
+        },
+        as_json,
+        "Store the secret now: it is not shown again (`selfheal plugin rotate-secret` issues a new one).",
+    )
+
+
+@plugin_cli.command("rotate-secret")
+def plugin_rotate_secret(
+    plugin_id: Annotated[str, typer.Argument(help="Installation id")],
+    grace_s: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="How long the old secret stays valid (default SELFHEAL_SECRET_GRACE_S)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Issue a new secret; the old one stays valid for the grace period."""
+    from app.core.crypto import SecretBox
+    from app.plugins.service import rotate_secret
+
+    try:
+        installation_id = uuid.UUID(plugin_id)
+    except ValueError:
+        raise fail(f"{plugin_id!r} is not an installation id (a UUID)") from None
+    with running_services(load_settings()) as settings:
+        grace = settings.secret_grace_s if grace_s is None else grace_s
+        box = SecretBox(settings.secret_key)
+        try:
+            issued = _with_database(
+                settings, lambda s: rotate_secret(s, box, installation_id, grace_s=grace)
+            )
+        except LookupError as exc:
+            raise fail(str(exc), code=1) from None
+    _print(
+        {
+            "plugin_id": str(issued.plugin_id),
+            "secret": issued.secret,
+            "old_secret_valid_for_s": grace,
+        },
+        as_json,
+        "Store the new secret now: it is not shown again.",
+    )
+
+
+@user_cli.command("add")
+def user_add(
+    username: Annotated[str, typer.Argument(help="Login name")],
+    role: Annotated[str, typer.Option(help="viewer | operator | admin")] = "viewer",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Create an ops user; prints a generated password and an API token (shown once)."""
+    from app.ops.security import add_user
+
+    if role not in ("viewer", "operator", "admin"):
+        raise fail("--role must be one of viewer, operator, admin")
+    with running_services(load_settings()) as settings:
+        try:
+            user = _with_database(settings, lambda s: add_user(s, username, role))
+        except ValueError as exc:
+            raise fail(str(exc), code=1) from None
+        except Exception as exc:
+            if "ck_ops_users_username" in str(exc):
+                raise fail(
+                    f"{username!r} is not a valid user name (letters, digits, ._@-)"
+                ) from None
+            raise
+    _print(
+        {
+            "username": user.username,
+            "role": user.role,
+            "password": user.password,
+            "token": user.token,
+        },
+        as_json,
+        "Store the password and token now: they are not shown again.",
+    )
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,20 @@
+"""The shared Redis client (replay cache for non-heartbeat requests, later the arq queue)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from app.core.settings import Settings
+
+
+def create_redis(settings: Settings) -> Redis:
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set and no embedded Redis was started")
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        client_name="selfheal-api",
+    )
+    return client

@@ -1,0 +1,33 @@
+"""What the lifespan creates and hands to request handlers, typed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import Request
+
+from app.core.crypto import SecretBox
+from app.core.settings import Settings
+
+if TYPE_CHECKING:
+    from app.plugins.auth import PluginAuthenticator
+    from app.plugins.ingest import HeartbeatBatcher
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    box: SecretBox
+    authenticator: PluginAuthenticator
+    batcher: HeartbeatBatcher
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found

@@ -1,0 +1,84 @@
+"""GET /health (ok | degraded | down, per component) and GET /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from sqlalchemy import text
+from starlette.responses import Response
+
+from app.core.metrics import DB_POOL, render_metrics
+from app.core.state import Services, services
+
+router = APIRouter(tags=["operations"])
+
+_CHECK_TIMEOUT_S = 2.0
+
+
+async def _timed(check: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check, _CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return {"status": "down", "error": f"no answer within {_CHECK_TIMEOUT_S:g} s"}
+    except Exception as exc:
+        return {"status": "down", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {
+        "status": "ok",
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+        **detail,
+    }
+
+
+async def _check_postgres(svc: Services) -> dict[str, Any]:
+    async with svc.engine.connect() as conn:
+        overdue = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FROM merchant_plugins"
+                    " WHERE status = 'active' AND next_expected_at < now() - make_interval(secs => :grace)"
+                ),
+                {"grace": svc.settings.heartbeat_grace_s},
+            )
+        ).scalar_one()
+    return {"plugins_overdue": overdue}
+
+
+async def _check_redis(svc: Services) -> dict[str, Any]:
+    await svc.redis.ping()
+    return {}
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    svc = services(request)
+    postgres, redis = await asyncio.gather(_timed(_check_postgres(svc)), _timed(_check_redis(svc)))
+    # PostgreSQL is the source of truth: without it nothing works. Without Redis heartbeats are
+    # still stored, but acks and jobs are not: the service is degraded, not down.
+    if postgres["status"] != "ok":
+        status, code = "down", 503
+    elif redis["status"] != "ok":
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    body = {"status": status, "components": {"postgres": postgres, "redis": redis}}
+    return Response(orjson.dumps(body), status_code=code, media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    update_pool_gauges(services(request))
+    payload, content_type = render_metrics()
+    return Response(payload, media_type=content_type)
+
+
+def update_pool_gauges(svc: Services) -> None:
+    pool: Any = svc.engine.pool
+    DB_POOL.labels("size").set(pool.size())
+    DB_POOL.labels("checked_out").set(pool.checkedout())
+    DB_POOL.labels("idle").set(pool.checkedin())
+    DB_POOL.labels("overflow").set(max(0, pool.overflow()))

@@ -1,0 +1,92 @@
+"""The application factory. Nothing connects at import time: the lifespan creates the engine,
+Redis client, authenticator and heartbeat batcher, and disposes of them on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.core.crypto import SecretBox
+from app.core.db import create_engine, create_sessionmaker
+from app.core.errors import install_error_handlers
+from app.core.logging import configure_logging
+from app.core.middleware import RequestContextMiddleware
+from app.core.redis import create_redis
+from app.core.settings import Settings, get_settings, libpq_url
+from app.core.state import Services
+from app.health.routes import router as health_router
+from app.health.routes import update_pool_gauges
+from app.ops.routes import router as ops_router
+from app.plugins.auth import PluginAuthenticator
+from app.plugins.ingest import HeartbeatBatcher
+from app.plugins.routes import router as plugins_router
+
+_POOL_GAUGE_EVERY_S = 5.0
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings, role="api")
+        redis = create_redis(settings)
+        box = SecretBox(settings.secret_key)
+        assert settings.database_url is not None
+        batcher = HeartbeatBatcher(
+            libpq_url(settings.database_url),
+            interval_s=settings.heartbeat_interval_s,
+            lease_s=settings.command_lease_s,
+            batch_max=settings.ingest_batch_max,
+            connect_timeout_s=settings.db_timeout_s,
+            statement_timeout_s=settings.db_timeout_s,
+        )
+        batcher.start()
+        svc = Services(
+            settings=settings,
+            engine=engine,
+            sessionmaker=create_sessionmaker(engine),
+            redis=redis,
+            box=box,
+            authenticator=PluginAuthenticator(
+                engine,
+                box,
+                tolerance_s=settings.signature_tolerance_s,
+                cache_ttl_s=settings.auth_cache_ttl_s,
+            ),
+            batcher=batcher,
+        )
+        app.state.services = svc
+        gauges = asyncio.create_task(_refresh_pool_gauges(svc))
+        try:
+            yield
+        finally:
+            gauges.cancel()
+            await batcher.close()
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="selfheal",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(health_router)
+    app.include_router(plugins_router)
+    app.include_router(ops_router)
+    return app
+
+
+async def _refresh_pool_gauges(svc: Services) -> None:
+    while True:
+        update_pool_gauges(svc)
+        await asyncio.sleep(_POOL_GAUGE_EVERY_S)

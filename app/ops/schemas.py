@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    autopatch_enabled: bool
+    autopatch_whitelist: list[str]
+    autopatch_max_severity: Severity
+    min_confidence: Decimal
+    canary_percent: int
+    approvals_required: int
+    approval_min_severity: Severity
+    approval_ttl_s: int
+    max_concurrent_actions: int
+    max_concurrent_actions_per_tenant: int
+    cooldown_s: int
+    updated_at: datetime
+    updated_by: str | None
+
+
+class PolicyUpdate(BaseModel):
+    """A partial update: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    autopatch_enabled: bool | None = None
+    autopatch_whitelist: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=100_000)
+        ]
+        | None
+    ) = None
+    autopatch_max_severity: Severity | None = None
+    min_confidence: Annotated[float, Field(ge=0, le=1)] | None = None
+    canary_percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    approvals_required: Annotated[int, Field(ge=1, le=10)] | None = None
+    approval_min_severity: Severity | None = None
+    approval_ttl_s: Annotated[int, Field(gt=0, le=30 * 86400)] | None = None
+    max_concurrent_actions: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    max_concurrent_actions_per_tenant: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    cooldown_s: Annotated[int, Field(ge=0, le=30 * 86400)] | None = None

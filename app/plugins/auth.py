@@ -1,0 +1,225 @@
+"""Plugin request signatures (DESIGN.md, "Plugin authentication"):
+
+    X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>
+
+Secrets are decrypted once and cached per process for SELFHEAL_AUTH_CACHE_TTL_S seconds, so the
+heartbeat path does no database read. A signature that fails against a cached entry older than
+a second reloads the entry once, so a freshly rotated secret works at once; a revoked one
+stops working within the TTL. Each secret carries its own expiry, so an old secret stops
+working exactly when its grace period ends, cache or not.
+
+The replay key is the SHA-256 of the signed message, not of the signature: during rotation a
+request may carry two valid signatures, and replaying it with only one of them must still be
+recognised as the same request."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.crypto import SecretBox
+from app.core.errors import ApiError
+
+MAX_SIGNATURES = 4
+_RELOAD_AFTER_S = 1.0
+_NEGATIVE_TTL_S = 2.0
+
+
+class AuthFailed(ApiError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(401, reason, message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    secret: bytes
+    expires_at: float | None  # unix seconds; None = no expiry
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    installation_id: uuid.UUID
+    tenant_id: str
+    plugin_name: str
+    active: bool
+    keys: tuple[SigningKey, ...]
+    loaded_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedRequest:
+    installation_id: uuid.UUID
+    tenant_id: str
+    plugin_name: str
+    digest: bytes  # SHA-256 of the signed message: the replay key
+    timestamp: int
+
+
+def signed_message(timestamp: str, method: str, path: str, body: bytes) -> bytes:
+    return f"{timestamp}.{method.upper()}.{path}.".encode() + body
+
+
+def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> str:
+    """The X-Signature value a plugin sends (used by plugin_client, tests and benchmarks)."""
+    mac = hmac.new(secret.encode(), signed_message(timestamp, method, path, body), hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def _parse_signatures(header: str) -> list[str]:
+    values = [part.strip() for part in header.split(",") if part.strip()]
+    if not values or len(values) > MAX_SIGNATURES:
+        raise AuthFailed("bad_signature", "X-Signature must hold one to four v1=<hex> values")
+    sigs = []
+    for value in values:
+        scheme, _, sig = value.partition("=")
+        if scheme != "v1" or len(sig) != 64:
+            raise AuthFailed("bad_signature", "X-Signature values must be v1=<64 hex digits>")
+        sigs.append(sig.lower())
+    return sigs
+
+
+class PluginAuthenticator:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        box: SecretBox,
+        *,
+        tolerance_s: int,
+        cache_ttl_s: float,
+    ) -> None:
+        self._engine = engine
+        self._box = box
+        self._tolerance_s = tolerance_s
+        self._cache_ttl_s = cache_ttl_s
+        self._cache: dict[uuid.UUID, Credentials] = {}
+        self._unknown: dict[uuid.UUID, float] = {}
+
+    def forget(self, installation_id: uuid.UUID) -> None:
+        self._cache.pop(installation_id, None)
+        self._unknown.pop(installation_id, None)
+
+    async def verify(
+        self,
+        *,
+        plugin_id: str | None,
+        timestamp: str | None,
+        signature: str | None,
+        method: str,
+        path: str,
+        body: bytes,
+    ) -> VerifiedRequest:
+        if not plugin_id:
+            raise AuthFailed("missing_header", "X-Plugin-Id header is required")
+        if not timestamp:
+            raise AuthFailed("missing_header", "X-Timestamp header is required")
+        if not signature:
+            raise AuthFailed("missing_header", "X-Signature header is required")
+        try:
+            installation_id = uuid.UUID(plugin_id)
+        except ValueError:
+            raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation") from None
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise AuthFailed("bad_timestamp", "X-Timestamp must be unix seconds")
+        now = time.time()
+        if abs(now - int(timestamp)) > self._tolerance_s:
+            raise AuthFailed(
+                "stale_timestamp",
+                f"X-Timestamp is more than {self._tolerance_s} s away from server time",
+            )
+        sigs = _parse_signatures(signature)
+        message = signed_message(timestamp, method, path, body)
+
+        creds = await self._credentials(installation_id, now)
+        if not _matches(creds, message, sigs, now) and now - creds.loaded_at > _RELOAD_AFTER_S:
+            creds = await self._credentials(installation_id, now, reload=True)
+            if not _matches(creds, message, sigs, now):
+                raise AuthFailed("bad_signature", "signature does not match")
+        elif not _matches(creds, message, sigs, now):
+            raise AuthFailed("bad_signature", "signature does not match")
+        if not creds.active:
+            raise AuthFailed("plugin_disabled", "this installation is disabled")
+        return VerifiedRequest(
+            installation_id=installation_id,
+            tenant_id=creds.tenant_id,
+            plugin_name=creds.plugin_name,
+            digest=hashlib.sha256(message).digest(),
+            timestamp=int(timestamp),
+        )
+
+    async def _credentials(
+        self, installation_id: uuid.UUID, now: float, *, reload: bool = False
+    ) -> Credentials:
+        cached = self._cache.get(installation_id)
+        if cached is not None and not reload and now - cached.loaded_at < self._cache_ttl_s:
+            return cached
+        unknown_at = self._unknown.get(installation_id)
+        if unknown_at is not None and now - unknown_at < _NEGATIVE_TTL_S:
+            raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation")
+        creds = await self._load(installation_id, now)
+        if creds is None:
+            if len(self._unknown) > 100_000:
+                self._unknown.clear()
+            self._unknown[installation_id] = now
+            self._cache.pop(installation_id, None)
+            raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation")
+        self._cache[installation_id] = creds
+        return creds
+
+    async def _load(self, installation_id: uuid.UUID, now: float) -> Credentials | None:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT m.tenant_id, m.plugin_name, m.status, s.secret_enc, s.expires_at"
+                        " FROM merchant_plugins m"
+                        " LEFT JOIN plugin_secrets s ON s.installation_id = m.id"
+                        "  AND (s.expires_at IS NULL OR s.expires_at > now())"
+                        " WHERE m.id = :id"
+                    ),
+                    {"id": installation_id},
+                )
+            ).all()
+        if not rows:
+            return None
+        keys = tuple(
+            SigningKey(
+                secret=self._box.open(row.secret_enc, bound_to=str(installation_id)).encode(),
+                expires_at=_unix(row.expires_at),
+            )
+            for row in rows
+            if row.secret_enc is not None
+        )
+        first = rows[0]
+        return Credentials(
+            installation_id=installation_id,
+            tenant_id=first.tenant_id,
+            plugin_name=first.plugin_name,
+            active=first.status == "active",
+            keys=keys,
+            loaded_at=now,
+        )
+
+
+def _unix(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=moment.tzinfo or UTC).timestamp()
+
+
+def _matches(creds: Credentials, message: bytes, sigs: list[str], now: float) -> bool:
+    for key in creds.keys:
+        if key.expires_at is not None and key.expires_at <= now:
+            continue
+        expected = hmac.new(key.secret, message, hashlib.sha256).hexdigest()
+        for sig in sigs:
+            if hmac.compare_digest(expected, sig):
+                return True
+    return False

@@ -1,0 +1,59 @@
+"""What plugins send. Strict: JSON types must match (no "12" for 12, no true for 1), unknown
+fields are refused, counters cannot be negative and rates stay within 0..1."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# Counters are bigint in the database; anything above 2**53 cannot come from a real plugin.
+Counter = Annotated[int, Field(ge=0, le=2**53)]
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+# 1.2.3, 1.2.3-rc.1, 2.0.0+build.5, 10.4: digits first, then a conservative charset.
+Version = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+){0,3}([-+.][0-9A-Za-z.+-]*)?$"),
+]
+EnvName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Telemetry(StrictModel):
+    requests: Counter = 0
+    errors: Counter = 0
+    webhook_attempts: Counter = 0
+    webhook_failures: Counter = 0
+    latency_p95_ms: Annotated[float, Field(ge=0, le=3_600_000)] | None = None
+    errors_last_24h: Counter | None = None
+    error_rate: Rate | None = None
+    webhook_fail_rate: Rate | None = None
+
+    @field_validator("webhook_failures")
+    @classmethod
+    def _failures_within_attempts(cls, value: int, info: ValidationInfo) -> int:
+        attempts = info.data.get("webhook_attempts")
+        if isinstance(attempts, int) and value > attempts:
+            raise ValueError("webhook_failures cannot exceed webhook_attempts")
+        return value
+
+
+class Heartbeat(StrictModel):
+    plugin_version: Version
+    env: EnvName = "prod"
+    uptime_s: Annotated[int, Field(ge=0, le=10 * 365 * 86400)] | None = None
+    sent_at: AwareDatetime | None = None
+    telemetry: Telemetry = Telemetry()
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandAck(StrictModel):
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandFail(StrictModel):
+    error: Annotated[str, Field(min_length=1, max_length=4000)]
+    retryable: bool = False

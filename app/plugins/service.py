@@ -1,0 +1,103 @@
+"""Plugin identities and their commands: registration, secret rotation, ack and fail."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.crypto import SecretBox, new_plugin_secret
+from app.core.errors import ApiError
+from app.plugins import repository
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
+_PLUGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}([-+.][0-9A-Za-z.+-]*)?$")
+_ENV = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSecret:
+    plugin_id: uuid.UUID
+    secret: str
+
+
+def check_registration(tenant: str, name: str, version: str, env: str) -> None:
+    for label, value, pattern in (
+        ("tenant", tenant, _TENANT),
+        ("name", name, _PLUGIN),
+        ("version", version, _VERSION),
+        ("env", env, _ENV),
+    ):
+        if not pattern.match(value):
+            raise ValueError(f"--{label} {value!r} is not valid (expected {pattern.pattern})")
+
+
+async def register_installation(
+    session: AsyncSession, box: SecretBox, *, tenant: str, name: str, version: str, env: str
+) -> IssuedSecret:
+    """Create the tenant if needed and an installation; the secret is returned once and
+    stored only encrypted."""
+    check_registration(tenant, name, version, env)
+    await repository.ensure_tenant(session, tenant)
+    installation_id = await repository.insert_installation(
+        session, tenant_id=tenant, plugin_name=name, version=version, env=env
+    )
+    secret = new_plugin_secret()
+    await repository.insert_secret(
+        session, installation_id, box.seal(secret, bound_to=str(installation_id))
+    )
+    return IssuedSecret(installation_id, secret)
+
+
+async def rotate_secret(
+    session: AsyncSession, box: SecretBox, installation_id: uuid.UUID, *, grace_s: int
+) -> IssuedSecret:
+    """Issue a new secret; the current ones stay valid for `grace_s` seconds so plugins can
+    switch without a failed heartbeat."""
+    if not await repository.installation_exists(session, installation_id):
+        raise LookupError(f"no installation {installation_id}")
+    await repository.expire_current_secrets(session, installation_id, grace_s=grace_s)
+    secret = new_plugin_secret()
+    await repository.insert_secret(
+        session, installation_id, box.seal(secret, bound_to=str(installation_id))
+    )
+    return IssuedSecret(installation_id, secret)
+
+
+def _parse_command_id(command_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(command_id)
+    except ValueError:
+        raise ApiError(404, "not_found", "no such command") from None
+
+
+async def acknowledge(
+    session: AsyncSession, installation_id: uuid.UUID, command_id: str, result: dict[str, Any]
+) -> dict[str, Any]:
+    state = await repository.ack_command(
+        session, installation_id, _parse_command_id(command_id), result
+    )
+    if state is None:
+        raise ApiError(404, "not_found", "no such command")
+    if state.status != "acked":
+        raise ApiError(
+            409, "conflict", f"command is {state.status}; it can no longer be acknowledged"
+        )
+    return {"id": str(state.id), "status": state.status}
+
+
+async def report_failure(
+    session: AsyncSession, installation_id: uuid.UUID, command_id: str, error: str, retryable: bool
+) -> dict[str, Any]:
+    state = await repository.fail_command(
+        session, installation_id, _parse_command_id(command_id), error, retryable
+    )
+    if state is None:
+        raise ApiError(404, "not_found", "no such command")
+    if state.status != "failed":
+        raise ApiError(409, "conflict", f"command is {state.status}; it can no longer fail")
+    return {"id": str(state.id), "status": state.status}
