@@ -17,7 +17,7 @@ import orjson
 import typer
 from pydantic import ValidationError
 
-from app.core.settings import Settings
+from app.core.settings import Settings, libpq_url
 
 T = TypeVar("T")
 
@@ -182,7 +182,7 @@ def migrate() -> None:
 
 
 def _describe(settings: Settings) -> None:
-    typer.echo(f"PostgreSQL: {_redact(settings.database_url or '')}", err=True)
+    typer.echo(f"PostgreSQL: {_redact(libpq_url(settings.database_url or ''))}", err=True)
     typer.echo(f"Redis: {_redact(settings.redis_url or '')}", err=True)
 
 
