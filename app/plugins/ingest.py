@@ -27,7 +27,6 @@ import orjson
 import psycopg
 import structlog
 from psycopg import errors as pg_errors
-from psycopg.types.json import Jsonb
 
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
 from app.plugins.schemas import Heartbeat
@@ -112,11 +111,21 @@ class IngestUnavailable(Exception):
     """The database could not take the batch; nothing of it was stored."""
 
 
+class IngestRejected(Exception):
+    """This heartbeat (only this one) cannot be stored as sent."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(slots=True)
 class PendingHeartbeat:
     installation_id: uuid.UUID
     digest: bytes
     heartbeat: Heartbeat
+    telemetry_json: str
+    meta_json: str
     future: asyncio.Future[IngestResult] = field(repr=False)
 
 
@@ -157,6 +166,7 @@ class HeartbeatBatcher:
         self._batch_max = batch_max
         self._connect_timeout_s = connect_timeout_s
         self._statement_timeout_s = statement_timeout_s
+        self._wait_bound_s = 2 * connect_timeout_s + 2 * statement_timeout_s
         self._queue: asyncio.Queue[PendingHeartbeat] = asyncio.Queue()
         self._idle: asyncio.Queue[psycopg.AsyncConnection[Any] | None] = asyncio.Queue()
         for _ in range(connections):
@@ -174,7 +184,7 @@ class HeartbeatBatcher:
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         while not self._queue.empty():
-            self._queue.get_nowait().future.set_exception(IngestUnavailable("server shutting down"))
+            _fail(self._queue.get_nowait(), IngestUnavailable("server shutting down"))
         while not self._idle.empty():
             conn = self._idle.get_nowait()
             if conn is not None:
@@ -183,9 +193,19 @@ class HeartbeatBatcher:
     async def submit(
         self, installation_id: uuid.UUID, digest: bytes, heartbeat: Heartbeat
     ) -> IngestResult:
+        # Serialised here, in the caller's request: a value PostgreSQL would refuse fails this
+        # heartbeat alone, never the batch it would have joined.
+        telemetry_json = _json_for_postgres("telemetry", telemetry_document(heartbeat))
+        meta_json = _json_for_postgres("meta", heartbeat.meta)
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(PendingHeartbeat(installation_id, digest, heartbeat, future))
-        return await future
+        self._queue.put_nowait(
+            PendingHeartbeat(installation_id, digest, heartbeat, telemetry_json, meta_json, future)
+        )
+        try:
+            # Bounded: connect and statement timeouts end a stuck batch well before this.
+            return await asyncio.wait_for(future, self._wait_bound_s)
+        except TimeoutError:
+            raise IngestUnavailable("database did not answer in time") from None
 
     async def _run(self) -> None:
         while True:
@@ -195,6 +215,10 @@ class HeartbeatBatcher:
             batch = [first]
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            batch = [item for item in batch if not item.future.done()]  # timed out meanwhile
+            if not batch:
+                self._idle.put_nowait(conn)
+                continue
             task = asyncio.create_task(self._flush(conn, batch))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -229,9 +253,10 @@ class HeartbeatBatcher:
                 return conn, await self._store(conn, batch)
             except _RETRYABLE:
                 await asyncio.sleep(0.005 * (attempt + 1))
-            except pg_errors.ForeignKeyViolation:
-                # An installation was deleted after its request was authenticated: store the
-                # others one by one rather than fail the whole batch.
+            except (pg_errors.ForeignKeyViolation, psycopg.DataError):
+                # One heartbeat the database refuses (an installation deleted after its request
+                # was authenticated, a value out of range): store the others one by one rather
+                # than fail the whole batch.
                 return conn, await self._store_one_by_one(conn, batch)
             except (psycopg.OperationalError, OSError) as exc:
                 if conn is not None:
@@ -249,7 +274,10 @@ class HeartbeatBatcher:
             try:
                 results.update(await self._store(conn, [item]))
             except pg_errors.ForeignKeyViolation:
-                item.future.set_exception(IngestUnavailable("installation no longer exists"))
+                _fail(item, IngestUnavailable("installation no longer exists"))
+            except psycopg.DataError as exc:
+                message = (exc.diag.message_primary or "value refused by the database")[:200]
+                _fail(item, IngestRejected("body", message))
         return results
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
@@ -332,8 +360,8 @@ class HeartbeatBatcher:
             params["webhook_failures"].append(t.webhook_failures)
             params["latency_p95_ms"].append(t.latency_p95_ms)
             params["errors_last_24h"].append(t.errors_last_24h)
-            params["telemetry"].append(Jsonb(telemetry_document(hb), dumps=_dumps))
-            params["meta"].append(Jsonb(hb.meta, dumps=_dumps))
+            params["telemetry"].append(item.telemetry_json)
+            params["meta"].append(item.meta_json)
         return {**params, "interval_s": self._interval_s, "lease_s": self._lease_s}
 
 
@@ -347,15 +375,27 @@ def _unique(batch: list[PendingHeartbeat]) -> list[PendingHeartbeat]:
     for item in batch:
         key = (item.installation_id, item.digest)
         if key in seen:
-            item.future.set_result(_REPLAY)
+            if not item.future.done():
+                item.future.set_result(_REPLAY)
         else:
             seen.add(key)
             unique.append(item)
     return unique
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+def _fail(item: PendingHeartbeat, exc: Exception) -> None:
+    if not item.future.done():  # its request may have timed out meanwhile
+        item.future.set_exception(exc)
+
+
+def _json_for_postgres(field: str, value: Any) -> str:
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:  # e.g. an integer beyond 64 bits
+        raise IngestRejected(field, f"{field}: {exc}") from None
+    if b"\\u0000" in encoded:
+        raise IngestRejected(field, f"{field}: strings cannot contain NUL characters")
+    return encoded.decode()
 
 
 def _iso(moment: datetime | None) -> str | None:

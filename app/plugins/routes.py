@@ -18,7 +18,7 @@ from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.state import Services, services
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
-from app.plugins.ingest import IngestUnavailable
+from app.plugins.ingest import IngestRejected, IngestUnavailable
 from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
 
 router = APIRouter(prefix="/api/plugins", tags=["plugins"])
@@ -91,6 +91,8 @@ async def heartbeat(request: Request) -> Response:
             result = await svc.batcher.submit(verified.installation_id, verified.digest, hb)
         except IngestUnavailable as exc:
             raise ApiError(503, "unavailable", f"{exc}; retry later", headers=_RETRY_LATER) from exc
+        except IngestRejected as exc:
+            raise ApiError(422, "validation_error", str(exc), field=exc.field) from None
         if not result.accepted:
             raise AuthFailed("replay", "this signed request was already received")
     except ApiError as exc:
