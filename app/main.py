@@ -20,7 +20,7 @@ from app.core.state import Services
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.ops.routes import router as ops_router
-from app.plugins.auth import PluginAuthenticator
+from app.plugins.auth import PluginAuthenticator, follow_credential_changes
 from app.plugins.ingest import HeartbeatBatcher
 from app.plugins.routes import router as plugins_router
 
@@ -61,11 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             batcher=batcher,
         )
         app.state.services = svc
-        gauges = asyncio.create_task(_refresh_pool_gauges(svc))
+        background = [
+            asyncio.create_task(_refresh_pool_gauges(svc)),
+            asyncio.create_task(
+                follow_credential_changes(libpq_url(settings.database_url), svc.authenticator)
+            ),
+        ]
         try:
             yield
         finally:
-            gauges.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await batcher.close()
             await redis.aclose()
             await engine.dispose()

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,14 @@ def template_db(servers: Servers) -> Iterator[str]:
             (f"selfheal_t_{name[-10:]}_%", name),
         ).fetchall()
         created.extend(row[0] for row in rows)
-        for db in created:
+
+    def drop(db: str) -> None:
+        with _admin(servers) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+    # Dropping a database waits for a checkpoint; a few at a time keeps teardown short.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(drop, created))
 
 
 @pytest.fixture
@@ -119,7 +126,9 @@ def redis_prefix(servers: Servers) -> Iterator[str]:
         client.close()
 
 
-def make_settings(database_url: str, redis_url: str, redis_prefix: str, **overrides: Any) -> Settings:
+def make_settings(
+    database_url: str, redis_url: str, redis_prefix: str, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "redis_url": redis_url,
@@ -143,7 +152,9 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://selfheal.test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://selfheal.test"
+        ) as client:
             yield app, client
 
 
@@ -186,12 +197,23 @@ class Plugin:
         }
 
 
-async def register(settings: Settings, *, tenant: str = "merchant-1", name: str = "payments", version: str = "1.2.2") -> Plugin:
+async def register(
+    settings: Settings,
+    *,
+    tenant: str = "merchant-1",
+    name: str = "payments",
+    version: str = "1.2.2",
+) -> Plugin:
     engine = create_engine(settings, role="test")
     try:
         async with create_sessionmaker(engine)() as session, session.begin():
             issued = await register_installation(
-                session, SecretBox(settings.secret_key), tenant=tenant, name=name, version=version, env="prod"
+                session,
+                SecretBox(settings.secret_key),
+                tenant=tenant,
+                name=name,
+                version=version,
+                env="prod",
             )
     finally:
         await engine.dispose()
@@ -237,7 +259,9 @@ async def send_heartbeat(
 ) -> httpx.Response:
     # A distinct uptime makes each default body a distinct signed message (not a replay).
     body = heartbeat_body(uptime_s=next(_uptime)) if body is None else body
-    return await client.post(HEARTBEAT, content=body, headers=plugin.headers(body, HEARTBEAT, **header_options))
+    return await client.post(
+        HEARTBEAT, content=body, headers=plugin.headers(body, HEARTBEAT, **header_options)
+    )
 
 
 @dataclass

@@ -4,7 +4,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 Severity = Literal["low", "medium", "high", "critical"]
 
@@ -48,3 +49,12 @@ class PolicyUpdate(BaseModel):
     max_concurrent_actions: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     max_concurrent_actions_per_tenant: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     cooldown_s: Annotated[int, Field(ge=0, le=30 * 86400)] | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_explicit_null(cls, value: object) -> object:
+        # Omitted means "keep"; a JSON null for a column that cannot be NULL is an error.
+        # (Validators run only for fields that were sent.)
+        if value is None:
+            raise PydanticCustomError("null_value", "cannot be null")
+        return value

@@ -3,10 +3,12 @@
     X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>
 
 Secrets are decrypted once and cached per process for SELFHEAL_AUTH_CACHE_TTL_S seconds, so the
-heartbeat path does no database read. A signature that fails against a cached entry older than
-a second reloads the entry once, so a freshly rotated secret works at once; a revoked one
-stops working within the TTL. Each secret carries its own expiry, so an old secret stops
-working exactly when its grace period ends, cache or not.
+heartbeat path does no database read. Any change of an installation's secrets or status (from
+the CLI or from psql) is announced by a database trigger with NOTIFY selfheal_auth, and every
+API process drops that entry when the change commits; should a notification be missed (the
+listening connection was down), the TTL bounds how long an entry lives. A signature that fails
+against an entry older than a second also reloads it once. Each secret carries its own expiry,
+checked at use, so an old secret stops working exactly when its grace period ends.
 
 The replay key is the SHA-256 of the signed message, not of the signature: during rotation a
 request may carry two valid signatures, and replaying it with only one of them must still be
@@ -14,20 +16,27 @@ recognised as the same request."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import psycopg
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.crypto import SecretBox
 from app.core.errors import ApiError
 
+log = structlog.get_logger("selfheal.auth")
+
 MAX_SIGNATURES = 4
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _RELOAD_AFTER_S = 1.0
 _NEGATIVE_TTL_S = 2.0
 
@@ -80,7 +89,7 @@ def _parse_signatures(header: str) -> list[str]:
     sigs = []
     for value in values:
         scheme, _, sig = value.partition("=")
-        if scheme != "v1" or len(sig) != 64:
+        if scheme != "v1" or not _HEX64.fullmatch(sig):
             raise AuthFailed("bad_signature", "X-Signature values must be v1=<64 hex digits>")
         sigs.append(sig.lower())
     return sigs
@@ -105,6 +114,10 @@ class PluginAuthenticator:
     def forget(self, installation_id: uuid.UUID) -> None:
         self._cache.pop(installation_id, None)
         self._unknown.pop(installation_id, None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
+        self._unknown.clear()
 
     async def verify(
         self,
@@ -223,3 +236,35 @@ def _matches(creds: Credentials, message: bytes, sigs: list[str], now: float) ->
             if hmac.compare_digest(expected, sig):
                 return True
     return False
+
+
+AUTH_CHANNEL = "selfheal_auth"
+
+
+async def follow_credential_changes(
+    conninfo: str, authenticator: PluginAuthenticator, *, reconnect_after_s: float = 1.0
+) -> None:
+    """LISTEN for credential changes and drop the matching cache entries; runs for the life of
+    the process. After a lost connection the whole cache is dropped: notifications sent while we
+    were away are gone."""
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, application_name="selfheal-api-listen"
+            )
+        except (psycopg.OperationalError, OSError) as exc:
+            log.warning("auth_listener_unavailable", error=str(exc)[:200])
+            await asyncio.sleep(reconnect_after_s)
+            continue
+        try:
+            async with conn:
+                await conn.execute(f"LISTEN {AUTH_CHANNEL}")
+                authenticator.forget_all()
+                async for notice in conn.notifies():
+                    try:
+                        authenticator.forget(uuid.UUID(notice.payload))
+                    except ValueError:
+                        authenticator.forget_all()
+        except (psycopg.OperationalError, OSError) as exc:
+            log.warning("auth_listener_lost", error=str(exc)[:200])
+            await asyncio.sleep(reconnect_after_s)

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
 import structlog
 from psycopg import errors as pg_errors
 
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
+from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.plugins.schemas import Heartbeat
 
 log = structlog.get_logger("selfheal.ingest")
@@ -195,8 +195,11 @@ class HeartbeatBatcher:
     ) -> IngestResult:
         # Serialised here, in the caller's request: a value PostgreSQL would refuse fails this
         # heartbeat alone, never the batch it would have joined.
-        telemetry_json = _json_for_postgres("telemetry", telemetry_document(heartbeat))
-        meta_json = _json_for_postgres("meta", heartbeat.meta)
+        try:
+            telemetry_json = json_for_postgres("telemetry", telemetry_document(heartbeat))
+            meta_json = json_for_postgres("meta", heartbeat.meta)
+        except UnstorableValue as exc:
+            raise IngestRejected(exc.field, str(exc)) from None
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(
             PendingHeartbeat(installation_id, digest, heartbeat, telemetry_json, meta_json, future)
@@ -386,16 +389,6 @@ def _unique(batch: list[PendingHeartbeat]) -> list[PendingHeartbeat]:
 def _fail(item: PendingHeartbeat, exc: Exception) -> None:
     if not item.future.done():  # its request may have timed out meanwhile
         item.future.set_exception(exc)
-
-
-def _json_for_postgres(field: str, value: Any) -> str:
-    try:
-        encoded = orjson.dumps(value)
-    except TypeError as exc:  # e.g. an integer beyond 64 bits
-        raise IngestRejected(field, f"{field}: {exc}") from None
-    if b"\\u0000" in encoded:
-        raise IngestRejected(field, f"{field}: strings cannot contain NUL characters")
-    return encoded.decode()
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -71,7 +71,7 @@ async def expire_current_secrets(
 
 
 async def ack_command(
-    session: AsyncSession, installation_id: uuid.UUID, command_id: uuid.UUID, result: dict[str, Any]
+    session: AsyncSession, installation_id: uuid.UUID, command_id: uuid.UUID, result_json: str
 ) -> CommandState | None:
     row = await session.execute(
         text(
@@ -80,7 +80,7 @@ async def ack_command(
             " WHERE id = :id AND installation_id = :plugin AND status IN ('pending', 'delivered')"
             " RETURNING id, status, acked_at, failed_at"
         ),
-        {"id": command_id, "plugin": installation_id, "result": _json(result)},
+        {"id": command_id, "plugin": installation_id, "result": result_json},
     )
     found = row.first()
     return (

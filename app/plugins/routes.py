@@ -3,6 +3,7 @@ the signature covers the exact bytes, and the size cap must hold before parsing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from app.core.errors import ApiError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
+from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.state import Services, services
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
@@ -115,10 +117,11 @@ async def ack(command_id: str, request: Request) -> Response:
     body = await read_body(request, svc.settings.max_body_bytes)
     verified = await authenticate(request, svc, body)
     payload = _parse(CommandAck, body)
+    result_json = _storable(lambda: json_for_postgres("result", payload.result))
     await refuse_replay(svc, verified)
     async with svc.sessionmaker() as session, session.begin():
         state = await service.acknowledge(
-            session, verified.installation_id, command_id, payload.result
+            session, verified.installation_id, command_id, result_json
         )
     return _json(200, state)
 
@@ -129,6 +132,7 @@ async def fail(command_id: str, request: Request) -> Response:
     body = await read_body(request, svc.settings.max_body_bytes)
     verified = await authenticate(request, svc, body)
     payload = _parse(CommandFail, body)
+    _storable(lambda: json_for_postgres("error", payload.error))
     await refuse_replay(svc, verified)
     async with svc.sessionmaker() as session, session.begin():
         state = await service.report_failure(
@@ -138,6 +142,14 @@ async def fail(command_id: str, request: Request) -> Response:
 
 
 _Body = TypeVar("_Body", CommandAck, CommandFail)
+
+
+def _storable(encode: Callable[[], str]) -> str:
+    """Checked before the replay key is spent, so a refused request can be corrected and sent."""
+    try:
+        return encode()
+    except UnstorableValue as exc:
+        raise ApiError(422, "validation_error", str(exc), field=exc.field) from None
 
 
 def _parse(model: type[_Body], body: bytes) -> _Body:

@@ -76,10 +76,10 @@ def _parse_command_id(command_id: str) -> uuid.UUID:
 
 
 async def acknowledge(
-    session: AsyncSession, installation_id: uuid.UUID, command_id: str, result: dict[str, Any]
+    session: AsyncSession, installation_id: uuid.UUID, command_id: str, result_json: str
 ) -> dict[str, Any]:
     state = await repository.ack_command(
-        session, installation_id, _parse_command_id(command_id), result
+        session, installation_id, _parse_command_id(command_id), result_json
     )
     if state is None:
         raise ApiError(404, "not_found", "no such command")
