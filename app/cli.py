@@ -55,19 +55,22 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def running_services(settings: Settings) -> Iterator[Settings]:
-    """With DATABASE_URL and REDIS_URL set, use them. Otherwise start (or join, when `selfheal
-    up` already runs them) the embedded PostgreSQL and Redis under SELFHEAL_DATA_DIR; the ones
-    this process started are stopped when it leaves."""
-    if not settings.embedded:
+def running_services(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+    """With DATABASE_URL (and, when `redis`, REDIS_URL) set, use them. Otherwise start (or
+    join, when `selfheal up` already runs them) the embedded PostgreSQL and Redis under
+    SELFHEAL_DATA_DIR; the ones this process started are stopped when it leaves. Commands that
+    only touch the database pass redis=False and never start a Redis."""
+    need_postgres = settings.database_url is None
+    need_redis = redis and settings.redis_url is None
+    if not (need_postgres or need_redis):
         yield settings
         return
     from app.core.embedded import EmbeddedServices
 
     embedded = EmbeddedServices(
         settings.data_dir,
-        postgres=settings.database_url is None,
-        redis=settings.redis_url is None,
+        postgres=need_postgres,
+        redis=need_redis,
     )
     try:
         embedded.start()
@@ -176,7 +179,7 @@ def api(
 @cli.command()
 def migrate() -> None:
     """Bring the database schema to the latest revision."""
-    with running_services(load_settings()) as settings:
+    with running_services(load_settings(), redis=False) as settings:
         run_migrations(settings)
     typer.echo("database schema is up to date", err=True)
 
@@ -235,7 +238,7 @@ def plugin_register(
         check_registration(tenant, name, version, env)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    with running_services(load_settings()) as settings:
+    with running_services(load_settings(), redis=False) as settings:
         box = SecretBox(settings.secret_key)
         issued = _with_database(
             settings,
@@ -276,7 +279,7 @@ def plugin_rotate_secret(
         installation_id = uuid.UUID(plugin_id)
     except ValueError:
         raise fail(f"{plugin_id!r} is not an installation id (a UUID)") from None
-    with running_services(load_settings()) as settings:
+    with running_services(load_settings(), redis=False) as settings:
         grace = settings.secret_grace_s if grace_s is None else grace_s
         box = SecretBox(settings.secret_key)
         try:
@@ -307,7 +310,7 @@ def user_add(
 
     if role not in ("viewer", "operator", "admin"):
         raise fail("--role must be one of viewer, operator, admin")
-    with running_services(load_settings()) as settings:
+    with running_services(load_settings(), redis=False) as settings:
         try:
             user = _with_database(settings, lambda s: add_user(s, username, role))
         except ValueError as exc:

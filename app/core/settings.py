@@ -114,10 +114,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def embedded(self) -> bool:
-        return self.database_url is None or self.redis_url is None
-
 
 def normalize_database_url(url: str) -> str:
     """Accept postgres://, postgresql:// and postgresql+psycopg:// alike; we always use psycopg 3."""

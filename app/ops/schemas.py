@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,7 +15,7 @@ class Policy(BaseModel):
     autopatch_enabled: bool
     autopatch_whitelist: list[str]
     autopatch_max_severity: Severity
-    min_confidence: Decimal
+    min_confidence: float
     canary_percent: int
     approvals_required: int
     approval_min_severity: Severity

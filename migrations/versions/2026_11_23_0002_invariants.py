@@ -62,12 +62,25 @@ CREATE TRIGGER ops_policy_no_delete BEFORE DELETE ON ops_policy
 CREATE TRIGGER ops_policy_no_truncate BEFORE TRUNCATE ON ops_policy
     FOR EACH STATEMENT EXECUTE FUNCTION selfheal_refuse('the policy row is permanent');
 
+-- Audit rows come only from the audit trigger: nobody can write a row claiming to be someone.
+CREATE FUNCTION selfheal_audit_from_trigger_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_trigger_depth() < 2 THEN
+        RAISE EXCEPTION 'audit_log is written by the database only'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER audit_log_insert_guard BEFORE INSERT ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION selfheal_audit_from_trigger_only();
 CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION selfheal_refuse('the audit log is append-only');
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION selfheal_refuse('the audit log is append-only');
 
--- Attempts: status moves forward; what was decided and how it ended is never rewritten.
+-- Attempts: status moves forward (pending, staging, applying, verifying, then an outcome);
+-- what was decided, by whom, and how it ended is never rewritten.
 -- The one move out of a terminal state is success -> rolled_back (the runbook's emergency
 -- rollback), and it is recorded like every other change.
 CREATE FUNCTION selfheal_guard_attempt_update() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -84,6 +97,18 @@ BEGIN
         RAISE EXCEPTION 'attempt %: identity, versions and execution time are immutable', OLD.id
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    IF (OLD.decision_source IS NOT NULL AND NEW.decision_source IS DISTINCT FROM OLD.decision_source)
+       OR (OLD.confidence IS NOT NULL AND NEW.confidence IS DISTINCT FROM OLD.confidence)
+       OR (OLD.requested_by IS NOT NULL AND NEW.requested_by IS DISTINCT FROM OLD.requested_by)
+    THEN
+        RAISE EXCEPTION 'attempt %: who decided it, and with what confidence, is immutable', OLD.id
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF array_position(ARRAY['pending', 'staging', 'applying', 'verifying'], NEW.status)
+       < array_position(ARRAY['pending', 'staging', 'applying', 'verifying'], OLD.status) THEN
+        RAISE EXCEPTION 'attempt %: status cannot go back from % to %', OLD.id, OLD.status, NEW.status
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF OLD.status IN ('failed', 'rolled_back', 'cancelled')
        AND NEW IS DISTINCT FROM OLD THEN
         RAISE EXCEPTION 'attempt % ended as %: its history cannot be rewritten', OLD.id, OLD.status
@@ -98,17 +123,18 @@ BEGIN
 END $$;
 
 -- Append one event per attempt change to a single hash chain:
---   hash = sha256(prev_hash || id || attempt_id || at || operation || statuses || who || row)
+--   hash = sha256(prev_hash || json [id, attempt_id, at, operation, statuses, who, row])
 -- The advisory lock serialises appends so each event links to the one before it.
 CREATE FUNCTION selfheal_attempt_event_hash(
     prev bytea, event_id bigint, attempt uuid, at timestamptz, operation text,
     old_status text, new_status text, db_user text, application_name text, actor text,
     row_data jsonb
 ) RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
-    SELECT sha256(prev || convert_to(concat_ws('|',
-        event_id::text, attempt::text, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
-        operation, coalesce(old_status, ''), new_status, db_user, coalesce(application_name, ''),
-        coalesce(actor, ''), row_data::text), 'UTF8'))
+    -- A JSON array is an unambiguous encoding: no text can slide from one field to the next.
+    SELECT sha256(prev || convert_to(jsonb_build_array(
+        event_id, attempt::text, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+        operation, old_status, new_status, db_user, application_name, actor, row_data
+    )::text, 'UTF8'))
 $$;
 
 CREATE FUNCTION selfheal_append_attempt_event() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -188,7 +214,7 @@ ALWAYS = {
         "ops_policy_no_delete",
         "ops_policy_no_truncate",
     ],
-    "audit_log": ["audit_log_append_only", "audit_log_no_truncate"],
+    "audit_log": ["audit_log_insert_guard", "audit_log_append_only", "audit_log_no_truncate"],
     "plugin_autopatch_attempts": [
         "attempts_guard_update",
         "attempts_event_log",
@@ -205,6 +231,7 @@ ALWAYS = {
 FUNCTIONS = [
     "selfheal_verify_attempt_events()",
     "selfheal_events_from_trigger_only()",
+    "selfheal_audit_from_trigger_only()",
     "selfheal_append_attempt_event()",
     "selfheal_attempt_event_hash(bytea, bigint, uuid, timestamptz, text, text, text, text, text, text, jsonb)",
     "selfheal_guard_attempt_update()",
