@@ -20,7 +20,7 @@ from app.core.state import Services
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.ops.routes import router as ops_router
-from app.plugins.auth import PluginAuthenticator, follow_credential_changes
+from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
 from app.plugins.ingest import HeartbeatBatcher
 from app.plugins.routes import router as plugins_router
 
@@ -46,6 +46,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             statement_timeout_s=settings.db_timeout_s,
         )
         batcher.start()
+        loader = CredentialLoader(
+            libpq_url(settings.database_url), box, timeout_s=settings.db_timeout_s
+        )
+        loader.start()
         svc = Services(
             settings=settings,
             engine=engine,
@@ -53,8 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis=redis,
             box=box,
             authenticator=PluginAuthenticator(
-                engine,
-                box,
+                loader,
                 tolerance_s=settings.signature_tolerance_s,
                 cache_ttl_s=settings.auth_cache_ttl_s,
             ),
@@ -74,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await batcher.close()
+            await loader.close()
             await redis.aclose()
             await engine.dispose()
 

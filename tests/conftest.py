@@ -135,7 +135,6 @@ def make_settings(
         "redis_prefix": redis_prefix,
         "secret_key": TEST_SECRET_KEY,
         "log_level": "warning",
-        "auth_cache_ttl_s": 5.0,
         **overrides,
     }
     return Settings(**values)

@@ -5,6 +5,7 @@ is stored. Also secret rotation, multi-signature headers and the rejection metri
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from typing import Any
@@ -442,3 +443,54 @@ async def test_rejections_are_counted_by_reason_in_metrics(client, plugin, db):
     assert rejected(after, "missing_header") - rejected(before, "missing_header") == 1
     assert accepted(after) - accepted(before) == 1
     assert stored(db) == 1
+
+
+# --------------------------------------------------------------------------- cache invalidation
+
+
+_distinct = itertools.count(10_000)
+
+
+async def wait_for_status(client, plugin, status: int, timeout_s: float = 3.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = heartbeat_body(uptime_s=next(_distinct))
+        response = await client.post(
+            HEARTBEAT, content=body, headers=plugin.headers(body, HEARTBEAT)
+        )
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(0.05)
+
+
+async def test_plugin_disabled_in_psql_is_refused_by_a_process_that_cached_it(client, plugin, db):
+    body = heartbeat_body(uptime_s=1)
+    first = await client.post(HEARTBEAT, content=body, headers=plugin.headers(body, HEARTBEAT))
+    assert first.status_code == 200
+    # The credential cache lives 600 s; the NOTIFY trigger must end it at once.
+    db.execute("UPDATE merchant_plugins SET status = 'disabled' WHERE id = %s", (plugin.id,))
+    assert_error(await wait_for_status(client, plugin, 401), 401, "plugin_disabled")
+    db.execute("UPDATE merchant_plugins SET status = 'active' WHERE id = %s", (plugin.id,))
+    assert (await wait_for_status(client, plugin, 200)).status_code == 200
+
+
+async def test_secret_deleted_in_psql_stops_working_in_a_process_that_cached_it(client, plugin, db):
+    assert (await wait_for_status(client, plugin, 200)).status_code == 200
+    db.execute("DELETE FROM plugin_secrets WHERE installation_id = %s", (plugin.id,))
+    assert_error(await wait_for_status(client, plugin, 401), 401, "bad_signature")
+
+
+async def test_first_heartbeats_of_many_plugins_at_once_are_all_accepted(settings, db):
+    from tests.conftest import register
+
+    plugins = [await register(settings, tenant=f"m{i % 5}", name="payments") for i in range(40)]
+    async with serve(settings) as (_, client):
+        responses = await asyncio.gather(
+            *(
+                client.post(HEARTBEAT, content=b, headers=p.headers(b, HEARTBEAT))
+                for p in plugins
+                for b in [heartbeat_body(uptime_s=7)]
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 40
+    assert stored(db) == 40

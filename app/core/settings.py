@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         86400, ge=0, le=30 * 86400, validation_alias=_env("SELFHEAL_SECRET_GRACE_S")
     )
     auth_cache_ttl_s: float = Field(
-        5.0, ge=0, le=300, validation_alias=_env("SELFHEAL_AUTH_CACHE_TTL_S")
+        600.0, ge=0, le=86400, validation_alias=_env("SELFHEAL_AUTH_CACHE_TTL_S")
     )
     max_body_bytes: int = Field(
         65536, ge=1024, le=10 * 1024 * 1024, validation_alias=_env("SELFHEAL_MAX_BODY_BYTES")

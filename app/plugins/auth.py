@@ -24,11 +24,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import structlog
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.crypto import SecretBox
 from app.core.errors import ApiError
@@ -98,14 +97,12 @@ def _parse_signatures(header: str) -> list[str]:
 class PluginAuthenticator:
     def __init__(
         self,
-        engine: AsyncEngine,
-        box: SecretBox,
+        loader: CredentialLoader,
         *,
         tolerance_s: int,
         cache_ttl_s: float,
     ) -> None:
-        self._engine = engine
-        self._box = box
+        self._loader = loader
         self._tolerance_s = tolerance_s
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[uuid.UUID, Credentials] = {}
@@ -151,11 +148,11 @@ class PluginAuthenticator:
         message = signed_message(timestamp, method, path, body)
 
         creds = await self._credentials(installation_id, now)
-        if not _matches(creds, message, sigs, now) and now - creds.loaded_at > _RELOAD_AFTER_S:
+        matched = _matches(creds, message, sigs, now)
+        if not matched and now - creds.loaded_at > _RELOAD_AFTER_S:
             creds = await self._credentials(installation_id, now, reload=True)
-            if not _matches(creds, message, sigs, now):
-                raise AuthFailed("bad_signature", "signature does not match")
-        elif not _matches(creds, message, sigs, now):
+            matched = _matches(creds, message, sigs, now)
+        if not matched:
             raise AuthFailed("bad_signature", "signature does not match")
         if not creds.active:
             raise AuthFailed("plugin_disabled", "this installation is disabled")
@@ -176,7 +173,7 @@ class PluginAuthenticator:
         unknown_at = self._unknown.get(installation_id)
         if unknown_at is not None and now - unknown_at < _NEGATIVE_TTL_S:
             raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation")
-        creds = await self._load(installation_id, now)
+        creds = await self._loader.load(installation_id)
         if creds is None:
             if len(self._unknown) > 100_000:
                 self._unknown.clear()
@@ -186,39 +183,116 @@ class PluginAuthenticator:
         self._cache[installation_id] = creds
         return creds
 
-    async def _load(self, installation_id: uuid.UUID, now: float) -> Credentials | None:
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    text(
-                        "SELECT m.tenant_id, m.plugin_name, m.status, s.secret_enc, s.expires_at"
-                        " FROM merchant_plugins m"
-                        " LEFT JOIN plugin_secrets s ON s.installation_id = m.id"
-                        "  AND (s.expires_at IS NULL OR s.expires_at > now())"
-                        " WHERE m.id = :id"
-                    ),
-                    {"id": installation_id},
-                )
-            ).all()
-        if not rows:
-            return None
-        keys = tuple(
-            SigningKey(
-                secret=self._box.open(row.secret_enc, bound_to=str(installation_id)).encode(),
-                expires_at=_unix(row.expires_at),
+
+class CredentialLoader:
+    """Loads credentials for cache misses, many installations per query: misses that arrive
+    while a query runs are answered by the next one (an API process restarting in front of a
+    large fleet sees a miss for every plugin in its first heartbeat interval). One dedicated
+    autocommit connection: one round trip per query, no pool churn."""
+
+    def __init__(self, conninfo: str, box: SecretBox, *, timeout_s: float) -> None:
+        self._conninfo = conninfo
+        self._box = box
+        self._timeout_s = timeout_s
+        self._waiting: dict[uuid.UUID, list[asyncio.Future[Credentials | None]]] = {}
+        self._wakeup = asyncio.Event()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="credential-loader")
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def load(self, installation_id: uuid.UUID) -> Credentials | None:
+        future: asyncio.Future[Credentials | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(installation_id, []).append(future)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(future, 2 * self._timeout_s + 1)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                "unavailable",
+                "database unavailable; retry later",
+                headers={"Retry-After": "5"},
+            ) from None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            waiting, self._waiting = self._waiting, {}
+            try:
+                found = await self._query(list(waiting))
+            except (psycopg.Error, OSError) as exc:
+                log.warning("credential_load_failed", error=str(exc)[:200])
+                if self._conn is not None:
+                    await self._conn.close()
+                    self._conn = None
+                for futures in waiting.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(
+                                ApiError(
+                                    503,
+                                    "unavailable",
+                                    "database unavailable; retry later",
+                                    headers={"Retry-After": "5"},
+                                )
+                            )
+                continue
+            for installation_id, futures in waiting.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(found.get(installation_id))
+
+    async def _query(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Credentials]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._conninfo,
+                autocommit=True,
+                application_name="selfheal-api-auth",
+                connect_timeout=max(1, int(self._timeout_s)),
+                options=f"-c statement_timeout={int(self._timeout_s * 1000)}",
             )
-            for row in rows
-            if row.secret_enc is not None
+        cursor = await self._conn.execute(
+            "SELECT m.id, m.tenant_id, m.plugin_name, m.status, s.secret_enc, s.expires_at"
+            " FROM merchant_plugins m"
+            " LEFT JOIN plugin_secrets s ON s.installation_id = m.id"
+            "  AND (s.expires_at IS NULL OR s.expires_at > now())"
+            " WHERE m.id = ANY(%s)",
+            (ids,),
         )
-        first = rows[0]
-        return Credentials(
-            installation_id=installation_id,
-            tenant_id=first.tenant_id,
-            plugin_name=first.plugin_name,
-            active=first.status == "active",
-            keys=keys,
-            loaded_at=now,
-        )
+        now = time.time()
+        rows: dict[uuid.UUID, list[tuple[Any, ...]]] = {}
+        for row in await cursor.fetchall():
+            rows.setdefault(row[0], []).append(row)
+        found = {}
+        for installation_id, group in rows.items():
+            _, tenant_id, plugin_name, status, _, _ = group[0]
+            keys = tuple(
+                SigningKey(
+                    secret=self._box.open(bytes(sealed), bound_to=str(installation_id)).encode(),
+                    expires_at=_unix(expires_at),
+                )
+                for *_, sealed, expires_at in group
+                if sealed is not None
+            )
+            found[installation_id] = Credentials(
+                installation_id=installation_id,
+                tenant_id=tenant_id,
+                plugin_name=plugin_name,
+                active=status == "active",
+                keys=keys,
+                loaded_at=now,
+            )
+        return found
 
 
 def _unix(moment: datetime | None) -> float | None:
@@ -250,7 +324,14 @@ async def follow_credential_changes(
     while True:
         try:
             conn = await psycopg.AsyncConnection.connect(
-                conninfo, autocommit=True, application_name="selfheal-api-listen"
+                conninfo,
+                autocommit=True,
+                application_name="selfheal-api-listen",
+                # A silently dead link must be noticed: the cache relies on these messages.
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
             )
         except (psycopg.OperationalError, OSError) as exc:
             log.warning("auth_listener_unavailable", error=str(exc)[:200])

@@ -297,9 +297,10 @@ class HeartbeatBatcher:
         self, conn: psycopg.AsyncConnection[Any], batch: list[PendingHeartbeat]
     ) -> dict[tuple[uuid.UUID, bytes], IngestResult]:
         params = self._parameters(batch)
-        async with conn.transaction():
-            cursor = await conn.execute(INGEST_SQL, params)
-            rows = await cursor.fetchall()
+        # Autocommit: the one statement is its own transaction (one round trip, no BEGIN and
+        # COMMIT); its data-modifying parts commit together or not at all.
+        cursor = await conn.execute(INGEST_SQL, params)
+        rows = await cursor.fetchall()
         stored: set[tuple[uuid.UUID, bytes]] = set()
         commands: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for (
