@@ -21,6 +21,7 @@ from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.ops.routes import router as ops_router
 from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
+from app.plugins.fastpath import HeartbeatFastPath
 from app.plugins.ingest import HeartbeatBatcher
 from app.plugins.routes import router as plugins_router
 
@@ -90,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    # Added last = outermost: request context wraps the heartbeat fast path too.
+    app.add_middleware(HeartbeatFastPath, owner=app)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plugins_router)

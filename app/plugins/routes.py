@@ -3,7 +3,7 @@ the signature covers the exact bytes, and the size cap must hold before parsing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.responses import Response
+from starlette.types import Receive
 
 from app.core.errors import ApiError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
@@ -32,28 +33,37 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed `limit` (from
+    Content-Length, or while streaming) so a huge body is never held in memory."""
+    declared = headers.get("content-length")
+    too_large = ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
+        raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "bad_request", "client disconnected")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "payload_too_large", f"request body is larger than {limit} bytes")
+            raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-async def authenticate(request: Request, svc: Services, body: bytes) -> VerifiedRequest:
-    headers = request.headers
+async def authenticate(
+    svc: Services, headers: Mapping[str, str], method: str, path: str, body: bytes
+) -> VerifiedRequest:
     verified = await svc.authenticator.verify(
         plugin_id=headers.get("x-plugin-id"),
         timestamp=headers.get("x-timestamp"),
         signature=headers.get("x-signature"),
-        method=request.method,
-        path=request.url.path,
+        method=method,
+        path=path,
         body=body,
     )
     structlog.contextvars.bind_contextvars(plugin_id=str(verified.installation_id))
@@ -79,12 +89,14 @@ async def refuse_replay(svc: Services, verified: VerifiedRequest) -> None:
         raise AuthFailed("replay", "this signed request was already received")
 
 
-@router.post("/heartbeat")
-async def heartbeat(request: Request) -> Response:
-    svc = services(request)
+async def accept_heartbeat(
+    svc: Services, headers: Mapping[str, str], method: str, path: str, receive: Receive
+) -> bytes:
+    """Authenticate, validate and store one heartbeat; the JSON answer, or ApiError. Shared
+    by the route below and the ASGI fast path (app/plugins/fastpath.py) that serves it."""
     try:
-        body = await read_body(request, svc.settings.max_body_bytes)
-        verified = await authenticate(request, svc, body)
+        body = await read_body(receive, headers, svc.settings.max_body_bytes)
+        verified = await authenticate(svc, headers, method, path, body)
         try:
             hb = Heartbeat.model_validate_json(body)
         except ValidationError as exc:
@@ -101,21 +113,29 @@ async def heartbeat(request: Request) -> Response:
         HEARTBEATS_REJECTED.labels(exc.code).inc()
         raise
     HEARTBEATS_ACCEPTED.inc()
-    return _json(
-        200,
+    return orjson.dumps(
         {
-            "server_time": datetime.now(UTC).isoformat(),
+            "server_time": datetime.now(UTC),
             "next_heartbeat_s": svc.settings.heartbeat_interval_s,
             "commands": result.commands,
-        },
+        }
     )
+
+
+@router.post("/heartbeat")
+async def heartbeat(request: Request) -> Response:
+    """Documents the route; requests are served by HeartbeatFastPath with the same code."""
+    answer = await accept_heartbeat(
+        services(request), request.headers, request.method, request.url.path, request.receive
+    )
+    return Response(answer, media_type="application/json")
 
 
 @router.post("/commands/{command_id}/ack")
 async def ack(command_id: str, request: Request) -> Response:
     svc = services(request)
-    body = await read_body(request, svc.settings.max_body_bytes)
-    verified = await authenticate(request, svc, body)
+    body = await read_body(request.receive, request.headers, svc.settings.max_body_bytes)
+    verified = await authenticate(svc, request.headers, request.method, request.url.path, body)
     payload = _parse(CommandAck, body)
     result_json = _storable(lambda: json_for_postgres("result", payload.result))
     await refuse_replay(svc, verified)
@@ -129,8 +149,8 @@ async def ack(command_id: str, request: Request) -> Response:
 @router.post("/commands/{command_id}/fail")
 async def fail(command_id: str, request: Request) -> Response:
     svc = services(request)
-    body = await read_body(request, svc.settings.max_body_bytes)
-    verified = await authenticate(request, svc, body)
+    body = await read_body(request.receive, request.headers, svc.settings.max_body_bytes)
+    verified = await authenticate(svc, request.headers, request.method, request.url.path, body)
     payload = _parse(CommandFail, body)
     _storable(lambda: json_for_postgres("error", payload.error))
     await refuse_replay(svc, verified)
