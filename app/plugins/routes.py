@@ -131,36 +131,6 @@ async def heartbeat(request: Request) -> Response:
     return Response(answer, media_type="application/json")
 
 
-@router.post("/commands/{command_id}/ack")
-async def ack(command_id: str, request: Request) -> Response:
-    svc = services(request)
-    body = await read_body(request.receive, request.headers, svc.settings.max_body_bytes)
-    verified = await authenticate(svc, request.headers, request.method, request.url.path, body)
-    payload = _parse(CommandAck, body)
-    result_json = _storable(lambda: json_for_postgres("result", payload.result))
-    await refuse_replay(svc, verified)
-    async with svc.sessionmaker() as session, session.begin():
-        state = await service.acknowledge(
-            session, verified.installation_id, command_id, result_json
-        )
-    return _json(200, state)
-
-
-@router.post("/commands/{command_id}/fail")
-async def fail(command_id: str, request: Request) -> Response:
-    svc = services(request)
-    body = await read_body(request.receive, request.headers, svc.settings.max_body_bytes)
-    verified = await authenticate(svc, request.headers, request.method, request.url.path, body)
-    payload = _parse(CommandFail, body)
-    _storable(lambda: json_for_postgres("error", payload.error))
-    await refuse_replay(svc, verified)
-    async with svc.sessionmaker() as session, session.begin():
-        state = await service.report_failure(
-            session, verified.installation_id, command_id, payload.error, payload.retryable
-        )
-    return _json(200, state)
-
-
 _Body = TypeVar("_Body", CommandAck, CommandFail)
 
 
@@ -177,3 +147,38 @@ def _parse(model: type[_Body], body: bytes) -> _Body:
         return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+async def signed_command_request(
+    request: Request, model: type[_Body]
+) -> tuple[Services, VerifiedRequest, _Body]:
+    """Body, signature and payload of an ack or fail (the replay check comes after the caller
+    has checked the payload can be stored)."""
+    svc = services(request)
+    body = await read_body(request.receive, request.headers, svc.settings.max_body_bytes)
+    verified = await authenticate(svc, request.headers, request.method, request.url.path, body)
+    return svc, verified, _parse(model, body)
+
+
+@router.post("/commands/{command_id}/ack")
+async def ack(command_id: str, request: Request) -> Response:
+    svc, verified, payload = await signed_command_request(request, CommandAck)
+    result_json = _storable(lambda: json_for_postgres("result", payload.result))
+    await refuse_replay(svc, verified)
+    async with svc.sessionmaker() as session, session.begin():
+        state = await service.acknowledge(
+            session, verified.installation_id, command_id, result_json
+        )
+    return _json(200, state)
+
+
+@router.post("/commands/{command_id}/fail")
+async def fail(command_id: str, request: Request) -> Response:
+    svc, verified, payload = await signed_command_request(request, CommandFail)
+    _storable(lambda: json_for_postgres("error", payload.error))
+    await refuse_replay(svc, verified)
+    async with svc.sessionmaker() as session, session.begin():
+        state = await service.report_failure(
+            session, verified.installation_id, command_id, payload.error, payload.retryable
+        )
+    return _json(200, state)
