@@ -89,6 +89,19 @@ def running_services(settings: Settings, *, redis: bool = True) -> Iterator[Sett
         embedded.stop()
 
 
+@contextlib.contextmanager
+def reporting_database_errors(settings: Settings) -> Iterator[None]:
+    """An unreachable database is an operator's problem to fix, not a traceback to read."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        where = _redact(libpq_url(settings.database_url or ""))
+        first_line = str(exc.orig or exc).strip().splitlines()[0]
+        raise fail(f"cannot use PostgreSQL at {where}: {first_line}", code=1) from None
+
+
 def run_migrations(settings: Settings) -> None:
     from alembic import command
     from alembic.config import Config
@@ -97,7 +110,8 @@ def run_migrations(settings: Settings) -> None:
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", settings.database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    with reporting_database_errors(settings):
+        command.upgrade(config, "head")
 
 
 def _terminate_on_sigterm() -> None:
@@ -209,7 +223,8 @@ def _with_database(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T
         finally:
             await engine.dispose()
 
-    return asyncio.run(main())
+    with reporting_database_errors(settings):
+        return asyncio.run(main())
 
 
 def _print(data: dict[str, Any], as_json: bool, note: str) -> None:

@@ -37,7 +37,7 @@ def run_migrations_online() -> None:
     engine = create_engine(
         _database_url(),
         poolclass=pool.NullPool,
-        connect_args={"application_name": "selfheal-migrate"},
+        connect_args={"application_name": "selfheal-migrate", "connect_timeout": 10},
     )
     with engine.connect() as connection:
         # Many API processes may start at once: one migrates, the others wait, then find

@@ -335,3 +335,14 @@ async def test_migrate_accepts_a_postgres_scheme_url_and_leaves_an_up_to_date_sc
     assert result.returncode == 0, result.stderr
     assert one_json_object(result.stdout)["username"] == "bob"
     assert db.execute("SELECT username, role FROM ops_users").fetchall() == [("bob", "viewer")]
+
+
+async def test_unreachable_database_is_a_clear_error_not_a_traceback(run_bare):
+    # base_env points DATABASE_URL at a closed port.
+    for args in (("migrate",), ("user", "add", "bob", "--role", "admin")):
+        result = run_bare(*args)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "cannot use PostgreSQL at postgresql://postgres@127.0.0.1:1/unreachable" in (
+            result.stderr
+        )
