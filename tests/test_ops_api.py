@@ -295,3 +295,13 @@ async def test_api_tokens_are_stored_as_sha256_and_passwords_as_argon2id(
                 (persona.token,),
             ).fetchone()
             assert hits == 0
+
+
+async def test_put_policy_refuses_a_whitelist_entry_that_is_not_a_tenant_id(client, admin, db):
+    for entry in ("a\u0000b", "", " merchant", "x" * 201):
+        response = await client.put(
+            "/api/ops/policy", json={"autopatch_whitelist": [entry]}, headers=admin.auth
+        )
+        assert response.status_code == 422, (entry, response.text)
+        assert response.json()["error"]["field"] == "autopatch_whitelist[0]"
+    assert db.execute("SELECT autopatch_whitelist FROM ops_policy").fetchone() == ([],)

@@ -3,9 +3,15 @@ dependency commits or rolls back; services and repositories only flush."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -15,6 +21,20 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from app.core.settings import Settings
+
+T = TypeVar("T")
+
+
+def connection_liveness(timeout_s: float) -> dict[str, Any]:
+    """libpq options that notice a dead peer (a failover, a dropped link) in seconds rather than
+    the kernel's quarter of an hour: TCP keepalives, and a cap on unacknowledged writes."""
+    return {
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(max(timeout_s, 1) * 2000),
+    }
 
 
 def create_engine(settings: Settings, *, role: str) -> AsyncEngine:
@@ -34,6 +54,7 @@ def create_engine(settings: Settings, *, role: str) -> AsyncEngine:
             "connect_timeout": max(1, int(settings.db_timeout_s)),
             # A statement that hangs (lock wait, dead server) fails instead of holding a request.
             "options": f"-c statement_timeout={int(settings.db_timeout_s * 1000)}",
+            **connection_liveness(settings.db_timeout_s),
         },
     )
 
@@ -54,3 +75,28 @@ async def set_actor(session: AsyncSession, actor: str) -> None:
 async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     async with maker() as session, session.begin():
         yield session
+
+
+async def bounded(
+    conn: psycopg.AsyncConnection[Any], work: Coroutine[Any, Any, T], timeout_s: float
+) -> T:
+    """Run `work` on `conn`, giving up after `timeout_s` with the connection closed.
+
+    statement_timeout is enforced by the server, so it cannot help when the server is not heard
+    at all (a silently dropped link); and a cancelled psycopg query waits for the server to
+    confirm the cancel. So on timeout the socket is shut down under the query, which fails it at
+    once, and only then closed: closing the descriptor while the event loop still watches it
+    would let the next connection reuse its number and confuse the loop."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(OSError, psycopg.Error):
+            fd = conn.fileno()
+            # A dup of the descriptor: shutdown acts on the socket itself.
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 1.0)
+        await conn.close()
+        raise

@@ -7,6 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 Severity = Literal["low", "medium", "high", "critical"]
+# The ids `selfheal plugin register --tenant` accepts.
+TenantId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")]
 
 
 class Policy(BaseModel):
@@ -33,12 +35,7 @@ class PolicyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     autopatch_enabled: bool | None = None
-    autopatch_whitelist: (
-        Annotated[
-            list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=100_000)
-        ]
-        | None
-    ) = None
+    autopatch_whitelist: Annotated[list[TenantId], Field(max_length=100_000)] | None = None
     autopatch_max_severity: Severity | None = None
     min_confidence: Annotated[float, Field(ge=0, le=1)] | None = None
     canary_percent: Annotated[int, Field(ge=0, le=100)] | None = None

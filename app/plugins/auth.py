@@ -30,6 +30,7 @@ import psycopg
 import structlog
 
 from app.core.crypto import SecretBox
+from app.core.db import bounded, connection_liveness
 from app.core.errors import ApiError
 
 log = structlog.get_logger("selfheal.auth")
@@ -38,6 +39,8 @@ MAX_SIGNATURES = 4
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _RELOAD_AFTER_S = 1.0
 _NEGATIVE_TTL_S = 2.0
+_UNANNOUNCED_TTL_S = 5.0
+_RETRY = {"Retry-After": "5"}
 
 
 class AuthFailed(ApiError):
@@ -107,14 +110,26 @@ class PluginAuthenticator:
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[uuid.UUID, Credentials] = {}
         self._unknown: dict[uuid.UUID, float] = {}
+        # Bumped by every invalidation: a load that was in flight when a change was announced
+        # may have read the old row, and must not be cached.
+        self._generation = 0
+        # Set by follow_credential_changes while its LISTEN connection is up. Without it,
+        # changes are not announced, so entries live only _UNANNOUNCED_TTL_S.
+        self.listening = False
 
     def forget(self, installation_id: uuid.UUID) -> None:
+        self._generation += 1
         self._cache.pop(installation_id, None)
         self._unknown.pop(installation_id, None)
 
     def forget_all(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._unknown.clear()
+
+    @property
+    def cache_ttl_s(self) -> float:
+        return self._cache_ttl_s if self.listening else min(self._cache_ttl_s, _UNANNOUNCED_TTL_S)
 
     async def verify(
         self,
@@ -168,12 +183,19 @@ class PluginAuthenticator:
         self, installation_id: uuid.UUID, now: float, *, reload: bool = False
     ) -> Credentials:
         cached = self._cache.get(installation_id)
-        if cached is not None and not reload and now - cached.loaded_at < self._cache_ttl_s:
+        if cached is not None and not reload and now - cached.loaded_at < self.cache_ttl_s:
             return cached
         unknown_at = self._unknown.get(installation_id)
         if unknown_at is not None and now - unknown_at < _NEGATIVE_TTL_S:
             raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation")
-        creds = await self._loader.load(installation_id)
+        for _ in range(2):
+            generation = self._generation
+            creds = await self._loader.load(installation_id)
+            if generation == self._generation:
+                break
+            # A change was announced while we read: what we read may predate it. Read again.
+        else:
+            raise ApiError(503, "unavailable", "credentials are changing; retry", headers=_RETRY)
         if creds is None:
             if len(self._unknown) > 100_000:
                 self._unknown.clear()
@@ -214,14 +236,9 @@ class CredentialLoader:
         self._waiting.setdefault(installation_id, []).append(future)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(future, 2 * self._timeout_s + 1)
+            return await asyncio.wait_for(future, 3 * self._timeout_s + 2)
         except TimeoutError:
-            raise ApiError(
-                503,
-                "unavailable",
-                "database unavailable; retry later",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise _unavailable() from None
 
     async def _run(self) -> None:
         while True:
@@ -229,28 +246,33 @@ class CredentialLoader:
             self._wakeup.clear()
             waiting, self._waiting = self._waiting, {}
             try:
-                found = await self._query(list(waiting))
-            except (psycopg.Error, OSError) as exc:
-                log.warning("credential_load_failed", error=str(exc)[:200])
-                if self._conn is not None:
-                    await self._conn.close()
-                    self._conn = None
+                found = await self._query_with_retry(list(waiting))
+            except Exception as exc:
+                # This batch fails (503, the plugins retry); the loader itself must live on.
+                log.warning("credential_load_failed", error=f"{type(exc).__name__}: {exc}"[:300])
                 for futures in waiting.values():
                     for future in futures:
                         if not future.done():
-                            future.set_exception(
-                                ApiError(
-                                    503,
-                                    "unavailable",
-                                    "database unavailable; retry later",
-                                    headers={"Retry-After": "5"},
-                                )
-                            )
+                            future.set_exception(_unavailable())
                 continue
             for installation_id, futures in waiting.items():
                 for future in futures:
                     if not future.done():
                         future.set_result(found.get(installation_id))
+
+    async def _query_with_retry(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Credentials]:
+        # A read can be repeated safely: after a PostgreSQL restart the first attempt finds
+        # the old connection dead, the second opens a new one.
+        try:
+            return await self._query(ids)
+        except (psycopg.OperationalError, OSError, TimeoutError):
+            await self._drop_connection()
+            return await self._query(ids)
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     async def _query(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Credentials]:
         if self._conn is None or self._conn.closed:
@@ -260,39 +282,69 @@ class CredentialLoader:
                 application_name="selfheal-api-auth",
                 connect_timeout=max(1, int(self._timeout_s)),
                 options=f"-c statement_timeout={int(self._timeout_s * 1000)}",
+                **connection_liveness(self._timeout_s),
             )
-        cursor = await self._conn.execute(
-            "SELECT m.id, m.tenant_id, m.plugin_name, m.status, s.secret_enc, s.expires_at"
-            " FROM merchant_plugins m"
-            " LEFT JOIN plugin_secrets s ON s.installation_id = m.id"
-            "  AND (s.expires_at IS NULL OR s.expires_at > now())"
-            " WHERE m.id = ANY(%s)",
-            (ids,),
-        )
+        conn = self._conn
+        try:
+            fetched = await bounded(conn, _fetch(conn, ids), self._timeout_s + 1)
+        except BaseException:
+            await self._drop_connection()
+            raise
         now = time.time()
         rows: dict[uuid.UUID, list[tuple[Any, ...]]] = {}
-        for row in await cursor.fetchall():
+        for row in fetched:
             rows.setdefault(row[0], []).append(row)
-        found = {}
-        for installation_id, group in rows.items():
-            _, tenant_id, plugin_name, status, _, _ = group[0]
-            keys = tuple(
-                SigningKey(
-                    secret=self._box.open(bytes(sealed), bound_to=str(installation_id)).encode(),
-                    expires_at=_unix(expires_at),
+        return {
+            installation_id: self._credentials_from(installation_id, group, now)
+            for installation_id, group in rows.items()
+        }
+
+    def _credentials_from(
+        self, installation_id: uuid.UUID, group: list[tuple[Any, ...]], now: float
+    ) -> Credentials:
+        _, tenant_id, plugin_name, status, _, _ = group[0]
+        keys = []
+        for *_, sealed, expires_at in group:
+            if sealed is None:
+                continue
+            try:
+                secret = self._box.open(bytes(sealed), bound_to=str(installation_id))
+            except Exception as exc:
+                # Sealed under another SELFHEAL_SECRET_KEY, or damaged: this key cannot sign,
+                # the installation's other keys still can.
+                log.error(
+                    "plugin_secret_unreadable",
+                    plugin_id=str(installation_id),
+                    error=type(exc).__name__,
                 )
-                for *_, sealed, expires_at in group
-                if sealed is not None
-            )
-            found[installation_id] = Credentials(
-                installation_id=installation_id,
-                tenant_id=tenant_id,
-                plugin_name=plugin_name,
-                active=status == "active",
-                keys=keys,
-                loaded_at=now,
-            )
-        return found
+                continue
+            keys.append(SigningKey(secret=secret.encode(), expires_at=_unix(expires_at)))
+        return Credentials(
+            installation_id=installation_id,
+            tenant_id=tenant_id,
+            plugin_name=plugin_name,
+            active=status == "active",
+            keys=tuple(keys),
+            loaded_at=now,
+        )
+
+
+_CREDENTIALS_SQL = (
+    "SELECT m.id, m.tenant_id, m.plugin_name, m.status, s.secret_enc, s.expires_at"
+    " FROM merchant_plugins m"
+    " LEFT JOIN plugin_secrets s ON s.installation_id = m.id"
+    "  AND (s.expires_at IS NULL OR s.expires_at > now())"
+    " WHERE m.id = ANY(%s)"
+)
+
+
+async def _fetch(conn: psycopg.AsyncConnection[Any], ids: list[uuid.UUID]) -> list[tuple[Any, ...]]:
+    cursor = await conn.execute(_CREDENTIALS_SQL, (ids,))
+    return await cursor.fetchall()
+
+
+def _unavailable() -> ApiError:
+    return ApiError(503, "unavailable", "database unavailable; retry later", headers=_RETRY)
 
 
 def _unix(moment: datetime | None) -> float | None:
@@ -319,33 +371,30 @@ async def follow_credential_changes(
     conninfo: str, authenticator: PluginAuthenticator, *, reconnect_after_s: float = 1.0
 ) -> None:
     """LISTEN for credential changes and drop the matching cache entries; runs for the life of
-    the process. After a lost connection the whole cache is dropped: notifications sent while we
-    were away are gone."""
+    the process. While the connection is down the cache keeps entries only briefly (see
+    PluginAuthenticator.cache_ttl_s); after it comes back the whole cache is dropped, since
+    notifications sent meanwhile are gone."""
     while True:
         try:
-            conn = await psycopg.AsyncConnection.connect(
+            async with await psycopg.AsyncConnection.connect(
                 conninfo,
                 autocommit=True,
                 application_name="selfheal-api-listen",
-                # A silently dead link must be noticed: the cache relies on these messages.
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-            )
-        except (psycopg.OperationalError, OSError) as exc:
-            log.warning("auth_listener_unavailable", error=str(exc)[:200])
-            await asyncio.sleep(reconnect_after_s)
-            continue
-        try:
-            async with conn:
+                connect_timeout=10,
+                **connection_liveness(10),
+            ) as conn:
                 await conn.execute(f"LISTEN {AUTH_CHANNEL}")
                 authenticator.forget_all()
+                authenticator.listening = True
                 async for notice in conn.notifies():
                     try:
                         authenticator.forget(uuid.UUID(notice.payload))
-                    except ValueError:
+                    except ValueError:  # '*': a TRUNCATE, everything may have changed
                         authenticator.forget_all()
-        except (psycopg.OperationalError, OSError) as exc:
-            log.warning("auth_listener_lost", error=str(exc)[:200])
-            await asyncio.sleep(reconnect_after_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("auth_listener_down", error=f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            authenticator.listening = False
+        await asyncio.sleep(reconnect_after_s)

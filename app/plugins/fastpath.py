@@ -43,6 +43,7 @@ class HeartbeatFastPath:
         try:
             answer = await accept_heartbeat(svc, headers, "POST", HEARTBEAT_PATH, receive)
         except ApiError as exc:
+            structlog.contextvars.bind_contextvars(error=exc.code)
             await _respond(
                 send, exc.status, error_body(exc.code, exc.message, exc.field), exc.headers
             )

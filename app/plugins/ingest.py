@@ -18,6 +18,7 @@ Raw psycopg, not the ORM: this is the hot path (STYLE.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +29,7 @@ import psycopg
 import structlog
 from psycopg import errors as pg_errors
 
+from app.core.db import bounded, connection_liveness
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.plugins.schemas import Heartbeat
@@ -111,6 +113,10 @@ _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 class IngestUnavailable(Exception):
     """The database could not take the batch; nothing of it was stored."""
+
+
+class InstallationGone(Exception):
+    """The installation was deleted after this request was authenticated."""
 
 
 class IngestRejected(Exception):
@@ -248,13 +254,14 @@ class HeartbeatBatcher:
     async def _flush(
         self, conn: psycopg.AsyncConnection[Any] | None, batch: list[PendingHeartbeat]
     ) -> None:
-        INGEST_BATCH_SIZE.observe(len(batch))
         try:
+            INGEST_BATCH_SIZE.observe(len(batch))
             conn, results = await self._store_with_retries(conn, _unique(batch))
         except Exception as exc:
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                _fail(
+                    item, exc if isinstance(exc, IngestUnavailable) else IngestUnavailable(str(exc))
+                )
             conn = None if conn is None or conn.closed else conn
         else:
             for item in batch:
@@ -268,31 +275,61 @@ class HeartbeatBatcher:
     async def _store_with_retries(
         self, conn: psycopg.AsyncConnection[Any] | None, batch: list[PendingHeartbeat]
     ) -> tuple[psycopg.AsyncConnection[Any] | None, dict[tuple[uuid.UUID, bytes], IngestResult]]:
-        for attempt in range(3):
-            try:
+        """Store the batch, or raise IngestUnavailable with the connection closed.
+
+        A connection found dead (PostgreSQL restarted, a failover, an idle connection cut) is
+        replaced and the batch sent once more. The first statement may have committed before
+        the link broke; then the second finds those heartbeats stored, and answers them as
+        accepted, not as replays. (A genuine replay inside such a retried batch also gets a 200,
+        with nothing stored and no command: the unique index still holds.)"""
+        lost_connection = False
+        try:
+            for attempt in range(3):
                 if conn is None or conn.closed:
                     conn = await self._connect()
-                return conn, await self._store(conn, batch)
-            except _RETRYABLE:
-                await asyncio.sleep(0.005 * (attempt + 1))
-            except (pg_errors.ForeignKeyViolation, psycopg.DataError):
-                # One heartbeat the database refuses (an installation deleted after its request
-                # was authenticated, a value out of range): store the others one by one rather
-                # than fail the whole batch.
-                return conn, await self._store_one_by_one(conn, batch)
-            except (psycopg.OperationalError, OSError) as exc:
-                if conn is not None:
+                try:
+                    return conn, await self._store(conn, batch, after_lost=lost_connection)
+                except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+                    if lost_connection or isinstance(exc, psycopg.errors.QueryCanceled):
+                        raise
+                    lost_connection = True
+                    log.info("ingest_connection_replaced", error=f"{type(exc).__name__}"[:100])
                     await conn.close()
-                log.warning("ingest_database_unavailable", error=str(exc)[:200])
+                    conn = None
+                    await self._drop_idle_connections()
+                except _RETRYABLE:
+                    # Two batches touched the same installations in opposite orders.
+                    await asyncio.sleep(0.005 * (attempt + 1))
+                except (pg_errors.ForeignKeyViolation, psycopg.DataError):
+                    # One heartbeat the database refuses (an installation deleted after its
+                    # request was authenticated, a value out of range): store the others one
+                    # by one rather than fail the whole batch.
+                    return conn, await self._store_one_by_one(conn, batch)
+            raise IngestUnavailable("database kept aborting the batch (deadlocks)")
+        except BaseException as exc:
+            if conn is not None:
+                await conn.close()
+            if isinstance(exc, IngestUnavailable | asyncio.CancelledError):
+                raise
+            if isinstance(exc, psycopg.OperationalError | OSError | TimeoutError):
+                log.warning(
+                    "ingest_database_unavailable", error=f"{type(exc).__name__}: {exc}"[:300]
+                )
+                # Whatever killed this connection (a restart, a failover) most likely killed
+                # the idle ones too: replace them now rather than fail one batch on each.
+                await self._drop_idle_connections()
                 raise IngestUnavailable("database unavailable") from exc
-            except Exception as exc:
-                # Not the plugins' fault: say so in the log, answer 503 so they retry, and
-                # never keep a connection in an unknown state.
-                if conn is not None:
+            # Not the plugins' fault: say so in the log, answer 503 so they retry.
+            log.exception("ingest_failed", error=type(exc).__name__)
+            raise IngestUnavailable("heartbeat could not be stored") from exc
+
+    async def _drop_idle_connections(self) -> None:
+        for _ in range(self._idle.qsize()):
+            conn = self._idle.get_nowait()
+            if conn is not None:
+                with contextlib.suppress(Exception):
                     await conn.close()
-                log.exception("ingest_failed", error=type(exc).__name__)
-                raise IngestUnavailable("heartbeat could not be stored") from exc
-        raise IngestUnavailable("database kept aborting the batch (deadlocks)")
+            self._idle.put_nowait(None)
 
     async def _store_one_by_one(
         self, conn: psycopg.AsyncConnection[Any] | None, batch: list[PendingHeartbeat]
@@ -303,7 +340,7 @@ class HeartbeatBatcher:
             try:
                 results.update(await self._store(conn, [item]))
             except pg_errors.ForeignKeyViolation:
-                _fail(item, IngestUnavailable("installation no longer exists"))
+                _fail(item, InstallationGone("installation no longer exists"))
             except psycopg.DataError as exc:
                 message = (exc.diag.message_primary or "value refused by the database")[:200]
                 _fail(item, IngestRejected("body", message))
@@ -317,16 +354,22 @@ class HeartbeatBatcher:
             options=f"-c statement_timeout={int(self._statement_timeout_s * 1000)}",
             prepare_threshold=1,
             autocommit=True,
+            **connection_liveness(self._statement_timeout_s),
         )
 
     async def _store(
-        self, conn: psycopg.AsyncConnection[Any], batch: list[PendingHeartbeat]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: list[PendingHeartbeat],
+        *,
+        after_lost: bool = False,
     ) -> dict[tuple[uuid.UUID, bytes], IngestResult]:
         params = self._parameters(batch)
         # Autocommit: the one statement is its own transaction (one round trip, no BEGIN and
         # COMMIT); its data-modifying parts commit together or not at all.
-        cursor = await conn.execute(INGEST_SQL, params)
-        rows = await cursor.fetchall()
+        rows = await bounded(
+            conn, _fetch_all(conn, INGEST_SQL, params), self._statement_timeout_s + 1
+        )
         stored: set[tuple[uuid.UUID, bytes]] = set()
         commands: dict[uuid.UUID, list[dict[str, Any]]] = {}
         for (
@@ -359,6 +402,8 @@ class HeartbeatBatcher:
             if key in stored:
                 results[key] = IngestResult(True, [])
                 last[item.installation_id] = key
+            elif after_lost:
+                results[key] = _STORED_BEFORE
         for installation_id, key in last.items():
             handed = sorted(commands.get(installation_id, []), key=lambda c: c.pop("_created_at"))
             if handed:
@@ -379,6 +424,7 @@ class HeartbeatBatcher:
 
 
 _REPLAY = IngestResult(False, [])
+_STORED_BEFORE = IngestResult(True, [])
 
 
 def _unique(batch: list[PendingHeartbeat]) -> list[PendingHeartbeat]:
@@ -394,6 +440,13 @@ def _unique(batch: list[PendingHeartbeat]) -> list[PendingHeartbeat]:
             seen.add(key)
             unique.append(item)
     return unique
+
+
+async def _fetch_all(
+    conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    cursor = await conn.execute(sql, params)
+    return await cursor.fetchall()
 
 
 def _fail(item: PendingHeartbeat, exc: Exception) -> None:

@@ -3,7 +3,8 @@ the signature covers the exact bytes, and the size cap must hold before parsing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.state import Services, services
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
-from app.plugins.ingest import IngestRejected, IngestUnavailable
+from app.plugins.ingest import IngestRejected, IngestUnavailable, InstallationGone
 from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
 
 router = APIRouter(prefix="/api/plugins", tags=["plugins"])
@@ -70,9 +71,12 @@ async def authenticate(
     return verified
 
 
-async def refuse_replay(svc: Services, verified: VerifiedRequest) -> None:
+@contextlib.asynccontextmanager
+async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[None]:
     """Replay guard for the low-volume plugin requests (heartbeats use the database's unique
-    index instead, inside their batch). Shared by every API process through Redis."""
+    index instead, inside their batch), shared by every API process through Redis. If the work
+    inside fails (say the database is down and the plugin gets a 503), the request was not
+    carried out and the same signed request may be sent again: the key is released."""
     key = f"{svc.settings.redis_prefix}replay:{verified.installation_id}:{verified.digest.hex()}"
     try:
         first = await svc.redis.set(
@@ -87,6 +91,14 @@ async def refuse_replay(svc: Services, verified: VerifiedRequest) -> None:
         ) from exc
     if not first:
         raise AuthFailed("replay", "this signed request was already received")
+    try:
+        yield
+    except ApiError:
+        raise  # a definite answer (404, 409): the request was dealt with
+    except BaseException:
+        with contextlib.suppress(RedisError, OSError):
+            await svc.redis.delete(key)
+        raise
 
 
 async def accept_heartbeat(
@@ -107,6 +119,8 @@ async def accept_heartbeat(
             raise ApiError(503, "unavailable", f"{exc}; retry later", headers=_RETRY_LATER) from exc
         except IngestRejected as exc:
             raise ApiError(422, "validation_error", str(exc), field=exc.field) from None
+        except InstallationGone:
+            raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation") from None
         if not result.accepted:
             raise AuthFailed("replay", "this signed request was already received")
     except ApiError as exc:
@@ -164,8 +178,7 @@ async def signed_command_request(
 async def ack(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandAck)
     result_json = _storable(lambda: json_for_postgres("result", payload.result))
-    await refuse_replay(svc, verified)
-    async with svc.sessionmaker() as session, session.begin():
+    async with once_only(svc, verified), svc.sessionmaker() as session, session.begin():
         state = await service.acknowledge(
             session, verified.installation_id, command_id, result_json
         )
@@ -176,8 +189,7 @@ async def ack(command_id: str, request: Request) -> Response:
 async def fail(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandFail)
     _storable(lambda: json_for_postgres("error", payload.error))
-    await refuse_replay(svc, verified)
-    async with svc.sessionmaker() as session, session.begin():
+    async with once_only(svc, verified), svc.sessionmaker() as session, session.begin():
         state = await service.report_failure(
             session, verified.installation_id, command_id, payload.error, payload.retryable
         )

@@ -43,6 +43,17 @@ def upgrade() -> None:
             EXECUTE FUNCTION selfheal_notify_auth_change();
         CREATE TRIGGER merchant_plugins_delete_notify AFTER DELETE ON merchant_plugins
             FOR EACH ROW EXECUTE FUNCTION selfheal_notify_auth_change();
+
+        -- TRUNCATE names no rows: '*' tells every process to drop its whole cache.
+        CREATE FUNCTION selfheal_notify_auth_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('selfheal_auth', '*');
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER plugin_secrets_truncate_notify AFTER TRUNCATE ON plugin_secrets
+            FOR EACH STATEMENT EXECUTE FUNCTION selfheal_notify_auth_truncate();
+        CREATE TRIGGER merchant_plugins_truncate_notify AFTER TRUNCATE ON merchant_plugins
+            FOR EACH STATEMENT EXECUTE FUNCTION selfheal_notify_auth_truncate();
         """
     )
 
@@ -50,6 +61,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
+        DROP TRIGGER merchant_plugins_truncate_notify ON merchant_plugins;
+        DROP TRIGGER plugin_secrets_truncate_notify ON plugin_secrets;
+        DROP FUNCTION selfheal_notify_auth_truncate();
         DROP TRIGGER merchant_plugins_delete_notify ON merchant_plugins;
         DROP TRIGGER merchant_plugins_status_notify ON merchant_plugins;
         DROP TRIGGER plugin_secrets_notify ON plugin_secrets;
