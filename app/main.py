@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 follow_credential_changes(libpq_url(settings.database_url), svc.authenticator)
             ),
         ]
+        # Serve once credential changes are being followed (or after a bounded wait, when the
+        # database is down: /health then says so).
+        await svc.authenticator.wait_until_listening(timeout_s=3.0)
         try:
             yield
         finally:

@@ -55,7 +55,8 @@ async def test_health_is_ok_when_postgres_and_redis_answer(client):
     body = response.json()
     assert set(body) == {"status", "components"}
     assert body["status"] == "ok"
-    assert set(body["components"]) == {"postgres", "redis"}
+    assert set(body["components"]) == {"postgres", "redis", "credential_changes"}
+    assert body["components"]["credential_changes"] == {"status": "ok"}
     postgres, redis = body["components"]["postgres"], body["components"]["redis"]
     assert postgres["status"] == "ok"
     assert postgres["plugins_overdue"] == 0

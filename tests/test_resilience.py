@@ -236,3 +236,16 @@ async def test_health_does_not_reveal_connection_details(database_url, servers, 
     assert postgres["status"] == "down"
     assert "nosuchuser" not in response.text
     assert postgres["error"] == "OperationalError"
+
+
+async def test_health_is_degraded_while_credential_changes_are_not_followed(settings, db):
+    async with serve(settings) as (app, client):
+        assert (await client.get("/health")).json()["status"] == "ok"
+        terminate(db, "selfheal-api-listen")
+        await asyncio.sleep(0.2)
+        body = (await client.get("/health")).json()
+        assert body["status"] == "degraded"
+        assert body["components"]["credential_changes"] == {"status": "down"}
+        assert app.state.services.authenticator.cache_ttl_s == 5.0
+        assert await app.state.services.authenticator.wait_until_listening(timeout_s=3.0)
+        assert (await client.get("/health")).json()["status"] == "ok"

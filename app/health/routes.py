@@ -69,7 +69,19 @@ async def health(request: Request) -> Response:
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
-    body = {"status": status, "components": {"postgres": postgres, "redis": redis}}
+    # Without its LISTEN connection this process keeps credentials only briefly, and
+    # revocations reach it late by as much: worth knowing, not an outage.
+    listening = svc.authenticator.listening
+    if not listening and status == "ok":
+        status = "degraded"
+    body = {
+        "status": status,
+        "components": {
+            "postgres": postgres,
+            "redis": redis,
+            "credential_changes": {"status": "ok" if listening else "down"},
+        },
+    }
     return Response(orjson.dumps(body), status_code=code, media_type="application/json")
 
 

@@ -17,6 +17,7 @@ recognised as the same request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
@@ -115,7 +116,7 @@ class PluginAuthenticator:
         self._generation = 0
         # Set by follow_credential_changes while its LISTEN connection is up. Without it,
         # changes are not announced, so entries live only _UNANNOUNCED_TTL_S.
-        self.listening = False
+        self._listening = asyncio.Event()
 
     def forget(self, installation_id: uuid.UUID) -> None:
         self._generation += 1
@@ -126,6 +127,22 @@ class PluginAuthenticator:
         self._generation += 1
         self._cache.clear()
         self._unknown.clear()
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    @listening.setter
+    def listening(self, value: bool) -> None:
+        if value:
+            self._listening.set()
+        else:
+            self._listening.clear()
+
+    async def wait_until_listening(self, *, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), timeout_s)
+        return self.listening
 
     @property
     def cache_ttl_s(self) -> float:
