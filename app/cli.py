@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -162,14 +163,16 @@ def _serve(settings: Settings, *, port: int, workers: int) -> None:
 def up(
     port: Annotated[int | None, typer.Option(help="HTTP port (default: PORT or 8112)")] = None,
 ) -> None:
-    """Start everything: embedded PostgreSQL and Redis when no URLs are set, migrations, API."""
+    """Start everything: embedded PostgreSQL and Redis when no URLs are set, migrations, a
+    worker and the API."""
     _terminate_on_sigterm()
     settings = load_settings()
     try:
         with running_services(settings) as settings:
             _describe(settings)
             run_migrations(settings)
-            _serve(settings, port=port or settings.port, workers=1)
+            with worker_process():
+                _serve(settings, port=port or settings.port, workers=1)
     except KeyboardInterrupt:
         pass
     typer.echo("selfheal stopped", err=True)
@@ -188,6 +191,36 @@ def api(
             _serve(settings, port=port or settings.port, workers=workers)
     except KeyboardInterrupt:
         pass
+
+
+@cli.command()
+def worker() -> None:
+    """Run a worker (arq): detection every SELFHEAL_DETECT_EVERY_S. Run as many as you like."""
+    from workers.main import run_worker
+
+    settings = load_settings()
+    try:
+        with running_services(settings) as settings:
+            run_worker(settings)
+    except KeyboardInterrupt:
+        pass
+
+
+@contextlib.contextmanager
+def worker_process() -> Iterator[subprocess.Popen[bytes]]:
+    """`selfheal worker` as a child of `selfheal up`, stopped (SIGTERM, then a bounded wait)
+    when `up` stops. It inherits the environment, so it joins the same services."""
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @cli.command()
@@ -350,3 +383,7 @@ def user_add(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

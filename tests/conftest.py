@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -297,3 +301,47 @@ async def operator(settings: Settings) -> Persona:
 @pytest.fixture
 async def admin(settings: Settings) -> Persona:
     return await make_user(settings, "ada", "admin")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFHEAL_")}
+    env.update(
+        DATABASE_URL=libpq_url(settings.database_url or ""),
+        REDIS_URL=settings.redis_url or "",
+        SELFHEAL_REDIS_PREFIX=settings.redis_prefix,
+        SELFHEAL_SECRET_KEY=settings.secret_key,
+        SELFHEAL_HEARTBEAT_INTERVAL_S=str(settings.heartbeat_interval_s),
+        SELFHEAL_HEARTBEAT_GRACE_S=str(settings.heartbeat_grace_s),
+        SELFHEAL_DETECT_EVERY_S=str(settings.detect_every_s),
+        SELFHEAL_RECOVERY_HEARTBEATS=str(settings.recovery_heartbeats),
+        LOG_LEVEL="warning",
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A real `selfheal worker` process on the test's database and Redis prefix; stopped with
+    SIGTERM (its graceful shutdown) when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"], env=settings_env(settings), cwd=REPO
+    )
+    key = f"{settings.redis_prefix}arq:queue:health-check"
+    client = SyncRedis.from_url(settings.redis_url or "")
+    try:
+        deadline = time.monotonic() + 20
+        while not client.exists(key):
+            assert proc.poll() is None, f"selfheal worker exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "selfheal worker did not report healthy"
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("selfheal worker did not stop within 20 s of SIGTERM") from None
+        assert proc.returncode == 0, f"selfheal worker exited with {proc.returncode}"

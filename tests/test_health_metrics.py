@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import make_settings, send_heartbeat, serve
+from tests.conftest import make_settings, running_worker, send_heartbeat, serve
 
 CLOSED_POSTGRES = "postgresql://postgres@127.0.0.1:1/selfheal"
 CLOSED_REDIS = "redis://127.0.0.1:1/0"
@@ -48,15 +48,17 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 # --- /health ----------------------------------------------------------------------------------
 
 
-async def test_health_is_ok_when_postgres_and_redis_answer(client):
-    response = await client.get("/health")
+async def test_health_is_ok_when_postgres_redis_and_a_worker_answer(client, settings):
+    async with running_worker(settings):
+        response = await client.get("/health")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert set(body) == {"status", "components"}
     assert body["status"] == "ok"
-    assert set(body["components"]) == {"postgres", "redis", "credential_changes"}
+    assert set(body["components"]) == {"postgres", "redis", "credential_changes", "workers"}
     assert body["components"]["credential_changes"] == {"status": "ok"}
+    assert body["components"]["workers"]["status"] == "ok"
     postgres, redis = body["components"]["postgres"], body["components"]["redis"]
     assert postgres["status"] == "ok"
     assert postgres["plugins_overdue"] == 0
@@ -71,7 +73,6 @@ async def test_health_counts_overdue_plugins(client, db, plugin):
         (plugin.id,),
     )
     body = (await client.get("/health")).json()
-    assert body["status"] == "ok"
     assert body["components"]["postgres"]["plugins_overdue"] == 1
 
 
@@ -240,3 +241,10 @@ async def test_wrong_method_is_405_json_error_with_allow(client):
     response = await client.delete("/api/ops/policy")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_health_is_degraded_without_a_worker(client):
+    body = (await client.get("/health")).json()
+    assert body["status"] == "degraded"
+    assert body["components"]["workers"]["status"] == "down"
+    assert body["components"]["postgres"]["status"] == "ok"

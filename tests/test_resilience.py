@@ -16,7 +16,7 @@ from psycopg import errors as pg_errors
 
 from app.core.crypto import SecretBox
 from app.core.settings import libpq_url
-from tests.conftest import make_settings, register, send_heartbeat, serve
+from tests.conftest import make_settings, register, running_worker, send_heartbeat, serve
 
 
 async def test_secret_sealed_with_another_key_disables_only_that_key(settings, db):
@@ -239,7 +239,7 @@ async def test_health_does_not_reveal_connection_details(database_url, servers, 
 
 
 async def test_health_is_degraded_while_credential_changes_are_not_followed(settings, db):
-    async with serve(settings) as (app, client):
+    async with serve(settings) as (app, client), running_worker(settings):
         assert (await client.get("/health")).json()["status"] == "ok"
         terminate(db, "selfheal-api-listen")
         await asyncio.sleep(0.2)

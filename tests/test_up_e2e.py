@@ -84,6 +84,11 @@ def test_up_serves_on_embedded_services_keeps_data_and_stops_on_sigterm(tmp_path
 
     proc = start(env, tmp_path, log)
     health = wait_healthy(port, proc, log)
+    deadline = time.monotonic() + 20
+    while health["components"]["workers"]["status"] != "ok":  # the worker it started
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
     assert health["status"] == "ok"
     assert "listening on http://127.0.0.1:" in log.read_text()
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")
     )
 
+    recovery_heartbeats: int = Field(
+        3, ge=1, le=1000, validation_alias=_env("SELFHEAL_RECOVERY_HEARTBEATS")
+    )
+
     signature_tolerance_s: int = Field(
         300, ge=1, le=3600, validation_alias=_env("SELFHEAL_SIGNATURE_TOLERANCE_S")
     )

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from app.core.metrics import DB_POOL, render_metrics
 from app.core.state import Services, services
+from workers.main import health_check_key
 
 router = APIRouter(tags=["operations"])
 log = structlog.get_logger("selfheal.health")
@@ -57,10 +58,20 @@ async def _check_redis(svc: Services) -> dict[str, Any]:
     return {}
 
 
+async def _check_workers(svc: Services) -> dict[str, Any]:
+    # arq rewrites this key every few seconds and lets it expire: present = a worker is alive.
+    beat = await svc.redis.get(health_check_key(svc.settings))
+    if beat is None:
+        return {"status": "down", "error": "no worker has reported in the last seconds"}
+    return {"last_report": beat.decode(errors="replace")[:200]}
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     svc = services(request)
-    postgres, redis = await asyncio.gather(_timed(_check_postgres(svc)), _timed(_check_redis(svc)))
+    postgres, redis, workers = await asyncio.gather(
+        _timed(_check_postgres(svc)), _timed(_check_redis(svc)), _timed(_check_workers(svc))
+    )
     # PostgreSQL is the source of truth: without it nothing works. Without Redis heartbeats are
     # still stored, but acks and jobs are not: the service is degraded, not down.
     if postgres["status"] != "ok":
@@ -72,7 +83,7 @@ async def health(request: Request) -> Response:
     # Without its LISTEN connection this process keeps credentials only briefly, and
     # revocations reach it late by as much: worth knowing, not an outage.
     listening = svc.authenticator.listening
-    if not listening and status == "ok":
+    if (not listening or workers["status"] != "ok") and status == "ok":
         status = "degraded"
     body = {
         "status": status,
@@ -80,6 +91,7 @@ async def health(request: Request) -> Response:
             "postgres": postgres,
             "redis": redis,
             "credential_changes": {"status": "ok" if listening else "down"},
+            "workers": workers,
         },
     }
     return Response(orjson.dumps(body), status_code=code, media_type="application/json")
