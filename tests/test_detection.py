@@ -8,7 +8,14 @@ import time
 
 from app.core.db import create_engine, create_sessionmaker
 from app.incidents.detection import detect_once
-from tests.conftest import make_settings, register, running_worker, send_heartbeat, serve
+from tests.conftest import (
+    heartbeat_body,
+    make_settings,
+    register,
+    running_worker,
+    send_heartbeat,
+    serve,
+)
 
 
 async def tick(settings):
@@ -120,3 +127,165 @@ async def test_two_workers_detect_a_silent_plugin_once_on_their_own_schedule(
     ).fetchone()
     assert row[0] == 1 and row[1] == "heartbeat_missed"
     assert 0 <= float(row[2]) < 1.0  # detected within a tick or so of the deadline
+
+
+# --- threshold rules -----------------------------------------------------------------------
+
+_uptime = iter(range(10_000, 10**9, 100))
+
+
+async def beat(client, plugin, *, version="1.2.2", uptime=None, **telemetry):
+    body = {
+        "requests": 1000,
+        "errors": 5,
+        "webhook_attempts": 50,
+        "webhook_failures": 0,
+        **telemetry,
+    }
+    response = await send_heartbeat(
+        client,
+        plugin,
+        heartbeat_body(
+            plugin_version=version,
+            uptime_s=next(_uptime) if uptime is None else uptime,
+            telemetry=body,
+        ),
+    )
+    assert response.status_code == 200, response.text
+
+
+def open_incidents(db):
+    return db.execute(
+        "SELECT type, severity, occurrences FROM plugin_incidents"
+        " WHERE status = 'detected' ORDER BY type"
+    ).fetchall()
+
+
+async def test_brief_webhook_failure_rate_of_0_6_opens_a_medium_incident(
+    settings, client, plugin, db
+):
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)
+    result = await tick(settings)
+    assert result.opened == 1
+    assert open_incidents(db) == [("webhook_fail_rate", "medium", 1)]
+    evidence = db.execute(
+        "SELECT telemetry_snapshot->'evidence'->>'webhook_fail_rate' FROM plugin_incidents"
+    ).fetchone()
+    assert evidence == ("0.6",)
+
+
+async def test_webhook_failures_below_the_rate_or_the_minimum_attempts_open_nothing(
+    settings, client, plugin, db
+):
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=20)  # 0.4
+    await beat(client, plugin, webhook_attempts=5, webhook_failures=5)  # too few attempts
+    assert (await tick(settings)).opened == 0
+    assert open_incidents(db) == []
+
+
+async def test_repeats_update_the_open_incident_instead_of_opening_another(
+    settings, client, plugin, db
+):
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).opened == 1
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=48)  # worse: 0.96
+    result = await tick(settings)
+    assert (result.opened, result.repeated) == (0, 1)
+    assert open_incidents(db) == [("webhook_fail_rate", "high", 2)]
+
+
+async def test_rule_needs_n_consecutive_samples(database_url, servers, redis_prefix, db):
+    settings = make_settings(
+        database_url, servers.redis_url, redis_prefix, detect_consecutive_samples=3
+    )
+    plugin = await register(settings)
+    async with serve(settings) as (_, client):
+        for count in range(1, 4):
+            await beat(client, plugin, webhook_attempts=50, webhook_failures=40)
+            assert (await tick(settings)).opened == (1 if count == 3 else 0), count
+    assert open_incidents(db) == [("webhook_fail_rate", "medium", 1)]
+
+
+async def test_error_spike_is_relative_to_the_installations_own_baseline(
+    settings, client, plugin, other_plugin, db
+):
+    for _ in range(10):
+        await beat(client, plugin, requests=1000, errors=10)  # 1 % baseline
+        await beat(client, other_plugin, requests=1000, errors=150)  # chronic 15 %
+    assert (await tick(settings)).opened == 0
+    await beat(client, plugin, requests=1000, errors=200)  # 20 %: > 5 % and > 3 x 1 %
+    await beat(client, other_plugin, requests=1000, errors=200)  # 20 % < 3 x 15 %
+    assert (await tick(settings)).opened == 1
+    assert db.execute(
+        "SELECT installation_id::text, type, severity FROM plugin_incidents"
+    ).fetchall() == [(plugin.id, "error_spike", "medium")]
+
+
+async def test_uptime_resetting_again_and_again_is_a_crash_loop(settings, client, plugin, db):
+    for uptime in (500, 10, 400, 5, 300, 2):
+        await beat(client, plugin, uptime=uptime)
+    assert (await tick(settings)).opened == 1
+    assert open_incidents(db) == [("crash_loop", "high", 1)]
+
+
+async def test_trouble_soon_after_a_version_change_is_a_regression(settings, client, plugin, db):
+    await beat(client, plugin, version="1.2.2")
+    await beat(client, plugin, version="1.3.0", webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).opened == 1
+    row = db.execute(
+        "SELECT type, severity, telemetry_snapshot->'evidence'->>'previous_version',"
+        " telemetry_snapshot->'evidence'->>'signal' FROM plugin_incidents"
+    ).fetchone()
+    assert row == ("regression", "high", "1.2.2", "webhook_fail_rate")
+
+
+async def test_threshold_incident_resolves_after_enough_healthy_samples(
+    settings, client, plugin, db
+):
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).opened == 1
+    for healthy in range(1, settings.recovery_heartbeats + 1):
+        await beat(client, plugin, webhook_attempts=50, webhook_failures=1)
+        expected = 1 if healthy == settings.recovery_heartbeats else 0
+        assert (await tick(settings)).resolved == expected, healthy
+    assert db.execute("SELECT status, status_reason FROM plugin_incidents").fetchone() == (
+        "resolved",
+        "healthy heartbeats",
+    )
+
+
+async def test_maintenance_window_suppresses_new_incidents_of_its_tenant(
+    settings, client, plugin, other_plugin, db
+):
+    db.execute(
+        "INSERT INTO maintenance_windows (tenant_id, starts_at, ends_at, reason, created_by)"
+        " VALUES (%s, now() - interval '1 minute', now() + interval '1 hour',"
+        " 'planned upgrade', 'user:otto')",
+        (plugin.tenant,),
+    )
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=40)
+    await beat(client, other_plugin, webhook_attempts=50, webhook_failures=40)
+    assert (await tick(settings)).opened == 1
+    assert db.execute("SELECT installation_id::text FROM plugin_incidents").fetchall() == [
+        (other_plugin.id,)
+    ]
+
+
+async def test_open_missed_heartbeat_incident_mutes_the_other_rules(settings, client, plugin, db):
+    await beat(client, plugin)
+    overdue_by(db, plugin, 3600)
+    assert (await tick(settings)).opened == 1  # heartbeat_missed
+    db.execute(
+        "UPDATE merchant_plugins SET heartbeat_count = heartbeat_count - 10 WHERE id = %s",
+        (plugin.id,),
+    )  # keep it from resolving on the next heartbeat
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=45)
+    assert (await tick(settings)).opened == 0
+    assert [r[0] for r in open_incidents(db)] == ["heartbeat_missed"]
+
+
+async def test_two_ticks_at_once_read_each_sample_once(settings, client, plugin, db):
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)
+    first, second = await asyncio.gather(tick(settings), tick(settings))
+    assert first.opened + second.opened == 1
+    assert first.repeated + second.repeated == 0

@@ -467,3 +467,34 @@ class Outbox(Base):
             postgresql_where=text("delivered_at IS NULL"),
         ),
     )
+
+
+class MaintenanceWindow(Base):
+    """While a window is open, no new incident is opened for its installation or tenant (one
+    of the two is set). Windows are kept after they end: they are the record of why nothing
+    was detected."""
+
+    __tablename__ = "maintenance_windows"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
+    installation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("merchant_plugins.id"))
+    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    ends_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_by: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        CheckConstraint("(tenant_id IS NULL) <> (installation_id IS NULL)", name="one_target"),
+        CheckConstraint("ends_at > starts_at", name="ends_after_start"),
+        Index("ix_maintenance_windows_ends_at", "ends_at"),
+    )
+
+
+class DetectorWatermark(Base):
+    """How far the threshold detector has read plugin_heartbeats (by id). The row lock also
+    makes ticks run one at a time, whatever the number of workers."""
+
+    __tablename__ = "detector_watermarks"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    updated_at: Mapped[datetime] = _now()

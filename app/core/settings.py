@@ -56,6 +56,27 @@ class Settings(BaseSettings):
         90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")
     )
 
+    detect_consecutive_samples: int = Field(
+        1, ge=1, le=50, validation_alias=_env("SELFHEAL_DETECT_CONSECUTIVE_SAMPLES")
+    )
+    webhook_fail_rate_threshold: float = Field(
+        0.5, ge=0, le=1, validation_alias=_env("SELFHEAL_WEBHOOK_FAIL_RATE_THRESHOLD")
+    )
+    webhook_min_attempts: int = Field(
+        10, ge=1, le=1_000_000, validation_alias=_env("SELFHEAL_WEBHOOK_MIN_ATTEMPTS")
+    )
+    error_rate_threshold: float = Field(
+        0.05, ge=0, le=1, validation_alias=_env("SELFHEAL_ERROR_RATE_THRESHOLD")
+    )
+    error_spike_factor: float = Field(
+        3.0, ge=1, le=1000, validation_alias=_env("SELFHEAL_ERROR_SPIKE_FACTOR")
+    )
+    crash_loop_restarts: int = Field(
+        3, ge=1, le=100, validation_alias=_env("SELFHEAL_CRASH_LOOP_RESTARTS")
+    )
+    regression_window_s: int = Field(
+        3600, ge=60, le=30 * 86400, validation_alias=_env("SELFHEAL_REGRESSION_WINDOW_S")
+    )
     recovery_heartbeats: int = Field(
         3, ge=1, le=1000, validation_alias=_env("SELFHEAL_RECOVERY_HEARTBEATS")
     )

@@ -63,7 +63,8 @@ async def _check_workers(svc: Services) -> dict[str, Any]:
     beat = await svc.redis.get(health_check_key(svc.settings))
     if beat is None:
         return {"status": "down", "error": "no worker has reported in the last seconds"}
-    return {"last_report": beat.decode(errors="replace")[:200]}
+    text = beat.decode(errors="replace") if isinstance(beat, bytes) else str(beat)
+    return {"last_report": text[:200]}
 
 
 @router.get("/health")

@@ -1,25 +1,49 @@
-"""One detection tick: open the incidents that are due, resolve the ones that recovered."""
+"""One detection tick: open the incidents that are due, resolve the ones that recovered.
+
+Two detectors, each touching only what is due:
+- missed heartbeats: installations whose next_expected_at (indexed) is past, plus the grace;
+- thresholds: the samples stored since the last tick (a watermark over plugin_heartbeats ids),
+  evaluated with the newest samples of the installations that sent them (app/incidents/rules.py).
+Deduplication is the database's: one open incident per (installation, type)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.settings import Settings
 from app.incidents import repository
+from app.incidents.rules import Sample, Thresholds, findings_for, healthy_for
 
 log = structlog.get_logger("selfheal.detection")
 
-# Most incidents one tick opens per rule; the rest are opened by the next ticks.
+# Most incidents one tick opens per rule, and samples it reads; the rest wait for the next.
 TICK_LIMIT = 10_000
+SAMPLES_PER_TICK = 50_000
 
 
 @dataclass(frozen=True, slots=True)
 class TickResult:
     opened: int
     resolved: int
+    repeated: int = 0
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        consecutive=settings.detect_consecutive_samples,
+        webhook_fail_rate=settings.webhook_fail_rate_threshold,
+        webhook_min_attempts=settings.webhook_min_attempts,
+        error_rate=settings.error_rate_threshold,
+        error_spike_factor=settings.error_spike_factor,
+        crash_loop_resets=settings.crash_loop_restarts,
+        regression_window=timedelta(seconds=settings.regression_window_s),
+    )
 
 
 async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Settings) -> TickResult:
@@ -30,6 +54,76 @@ async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Setting
         resolved = await repository.resolve_recovered_missed_heartbeats(
             session, healthy_heartbeats=settings.recovery_heartbeats
         )
-    if opened or resolved:
-        log.info("detection_tick", opened=len(opened), resolved=len(resolved))
-    return TickResult(opened=len(opened), resolved=len(resolved))
+    async with maker() as session, session.begin():
+        more = await detect_thresholds(session, settings)
+    result = TickResult(
+        opened=len(opened) + more.opened,
+        resolved=len(resolved) + more.resolved,
+        repeated=more.repeated,
+    )
+    if result.opened or result.resolved:
+        log.info("detection_tick", opened=result.opened, resolved=result.resolved)
+    return result
+
+
+async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickResult:
+    claimed = await repository.claim_new_samples(session, max_samples=SAMPLES_PER_TICK)
+    if claimed is None or claimed[0] == claimed[1]:
+        return TickResult(0, 0)  # another worker is on it, or nothing new
+    after, upto = claimed
+    t = thresholds(settings)
+    per_installation = max(t.consecutive + t.baseline_samples, t.crash_loop_samples)
+    rows = await repository.recent_samples_of_active_installations(
+        session, after_id=after, upto_id=upto, per_installation=per_installation
+    )
+    opened = repeated = 0
+    recovered_candidates: dict[Any, list[Sample]] = {}
+    for installation_id, group in itertools.groupby(rows, key=lambda r: r.id):
+        samples_rows = list(group)
+        first = samples_rows[0]
+        samples = [
+            Sample(
+                r.received_at,
+                r.requests,
+                r.errors,
+                r.webhook_attempts,
+                r.webhook_failures,
+                r.uptime_s,
+            )
+            for r in samples_rows
+        ]
+        recovered_candidates[installation_id] = samples
+        for finding in findings_for(
+            samples,
+            t,
+            previous_version=first.previous_version,
+            version_changed_at=first.version_changed_at,
+        ):
+            inserted = await repository.open_incident(
+                session,
+                installation_id=installation_id,
+                tenant_id=first.tenant_id,
+                plugin_name=first.plugin_name,
+                plugin_version=first.plugin_version,
+                type=finding.type,
+                severity=finding.severity,
+                first_bad_signal_at=finding.first_bad_signal_at,
+                snapshot={"evidence": finding.evidence, "telemetry": first.telemetry},
+            )
+            opened += inserted
+            repeated += not inserted
+    to_resolve = [
+        incident.id
+        for incident in await repository.open_threshold_incidents_of(
+            session, list(recovered_candidates)
+        )
+        if healthy_for(
+            incident.type,
+            recovered_candidates[incident.installation_id],
+            t,
+            settings.recovery_heartbeats,
+        )
+    ]
+    resolved = await repository.resolve_incidents(session, to_resolve, "healthy heartbeats")
+    await repository.advance_watermark(session, upto)
+    return TickResult(opened, resolved, repeated)

@@ -6,7 +6,10 @@ second detector, or the same one running twice, inserts nothing."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
+from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -73,3 +76,159 @@ async def resolve_recovered_missed_heartbeats(
         {"healthy": healthy_heartbeats},
     )
     return list(rows.scalars())
+
+
+async def claim_new_samples(session: AsyncSession, *, max_samples: int) -> tuple[int, int] | None:
+    """(last id read, id to read up to), holding the watermark row until the transaction ends
+    so ticks never overlap; None when another worker is reading right now."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT last_id FROM detector_watermarks WHERE name = 'samples'"
+                " FOR UPDATE SKIP LOCKED"
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    last_id = int(row[0])
+    upto = (
+        await session.execute(
+            text(
+                "SELECT coalesce(max(id), :last) FROM (SELECT id FROM plugin_heartbeats"
+                " WHERE id > :last ORDER BY id LIMIT :n) s"
+            ),
+            {"last": last_id, "n": max_samples},
+        )
+    ).scalar_one()
+    return last_id, int(upto)
+
+
+async def advance_watermark(session: AsyncSession, upto: int) -> None:
+    await session.execute(
+        text(
+            "UPDATE detector_watermarks SET last_id = :upto, updated_at = now()"
+            " WHERE name = 'samples'"
+        ),
+        {"upto": upto},
+    )
+
+
+async def recent_samples_of_active_installations(
+    session: AsyncSession, *, after_id: int, upto_id: int, per_installation: int
+) -> list[Any]:
+    """The newest samples of every installation that sent one since the last tick, with what
+    the rules need to know about it. Installations in maintenance, and those whose missed
+    heartbeat incident is open (inhibition: that incident says everything), are left out."""
+    rows = await session.execute(
+        text(
+            f"""
+            WITH touched AS (
+                SELECT DISTINCT installation_id FROM plugin_heartbeats
+                WHERE id > :after AND id <= :upto
+            )
+            SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version, m.previous_version,
+                   m.version_changed_at, m.telemetry,
+                   s.received_at, s.requests, s.errors, s.webhook_attempts, s.webhook_failures,
+                   s.uptime_s
+            FROM touched t
+            JOIN merchant_plugins m ON m.id = t.installation_id AND m.status = 'active'
+            CROSS JOIN LATERAL (
+                SELECT h.received_at, h.requests, h.errors, h.webhook_attempts,
+                       h.webhook_failures, h.uptime_s
+                FROM plugin_heartbeats h
+                WHERE h.installation_id = m.id
+                ORDER BY h.received_at DESC
+                LIMIT :per
+            ) s
+            WHERE NOT EXISTS (
+                SELECT 1 FROM plugin_incidents i
+                WHERE i.installation_id = m.id AND i.type = 'heartbeat_missed'
+                  AND i.status NOT IN {CLOSED})
+              AND NOT EXISTS (
+                SELECT 1 FROM maintenance_windows w
+                WHERE (w.installation_id = m.id OR w.tenant_id = m.tenant_id)
+                  AND now() >= w.starts_at AND now() < w.ends_at)
+            ORDER BY m.id, s.received_at DESC
+            """
+        ),
+        {"after": after_id, "upto": upto_id, "per": per_installation},
+    )
+    return list(rows)
+
+
+async def open_incident(
+    session: AsyncSession,
+    *,
+    installation_id: uuid.UUID,
+    tenant_id: str,
+    plugin_name: str,
+    plugin_version: str,
+    type: str,
+    severity: str,
+    first_bad_signal_at: datetime,
+    snapshot: dict[str, Any],
+) -> bool:
+    """Open the incident, or, when one of this type is already open for the installation,
+    count the repeat on it (its severity can only go up). True when a new one was opened."""
+    row = await session.execute(
+        text(
+            f"""
+            INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,
+                plugin_version, type, severity, status, first_bad_signal_at, telemetry_snapshot)
+            VALUES (:installation, :tenant, :plugin, :version, :type, :severity, 'detected',
+                    :first_bad, CAST(:snapshot AS jsonb))
+            ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED}
+            DO UPDATE SET occurrences = plugin_incidents.occurrences + 1,
+                          updated_at = now(),
+                          severity = CASE
+                              WHEN array_position(ARRAY['low','medium','high','critical'],
+                                                  EXCLUDED.severity)
+                                 > array_position(ARRAY['low','medium','high','critical'],
+                                                  plugin_incidents.severity)
+                              THEN EXCLUDED.severity ELSE plugin_incidents.severity END
+            RETURNING (xmax = 0) AS inserted
+            """
+        ),
+        {
+            "installation": installation_id,
+            "tenant": tenant_id,
+            "plugin": plugin_name,
+            "version": plugin_version,
+            "type": type,
+            "severity": severity,
+            "first_bad": first_bad_signal_at,
+            "snapshot": orjson.dumps(snapshot, default=str).decode(),
+        },
+    )
+    return bool(row.scalar_one())
+
+
+async def open_threshold_incidents_of(
+    session: AsyncSession, installation_ids: list[uuid.UUID]
+) -> list[Any]:
+    rows = await session.execute(
+        text(
+            "SELECT id, installation_id, type FROM plugin_incidents"
+            " WHERE installation_id = ANY(:ids) AND status = 'detected'"
+            "  AND type IN ('webhook_fail_rate', 'error_spike', 'crash_loop', 'regression')"
+        ),
+        {"ids": installation_ids},
+    )
+    return list(rows)
+
+
+async def resolve_incidents(
+    session: AsyncSession, incident_ids: list[uuid.UUID], reason: str
+) -> int:
+    if not incident_ids:
+        return 0
+    result = await session.execute(
+        text(
+            "UPDATE plugin_incidents SET status = 'resolved', resolved_at = now(),"
+            " updated_at = now(), status_reason = :reason"
+            " WHERE id = ANY(:ids) AND status = 'detected'"
+        ),
+        {"ids": incident_ids, "reason": reason},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

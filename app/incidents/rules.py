@@ -1,0 +1,191 @@
+"""Threshold rules over an installation's recent heartbeat samples. Pure functions: the
+detector fetches the samples, these decide. Samples come newest first; counters are deltas
+since the previous heartbeat, so each sample is one interval of traffic."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    received_at: datetime
+    requests: int
+    errors: int
+    webhook_attempts: int
+    webhook_failures: int
+    uptime_s: int | None
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def webhook_fail_rate(self) -> float:
+        return self.webhook_failures / self.webhook_attempts if self.webhook_attempts else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    consecutive: int = 1  # N: the rule must hold on the N newest samples
+    webhook_fail_rate: float = 0.5
+    webhook_min_attempts: int = 10
+    error_rate: float = 0.05
+    error_spike_factor: float = 3.0  # and k times the installation's own baseline
+    baseline_samples: int = 10  # the samples before the N newest
+    crash_loop_resets: int = 3  # uptime went down this often...
+    crash_loop_samples: int = 10  # ...within this many newest samples
+    regression_window: timedelta = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    type: str
+    severity: str
+    first_bad_signal_at: datetime
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def webhook_failing(samples: list[Sample], t: Thresholds) -> Finding | None:
+    window = samples[: t.consecutive]
+    if len(window) < t.consecutive or not all(
+        s.webhook_attempts >= t.webhook_min_attempts and s.webhook_fail_rate > t.webhook_fail_rate
+        for s in window
+    ):
+        return None
+    rate = sum(s.webhook_failures for s in window) / sum(s.webhook_attempts for s in window)
+    # The brief's example, 0.6, is a medium incident.
+    severity = "high" if rate >= 0.9 else "medium" if rate >= 0.5 else "low"
+    return Finding(
+        "webhook_fail_rate",
+        severity,
+        window[-1].received_at,
+        {"webhook_fail_rate": round(rate, 4), "samples": len(window)},
+    )
+
+
+def error_spiking(samples: list[Sample], t: Thresholds) -> Finding | None:
+    window = samples[: t.consecutive]
+    if len(window) < t.consecutive:
+        return None
+    history = samples[t.consecutive : t.consecutive + t.baseline_samples]
+    requests = sum(s.requests for s in history)
+    baseline = sum(s.errors for s in history) / requests if requests else 0.0
+    if not all(
+        s.requests > 0
+        and s.error_ratio > t.error_rate
+        and s.error_ratio > t.error_spike_factor * baseline
+        for s in window
+    ):
+        return None
+    ratio = sum(s.errors for s in window) / sum(s.requests for s in window)
+    severity = "high" if ratio >= 0.5 else "medium" if ratio >= 0.2 else "low"
+    return Finding(
+        "error_spike",
+        severity,
+        window[-1].received_at,
+        {"error_ratio": round(ratio, 4), "baseline": round(baseline, 4), "samples": len(window)},
+    )
+
+
+def crash_looping(samples: list[Sample], t: Thresholds) -> Finding | None:
+    window = samples[: t.crash_loop_samples]
+    resets = [
+        newer
+        for newer, older in itertools.pairwise(window)
+        if newer.uptime_s is not None
+        and older.uptime_s is not None
+        and newer.uptime_s < older.uptime_s
+    ]
+    if len(resets) < t.crash_loop_resets:
+        return None
+    return Finding("crash_loop", "high", resets[-1].received_at, {"restarts": len(resets)})
+
+
+def as_regression(
+    finding: Finding,
+    *,
+    previous_version: str | None,
+    version_changed_at: datetime | None,
+    t: Thresholds,
+) -> Finding:
+    """A problem that starts soon after a version change points at that version: the
+    incident says so (type regression, one severity level up) and names the version to go
+    back to."""
+    if (
+        previous_version is None
+        or version_changed_at is None
+        or finding.first_bad_signal_at - version_changed_at > t.regression_window
+        or finding.first_bad_signal_at < version_changed_at
+    ):
+        return finding
+    level = min(SEVERITIES.index(finding.severity) + 1, len(SEVERITIES) - 1)
+    return Finding(
+        "regression",
+        SEVERITIES[level],
+        finding.first_bad_signal_at,
+        {
+            **finding.evidence,
+            "signal": finding.type,
+            "previous_version": previous_version,
+            "version_changed_at": version_changed_at.isoformat(),
+        },
+    )
+
+
+RULES = (webhook_failing, error_spiking, crash_looping)
+
+
+def findings_for(
+    samples: list[Sample],
+    t: Thresholds,
+    *,
+    previous_version: str | None = None,
+    version_changed_at: datetime | None = None,
+) -> list[Finding]:
+    found = []
+    for rule in RULES:
+        finding = rule(samples, t)
+        if finding is not None:
+            found.append(
+                as_regression(
+                    finding,
+                    previous_version=previous_version,
+                    version_changed_at=version_changed_at,
+                    t=t,
+                )
+            )
+    # One regression incident per installation, however many signals point at the version.
+    regressions = [f for f in found if f.type == "regression"]
+    return [f for f in found if f.type != "regression"] + regressions[:1]
+
+
+def healthy_for(incident_type: str, samples: list[Sample], t: Thresholds, count: int) -> bool:
+    """The `count` newest samples all show the problem gone."""
+    window = samples[:count]
+    if len(window) < count:
+        return False
+    single = Thresholds(
+        consecutive=1,
+        webhook_fail_rate=t.webhook_fail_rate,
+        webhook_min_attempts=t.webhook_min_attempts,
+        error_rate=t.error_rate,
+        error_spike_factor=0.0,  # recovered means under the absolute threshold
+        baseline_samples=0,
+        crash_loop_resets=1,
+        crash_loop_samples=2,
+    )
+    checks = {
+        "webhook_fail_rate": lambda i: webhook_failing(window[i:], single) is None,
+        "error_spike": lambda i: error_spiking(window[i:], single) is None,
+        "crash_loop": lambda i: crash_looping(window[i:], single) is None,
+    }
+    if incident_type == "regression":
+        return all(checks[name](i) for name in checks for i in range(len(window)))
+    check = checks.get(incident_type)
+    return check is not None and all(check(i) for i in range(len(window)))
