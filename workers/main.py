@@ -86,6 +86,8 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
         on_shutdown=_shutdown,
         ctx={"settings": settings},
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        # The queue is polled this often: it bounds how late a tick's job starts.
+        poll_delay=0.1,
         health_check_key=health_check_key(settings),
         # A tick's result is not needed; its id only has to outlive the tick.
         keep_result=max(60, int(settings.detect_every_s * 4)),

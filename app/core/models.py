@@ -107,6 +107,9 @@ class MerchantPlugin(Base):
     uptime_s: Mapped[int | None] = mapped_column(BigInteger)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_expected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by the detector when it opens a missed-heartbeat incident, cleared by the next
+    # heartbeat: the detector looks only at overdue installations not yet flagged.
+    missed_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()

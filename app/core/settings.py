@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         60, ge=0, le=86400, validation_alias=_env("SELFHEAL_HEARTBEAT_GRACE_S")
     )
     detect_every_s: float = Field(
-        5.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_DETECT_EVERY_S")
+        0.5, gt=0, le=3600, validation_alias=_env("SELFHEAL_DETECT_EVERY_S")
     )
     health_window_s: int = Field(
         90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")

@@ -23,28 +23,38 @@ async def open_missed_heartbeat_incidents(
     """An installation is missing when its deadline (last heartbeat + interval, kept in
     next_expected_at) plus the grace has passed. One that never sent a heartbeat has no
     deadline: it is new, not missing. first_bad_signal_at is the moment it became late, so
-    detected_at - first_bad_signal_at is the detection delay."""
+    detected_at - first_bad_signal_at is the detection delay.
+
+    Flagging the installation (missed_since) in the same statement keeps the next ticks from
+    looking at it again until a heartbeat clears the flag: a tick reads only the newly overdue
+    rows of the next_expected_at index, however many installations are already missing."""
     rows = await session.execute(
         text(
             f"""
+            WITH due AS (
+                UPDATE merchant_plugins m
+                SET missed_since = m.next_expected_at + make_interval(secs => :grace)
+                WHERE m.id IN (
+                    SELECT id FROM merchant_plugins
+                    WHERE next_expected_at < now() - make_interval(secs => :grace)
+                      AND missed_since IS NULL AND status = 'active'
+                    ORDER BY next_expected_at
+                    LIMIT :limit
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING m.id, m.tenant_id, m.plugin_name, m.plugin_version, m.missed_since,
+                          m.last_heartbeat_at, m.next_expected_at, m.heartbeat_count,
+                          m.telemetry
+            )
             INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name, plugin_version,
                 type, severity, status, first_bad_signal_at, telemetry_snapshot)
-            SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version, 'heartbeat_missed',
-                'medium', 'detected', m.next_expected_at + make_interval(secs => :grace),
+            SELECT id, tenant_id, plugin_name, plugin_version, 'heartbeat_missed', 'medium',
+                'detected', missed_since,
                 jsonb_build_object(
-                    'last_heartbeat_at', m.last_heartbeat_at,
-                    'next_expected_at', m.next_expected_at,
-                    'heartbeat_count', m.heartbeat_count,
-                    'telemetry', m.telemetry)
-            FROM merchant_plugins m
-            WHERE m.next_expected_at < now() - make_interval(secs => :grace)
-              AND m.status = 'active'
-              AND NOT EXISTS (
-                  SELECT 1 FROM plugin_incidents i
-                  WHERE i.installation_id = m.id AND i.type = 'heartbeat_missed'
-                    AND i.status NOT IN {CLOSED})
-            ORDER BY m.next_expected_at
-            LIMIT :limit
+                    'last_heartbeat_at', last_heartbeat_at,
+                    'next_expected_at', next_expected_at,
+                    'heartbeat_count', heartbeat_count,
+                    'telemetry', telemetry)
+            FROM due
             ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED} DO NOTHING
             RETURNING id
             """

@@ -78,6 +78,7 @@ touched AS (
         uptime_s = l.uptime_s,
         telemetry = l.telemetry,
         last_heartbeat_at = now(),
+        missed_since = NULL,
         next_expected_at = now() + make_interval(secs => %(interval_s)s),
         heartbeat_count = m.heartbeat_count + l.n,
         updated_at = now()
