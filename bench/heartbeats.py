@@ -335,7 +335,11 @@ class Server:
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     body = json.loads(resp.read())
-                    if body.get("status") == "ok":
+                    # The API alone: PostgreSQL and Redis must answer; no worker is started.
+                    parts = body.get("components", {})
+                    if body.get("status") == "ok" or all(
+                        parts.get(name, {}).get("status") == "ok" for name in ("postgres", "redis")
+                    ):
                         return
                     last = json.dumps(body)
             except (urllib.error.URLError, OSError, ValueError) as exc:
