@@ -1,0 +1,227 @@
+"""Every SQL statement of the policy gate. Raw SQL: these run inside the caller's transaction on
+the path of every production-changing step, and the locking clauses are the point."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+# Attempts that may still change production. Everything else is an outcome.
+IN_FLIGHT_STATUSES = ("pending", "staging", "applying", "verifying")
+_IN_FLIGHT = "('pending', 'staging', 'applying', 'verifying')"
+
+# One key for every gate evaluation (advisory locks are per database).
+_GATE_LOCK_KEY = "selfheal.policy_gate"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySnapshot:
+    """The ops_policy row as the gate read it, with the database clock at that moment."""
+
+    now: datetime
+    autopatch_enabled: bool
+    autopatch_whitelist: tuple[str, ...]
+    autopatch_max_severity: str
+    min_confidence: Decimal
+    canary_percent: int
+    approvals_required: int
+    approval_min_severity: str
+    approval_ttl_s: int
+    max_concurrent_actions: int
+    max_concurrent_actions_per_tenant: int
+    cooldown_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightCounts:
+    fleet: int
+    tenant: int
+
+
+@dataclass(frozen=True, slots=True)
+class Voter:
+    username: str
+    role: str
+    disabled: bool
+
+
+async def read_policy_for_share(session: AsyncSession) -> PolicySnapshot | None:
+    """The policy row, share-locked until the caller's transaction ends.
+
+    FOR SHARE makes a concurrent `UPDATE ops_policy ...` (the runbook's kill switch) either commit
+    before this read (we wait for it, then see the new row) or wait until our transaction, and
+    the command it creates, has committed. None when the row is not there."""
+    result = await session.execute(
+        text(
+            "SELECT now() AS now, autopatch_enabled, autopatch_whitelist, autopatch_max_severity,"
+            " min_confidence, canary_percent, approvals_required, approval_min_severity,"
+            " approval_ttl_s, max_concurrent_actions, max_concurrent_actions_per_tenant,"
+            " cooldown_s"
+            " FROM ops_policy WHERE id = 1 FOR SHARE"
+        )
+    )
+    row = result.mappings().one_or_none()
+    if row is None:
+        return None
+    whitelist = row["autopatch_whitelist"]
+    return PolicySnapshot(
+        now=row["now"],
+        autopatch_enabled=row["autopatch_enabled"],
+        # The column is a JSON array (a CHECK says so); entries that are not strings name no
+        # tenant, since tenant ids are text.
+        autopatch_whitelist=tuple(t for t in whitelist if isinstance(t, str)),
+        autopatch_max_severity=row["autopatch_max_severity"],
+        min_confidence=row["min_confidence"],
+        canary_percent=row["canary_percent"],
+        approvals_required=row["approvals_required"],
+        approval_min_severity=row["approval_min_severity"],
+        approval_ttl_s=row["approval_ttl_s"],
+        max_concurrent_actions=row["max_concurrent_actions"],
+        max_concurrent_actions_per_tenant=row["max_concurrent_actions_per_tenant"],
+        cooldown_s=row["cooldown_s"],
+    )
+
+
+async def read_approval_ttl_s(session: AsyncSession) -> int | None:
+    result = await session.execute(text("SELECT approval_ttl_s FROM ops_policy WHERE id = 1"))
+    value: int | None = result.scalar_one_or_none()
+    return value
+
+
+async def serialize_gate_decisions(session: AsyncSession) -> None:
+    """Take the gate's transaction-level advisory lock.
+
+    Two transactions that both count 9 in-flight attempts under a cap of 10 would otherwise both
+    go ahead. Holding this lock until commit makes the next evaluation count after the previous
+    one's attempt is visible (READ COMMITTED takes a fresh snapshot per statement)."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": _GATE_LOCK_KEY}
+    )
+
+
+async def installation_tenant(session: AsyncSession, installation_id: uuid.UUID) -> str | None:
+    result = await session.execute(
+        text("SELECT tenant_id FROM merchant_plugins WHERE id = :id"), {"id": installation_id}
+    )
+    tenant: str | None = result.scalar_one_or_none()
+    return tenant
+
+
+async def count_in_flight_attempts(
+    session: AsyncSession, tenant_id: str, *, excluding: uuid.UUID | None
+) -> InFlightCounts:
+    """Attempts that may still change production, fleet-wide and on the tenant's installations,
+    leaving out the attempt being gated (a later step of an attempt is not its own rival)."""
+    result = await session.execute(
+        text(
+            "SELECT count(*) AS fleet, count(*) FILTER (WHERE mp.tenant_id = :tenant) AS tenant"
+            " FROM plugin_autopatch_attempts a"
+            " LEFT JOIN merchant_plugins mp ON mp.id = a.installation_id"
+            f" WHERE a.status IN {_IN_FLIGHT}"
+            "  AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid))"
+        ),
+        {"tenant": tenant_id, "excluding": excluding},
+    )
+    row = result.one()
+    return InFlightCounts(fleet=row.fleet, tenant=row.tenant)
+
+
+async def installation_has_attempt_in_flight(
+    session: AsyncSession, installation_id: uuid.UUID, *, excluding: uuid.UUID | None
+) -> bool:
+    result = await session.execute(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM plugin_autopatch_attempts a"
+            f"  WHERE a.installation_id = :installation AND a.status IN {_IN_FLIGHT}"
+            "   AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid)))"
+        ),
+        {"installation": installation_id, "excluding": excluding},
+    )
+    return bool(result.scalar_one())
+
+
+async def last_attempt_activity(
+    session: AsyncSession, installation_id: uuid.UUID, *, excluding: uuid.UUID | None
+) -> datetime | None:
+    """When an attempt on this installation last started or ended (the latest of its creation,
+    execution, end and rollback), whatever its outcome."""
+    result = await session.execute(
+        text(
+            "SELECT max(GREATEST(a.created_at, a.executed_at, a.finished_at, a.rolled_back_at))"
+            " FROM plugin_autopatch_attempts a"
+            " WHERE a.installation_id = :installation"
+            "  AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid))"
+        ),
+        {"installation": installation_id, "excluding": excluding},
+    )
+    last: datetime | None = result.scalar_one()
+    return last
+
+
+async def count_valid_approvals(
+    session: AsyncSession,
+    incident_id: uuid.UUID,
+    action_key: str,
+    *,
+    now: datetime,
+    requester_username: str | None,
+) -> int:
+    """Distinct enabled operators or admins, other than the requester, whose unexpired vote is
+    for exactly this action."""
+    result = await session.execute(
+        text(
+            "SELECT count(DISTINCT a.user_id) FROM approvals a"
+            " JOIN ops_users u ON u.id = a.user_id"
+            " WHERE a.incident_id = :incident AND a.action_key = :key"
+            "  AND a.expires_at > :now"
+            "  AND u.role IN ('operator', 'admin') AND u.disabled_at IS NULL"
+            "  AND (CAST(:requester AS text) IS NULL OR u.username <> CAST(:requester AS text))"
+        ),
+        {"incident": incident_id, "key": action_key, "now": now, "requester": requester_username},
+    )
+    return int(result.scalar_one())
+
+
+async def read_voter(session: AsyncSession, user_id: uuid.UUID) -> Voter | None:
+    result = await session.execute(
+        text(
+            "SELECT username, role, disabled_at IS NOT NULL AS disabled FROM ops_users"
+            " WHERE id = :id"
+        ),
+        {"id": user_id},
+    )
+    row = result.one_or_none()
+    return Voter(row.username, row.role, row.disabled) if row else None
+
+
+async def upsert_approval(
+    session: AsyncSession,
+    incident_id: uuid.UUID,
+    user_id: uuid.UUID,
+    action_key: str,
+    comment: str | None,
+    ttl_s: int,
+) -> None:
+    """One vote per (incident, user, action). Voting again renews the vote's expiry (so an
+    expired approval can be given again) and keeps the first comment unless a new one is given."""
+    await session.execute(
+        text(
+            "INSERT INTO approvals (incident_id, user_id, action_key, comment, expires_at)"
+            " VALUES (:incident, :user, :key, :comment, now() + make_interval(secs => :ttl))"
+            " ON CONFLICT ON CONSTRAINT uq_approvals_vote DO UPDATE"
+            " SET expires_at = GREATEST(approvals.expires_at, EXCLUDED.expires_at),"
+            "     comment = coalesce(EXCLUDED.comment, approvals.comment)"
+        ),
+        {
+            "incident": incident_id,
+            "user": user_id,
+            "key": action_key,
+            "comment": comment,
+            "ttl": ttl_s,
+        },
+    )
