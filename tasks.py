@@ -26,7 +26,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 # Kept inside .venv so that a deleted or recreated venv always reinstalls.
 STAMP = VENV / ".selfheal-pyproject.sha256"
-TYPED_PACKAGES = ("app", "workers", "plugin_client")
+TYPED_PACKAGES = ("app", "workers", "plugin_client", "sim")
 PYTEST_NO_TESTS = 5
 
 
