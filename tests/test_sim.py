@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,14 @@ from app.decisions import (
     CircuitBreaker,
     DecisionClient,
     Feedback,
-    IncidentFacts,
     LocalEvidence,
     OutcomeStats,
 )
+from tests.test_decisions import incident
 
 REPO = Path(__file__).resolve().parent.parent
 SIRA_TOKEN = "sim-sira-token"
 RUNNER_TOKEN = "sim-runner-token"
-DETECTED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CANDIDATES = ["1.2.3", "1.10.0", "1.9.0"]
 
 
@@ -135,22 +133,6 @@ async def decision_client(server: Server, **options: Any) -> AsyncIterator[Decis
     options.setdefault("backoff_max_s", 0.05)
     async with httpx.AsyncClient() as http:
         yield DecisionClient(http, base_url=server.url, **options)
-
-
-def incident(**overrides: Any) -> IncidentFacts:
-    values: dict[str, Any] = {
-        "id": "inc-1",
-        "type": "webhook_fail_rate",
-        "severity": "medium",
-        "tenant_id": "merchant-1",
-        "plugin": "payments",
-        "current_version": "1.2.2",
-        "previous_version": "1.2.1",
-        "telemetry_snapshot": {"webhook_attempts": 50, "webhook_failures": 30},
-        "detected_at": DETECTED,
-    }
-    values.update(overrides)
-    return IncidentFacts(**values)
 
 
 # Our own records say 1.9.0 healed this often: what the fallback patches to.
