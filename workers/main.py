@@ -21,20 +21,13 @@ from arq.connections import ArqRedis, RedisSettings
 
 from app.core.db import create_engine, create_sessionmaker
 from app.core.logging import configure_logging
+from app.core.redis import health_check_key, queue_name
 from app.core.settings import Settings
 from app.incidents.detection import detect_once
 
 log = structlog.get_logger("selfheal.worker")
 
 HEALTH_CHECK_INTERVAL_S = 5
-
-
-def queue_name(settings: Settings) -> str:
-    return f"{settings.redis_prefix}arq:queue"
-
-
-def health_check_key(settings: Settings) -> str:
-    return f"{queue_name(settings)}:health-check"
 
 
 async def detect(ctx: dict[str, Any]) -> dict[str, int]:

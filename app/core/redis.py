@@ -18,3 +18,13 @@ def create_redis(settings: Settings) -> Redis:
         client_name="selfheal-api",
     )
     return client
+
+
+def queue_name(settings: Settings) -> str:
+    """The arq queue of this deployment (its Redis prefix keeps deployments apart)."""
+    return f"{settings.redis_prefix}arq:queue"
+
+
+def health_check_key(settings: Settings) -> str:
+    """Where arq workers report they are alive; GET /health reads it."""
+    return f"{queue_name(settings)}:health-check"

@@ -13,8 +13,8 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from app.core.metrics import DB_POOL, render_metrics
+from app.core.redis import health_check_key
 from app.core.state import Services, services
-from workers.main import health_check_key
 
 router = APIRouter(tags=["operations"])
 log = structlog.get_logger("selfheal.health")
