@@ -86,7 +86,16 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     name: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
-    __table_args__ = (CheckConstraint("length(id) BETWEEN 1 AND 200", name="id_length"),)
+    # Incidents of this tenant are at least this severe (an operator's statement of how much
+    # the tenant matters); NULL: severity comes from the magnitude and blast radius alone.
+    severity_floor: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        CheckConstraint("length(id) BETWEEN 1 AND 200", name="id_length"),
+        CheckConstraint(
+            "severity_floor IS NULL OR severity_floor IN ('low', 'medium', 'high', 'critical')",
+            name="severity_floor",
+        ),
+    )
 
 
 class MerchantPlugin(Base):
@@ -208,6 +217,16 @@ class PluginIncident(Base):
     sira_decision: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     occurrences: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     updated_at: Mapped[datetime] = _now()
+    # The healing loop looks at the incident again at this time (NULL: nothing to do). A
+    # worker that takes the incident pushes it forward by a lease; a worker that dies leaves
+    # it due, and another one resumes it: the reconciler is this column.
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The action waiting for the policy gate (decided, or asked for by an operator).
+    pending_action: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set on the installations' incidents that a fleet incident (installation_id NULL) groups.
+    fleet_incident_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("plugin_incidents.id"))
     __table_args__ = (
         CheckConstraint(_in("severity", SEVERITIES), name="severity"),
         CheckConstraint(_in("type", INCIDENT_TYPES), name="type"),
@@ -222,6 +241,27 @@ class PluginIncident(Base):
             postgresql_where=text(
                 "status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
             ),
+        ),
+        Index(
+            "uq_plugin_incidents_open_fleet",
+            "plugin_name",
+            "plugin_version",
+            "type",
+            unique=True,
+            postgresql_where=text(
+                "installation_id IS NULL AND"
+                " status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
+            ),
+        ),
+        Index(
+            "ix_plugin_incidents_due",
+            "next_check_at",
+            postgresql_where=text("next_check_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_plugin_incidents_fleet_incident_id",
+            "fleet_incident_id",
+            postgresql_where=text("fleet_incident_id IS NOT NULL"),
         ),
     )
 
@@ -248,6 +288,11 @@ class PluginAutopatchAttempt(Base):
     rollback_reason: Mapped[str | None] = mapped_column(Text)
     rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now()
+    automatic: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    staging_run_id: Mapped[str | None] = mapped_column(Text)
+    staging_report: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    staging_tries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    verify_deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(_in("status", ATTEMPT_STATUSES), name="status"),
         CheckConstraint("action IN ('patch', 'rollback')", name="action"),
@@ -255,6 +300,14 @@ class PluginAutopatchAttempt(Base):
         Index("ix_plugin_autopatch_attempts_executed_at", "executed_at"),
         Index("ix_plugin_autopatch_attempts_incident_id", "incident_id"),
         Index("ix_plugin_autopatch_attempts_status", "status"),
+        Index("ix_plugin_autopatch_attempts_installation_created", "installation_id", "created_at"),
+        # One attempt in flight per incident: a job that runs twice cannot start a second.
+        Index(
+            "uq_plugin_autopatch_attempts_in_flight",
+            "incident_id",
+            unique=True,
+            postgresql_where=text("status IN ('pending', 'staging', 'applying', 'verifying')"),
+        ),
     )
 
 
@@ -382,6 +435,11 @@ class PluginAgentCommand(Base):
             "installation_id",
             postgresql_where=text("status IN ('pending', 'delivered')"),
         ),
+        Index(
+            "ix_plugin_agent_commands_attempt_id",
+            "attempt_id",
+            postgresql_where=text("attempt_id IS NOT NULL"),
+        ),
     )
 
 
@@ -449,6 +507,28 @@ class AuditLog(Base):
     __table_args__ = (Index("ix_audit_log_entity", "entity", "entity_id"),)
 
 
+class NotificationEndpoint(Base):
+    """A webhook that receives notifications: a tenant's (tenant_id set) or ops' (NULL).
+    Deliveries are signed with the endpoint's secret, stored encrypted."""
+
+    __tablename__ = "notification_endpoints"
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    secret_enc: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # Event names this endpoint wants; empty: all.
+    events: Mapped[list[str]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")
+    )
+    created_at: Mapped[datetime] = _now()
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint("jsonb_typeof(events) = 'array'", name="events_array"),
+        CheckConstraint("url ~ '^https?://'", name="url_http"),
+        Index("ix_notification_endpoints_tenant_id", "tenant_id"),
+    )
+
+
 class Outbox(Base):
     """Notifications and decision-service feedback waiting for delivery."""
 
@@ -462,6 +542,12 @@ class Outbox(Base):
     next_attempt_at: Mapped[datetime] = _now()
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Notifications: the endpoint this row goes to (one row per endpoint).
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("notification_endpoints.id", ondelete="CASCADE")
+    )
+    # Set when delivery was given up (too many attempts, or refused for good).
+    dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint("kind IN ('notification', 'feedback')", name="kind"),
         Index(
