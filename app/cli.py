@@ -19,6 +19,8 @@ import typer
 from pydantic import ValidationError
 
 from app.core.settings import Settings, libpq_url
+from app.notifications.cli import notify_cli
+from app.releases.cli import keys_cli, release_cli
 
 T = TypeVar("T")
 
@@ -34,6 +36,9 @@ plugin_cli = typer.Typer(
 user_cli = typer.Typer(help="Ops users and their API tokens.", no_args_is_help=True)
 cli.add_typer(plugin_cli, name="plugin")
 cli.add_typer(user_cli, name="user")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(release_cli, name="release")
+cli.add_typer(notify_cli, name="notify")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,13 @@ For each fleet size, on a fresh database on the machine's PostgreSQL:
      ticking back to back. Target: 10,000 incidents within 10 s.
   4. threshold-crossing heartbeat -> incident: a sample with 60% webhook failures is stored;
      time until its incident, with ticks every 0.5 s. Target: <= 1 s.
-  5. peak RSS of this process (the detector runs in it, as in a worker). Target: <= 200 MB.
+  5. fleet grouping at 10% silent (the 10% are open incidents of one version and type): the
+     fleet step of a tick that touches that group while it is below the share (counting
+     its members and, up to members / share, the version's installations); the step that
+     opens its fleet incident and links every member (SELFHEAL_FLEET_MIN_SHARE 0.05 here);
+     the idle tick at 10% silent before and after that fleet incident opened (the
+     difference is what an open fleet incident costs a tick). No target: figures.
+  6. peak RSS of this process (the detector runs in it, as in a worker). Target: <= 200 MB.
 A benchmark prints figures; it is not a test."""
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import psycopg
 from app.cli import run_migrations
 from app.core.db import create_engine, create_sessionmaker
 from app.core.settings import Settings, libpq_url
-from app.incidents.detection import detect_once
+from app.incidents.detection import TICK_LIMIT, detect_once
+from app.incidents.fleet import FleetResult, group_fleets
+from app.incidents.repository import Group
 
 TARGETS = {
     "idle_ms_100k": 5.0,
@@ -141,9 +149,51 @@ async def measure(url: str, fleet: int) -> dict[str, Any]:
                 period=0.5,
             )
             result["threshold_heartbeat_to_incident_s"] = round(time.perf_counter() - stored_at, 3)
+
+        # 5. Fleet grouping with 10% of the fleet silent: one group of `silent` open incidents.
+        result["idle_tick_silent_ms_median"] = await idle_tick_ms(maker, settings)
+        group = [Group("payments", "1.2.2", "heartbeat_missed")]
+        below = []
+        for _ in range(10):
+            ms, step = await fleet_step(maker, settings, group)
+            assert step.opened == 0, step  # 10% is below the default share of 20%
+            below.append(ms)
+        result["fleet_below_share_ms"] = round(statistics.median(below), 2)
+        wide = settings.model_copy(update={"fleet_min_share": 0.05})
+        ms, step = await fleet_step(maker, wide, group)
+        # Every member (+ the one of 2.), up to the per-tick limit; the rest on the next tick.
+        assert step.opened == 1 and step.linked == min(silent + 1, TICK_LIMIT), step
+        result["fleet_open_and_link_ms"] = round(ms, 1)
+        await detect_once(maker, settings)  # links the rest, if any
+        result["idle_tick_open_fleet_ms_median"] = await idle_tick_ms(maker, settings)
+        # Linking rewrote 10% of the incidents: dead row versions and stale statistics, until
+        # autovacuum comes by (within a minute or so with the defaults). Then:
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE plugin_incidents")
+        result["idle_tick_open_fleet_vacuumed_ms_median"] = await idle_tick_ms(maker, settings)
     finally:
         await engine.dispose()
     return result
+
+
+async def idle_tick_ms(maker: Any, settings: Settings) -> float:
+    """Median of 30 ticks with nothing new to detect."""
+    ticks = []
+    for _ in range(30):
+        started = time.perf_counter()
+        await detect_once(maker, settings)
+        ticks.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(ticks), 2)
+
+
+async def fleet_step(
+    maker: Any, settings: Settings, groups: list[Group]
+) -> tuple[float, FleetResult]:
+    """The fleet step of a tick (its own transaction, as in detect_once), timed in ms."""
+    started = time.perf_counter()
+    async with maker() as session, session.begin():
+        step = await group_fleets(session, settings, groups, link_limit=TICK_LIMIT)
+    return (time.perf_counter() - started) * 1000, step
 
 
 async def ticking_until(
@@ -195,6 +245,19 @@ def main() -> None:
             f" {r['missed_incident_after_deadline_s']:>20} "
             f"{r['silent_10pct_all_open_s']:>14} ({r['silent_10pct']:,})"
             f" {r['threshold_heartbeat_to_incident_s']:>22}"
+        )
+    for r in rows:
+        silent = r["silent_10pct"]
+        print(
+            f"\nfleet grouping at 10% silent ({r['fleet']:,} installations,"
+            f" {silent:,} open incidents of one version and type):\n"
+            f"  fleet step of a tick touching the group, below the share:"
+            f" {r['fleet_below_share_ms']} ms\n"
+            f"  opening its fleet incident and linking {min(silent + 1, TICK_LIMIT):,} members:"
+            f" {r['fleet_open_and_link_ms']} ms\n"
+            f"  idle tick: no fleet incident {r['idle_tick_silent_ms_median']} ms;"
+            f" fleet incident open {r['idle_tick_open_fleet_ms_median']} ms right after"
+            f" linking, {r['idle_tick_open_fleet_vacuumed_ms_median']} ms after VACUUM ANALYZE"
         )
     print(f"\npeak RSS of the detecting process: {rss_mb:.0f} MB")
     big = rows[-1]

@@ -289,3 +289,46 @@ async def test_two_ticks_at_once_read_each_sample_once(settings, client, plugin,
     first, second = await asyncio.gather(tick(settings), tick(settings))
     assert first.opened + second.opened == 1
     assert first.repeated + second.repeated == 0
+
+
+# --- severity: the tenant's floor ----------------------------------------------------------
+
+
+def set_floor(db, tenant: str, floor: str | None) -> None:
+    db.execute("UPDATE tenants SET severity_floor = %s WHERE id = %s", (floor, tenant))
+
+
+async def test_tenant_floor_raises_a_missed_heartbeat_incident(
+    settings, client, plugin, other_plugin, db
+):
+    set_floor(db, plugin.tenant, "critical")
+    set_floor(db, other_plugin.tenant, "low")  # below the rule's medium: changes nothing
+    for p in (plugin, other_plugin):
+        assert (await send_heartbeat(client, p)).status_code == 200
+        overdue_by(db, p, 3600)
+    assert (await tick(settings)).opened == 2
+    assert db.execute(
+        "SELECT tenant_id, severity FROM plugin_incidents ORDER BY tenant_id"
+    ).fetchall() == [(plugin.tenant, "critical"), (other_plugin.tenant, "medium")]
+
+
+async def test_tenant_floor_raises_a_threshold_incident_and_its_repeats(
+    settings, client, plugin, other_plugin, db
+):
+    set_floor(db, plugin.tenant, "high")
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)  # medium by magnitude
+    await beat(client, other_plugin, webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).opened == 2
+    await beat(client, plugin, webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).repeated == 1
+    assert db.execute(
+        "SELECT tenant_id, severity, occurrences FROM plugin_incidents ORDER BY tenant_id"
+    ).fetchall() == [(plugin.tenant, "high", 2), (other_plugin.tenant, "medium", 1)]
+
+
+async def test_tenant_floor_applies_after_the_regression_step(settings, client, plugin, db):
+    set_floor(db, plugin.tenant, "medium")  # regression of a medium signal is already high
+    await beat(client, plugin, version="1.2.2")
+    await beat(client, plugin, version="1.3.0", webhook_attempts=50, webhook_failures=30)
+    assert (await tick(settings)).opened == 1
+    assert open_incidents(db) == [("regression", "high", 1)]

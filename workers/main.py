@@ -6,28 +6,49 @@ arq refuses a second job with an id it already has, so the whole fleet of worker
 detection per tick, on whichever worker takes it, and a tick missed by a dead worker is
 enqueued by the others. The job itself is safe to run twice (database constraints dedupe).
 
-Health: arq writes `<queue>:health-check` in Redis every few seconds; GET /health reads it."""
+The healing loop rides on the same tick: the job `heal` (one per tick fleet-wide, like
+`detect`) claims the incidents that are due and enqueues one `advance` job per incident, so
+the steps of many incidents spread over every worker (app/healing/engine.py). The job
+`deliver` sends what waits in the outbox (notifications, decision-service feedback).
+
+Health: arq writes `<queue>:health-check` in Redis every few seconds; GET /health reads it.
+Each worker also publishes the state of its decision-service circuit breaker
+(`decision_breaker_key`), which /health reports."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
+import uuid
 from typing import Any
 
+import httpx
+import orjson
 import structlog
 from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
 
+from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
 from app.core.logging import configure_logging
-from app.core.redis import health_check_key, queue_name
+from app.core.redis import decision_breaker_key, health_check_key, queue_name
 from app.core.settings import Settings
+from app.decisions.breaker import CircuitBreaker
+from app.decisions.client import DecisionClient
+from app.decisions.fallback import FallbackRules
+from app.healing.engine import Healer
+from app.healing.staging import StagingClient
 from app.incidents.detection import detect_once
+from app.notifications.delivery import deliver_due
+from app.plugins.retention import prune_heartbeats
 
 log = structlog.get_logger("selfheal.worker")
 
 HEALTH_CHECK_INTERVAL_S = 5
+PRUNE_EVERY_S = 60
 
 
 async def detect(ctx: dict[str, Any]) -> dict[str, int]:
@@ -35,16 +56,78 @@ async def detect(ctx: dict[str, Any]) -> dict[str, int]:
     return {"opened": result.opened, "resolved": result.resolved}
 
 
+async def heal(ctx: dict[str, Any]) -> dict[str, int]:
+    """Claim the incidents that are due and hand each to an `advance` job (any worker)."""
+    healer: Healer = ctx["healer"]
+    await _publish_breaker(ctx)
+    claimed = await healer.claim_due()
+    redis: ArqRedis = ctx["redis"]
+    stamp = time.time_ns()
+    for incident_id in claimed:
+        await redis.enqueue_job(
+            "advance",
+            str(incident_id),
+            _job_id=f"advance:{incident_id}:{stamp}",
+            _queue_name=queue_name(ctx["settings"]),
+        )
+    rollbacks = await healer.follow_sql_rollbacks()
+    return {"claimed": len(claimed), "sql_rollbacks": rollbacks}
+
+
+async def advance(ctx: dict[str, Any], incident_id: str) -> str | None:
+    healer: Healer = ctx["healer"]
+    return await healer.advance(uuid.UUID(incident_id))
+
+
+async def deliver(ctx: dict[str, Any]) -> dict[str, int]:
+    settings: Settings = ctx["settings"]
+    result = await deliver_due(
+        ctx["sessionmaker"],
+        ctx["http"],
+        ctx["box"],
+        decision_client=ctx["decisions"],
+        max_attempts=settings.outbox_max_attempts,
+        max_backoff_s=settings.outbox_backoff_max_s,
+        request_timeout_s=settings.webhook_timeout_s,
+    )
+    return {"delivered": result.delivered, "retried": result.retried, "dead": result.dead}
+
+
+async def prune(ctx: dict[str, Any]) -> dict[str, int]:
+    settings: Settings = ctx["settings"]
+    deleted = await prune_heartbeats(
+        ctx["sessionmaker"], retention_days=settings.heartbeat_retention_days
+    )
+    if deleted:
+        log.info("heartbeats_pruned", deleted=deleted)
+    return {"deleted": deleted}
+
+
+async def _publish_breaker(ctx: dict[str, Any]) -> None:
+    decisions: DecisionClient = ctx["decisions"]
+    snapshot = decisions.breaker.snapshot() | {"at": time.time()}
+    with contextlib.suppress(Exception):  # health reporting must not stop healing
+        await ctx["redis"].hset(
+            decision_breaker_key(ctx["settings"]), ctx["worker_name"], orjson.dumps(snapshot)
+        )
+
+
 async def _enqueue_ticks(redis: ArqRedis, settings: Settings) -> None:
     period = settings.detect_every_s
     while True:
         tick = int(time.time() // period)
-        try:
-            await redis.enqueue_job(
-                "detect", _job_id=f"detect:{tick}", _queue_name=queue_name(settings)
-            )
-        except Exception as exc:  # Redis away: the next tick tries again
-            log.warning("detect_enqueue_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+        jobs = [("detect", tick), ("heal", tick), ("deliver", tick)]
+        # Retention is not urgent: once a minute, fleet-wide.
+        jobs.append(("prune", int(time.time() // PRUNE_EVERY_S)))
+        for job, stamp in jobs:
+            try:
+                await redis.enqueue_job(
+                    job, _job_id=f"{job}:{stamp}", _queue_name=queue_name(settings)
+                )
+            except Exception as exc:  # Redis away: the next tick tries again
+                log.warning(
+                    "tick_enqueue_failed", job=job, error=f"{type(exc).__name__}: {exc}"[:200]
+                )
         await asyncio.sleep(max(0.05, (tick + 1) * period - time.time()))
 
 
@@ -53,6 +136,38 @@ async def _startup(ctx: dict[str, Any]) -> None:
     engine = create_engine(settings, role="worker")
     ctx["engine"] = engine
     ctx["sessionmaker"] = create_sessionmaker(engine)
+    ctx["worker_name"] = f"{socket.gethostname()}:{os.getpid()}"
+    # One HTTP client for every outside service: pooled connections, bounded waits.
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, connect=3.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False,
+    )
+    ctx["http"] = http
+    ctx["box"] = SecretBox(settings.secret_key)
+    decisions = DecisionClient(
+        http,
+        base_url=settings.sira_api_url,
+        token=settings.sira_api_token,
+        deadline_s=settings.decision_deadline_s,
+        max_attempts=settings.decision_max_attempts,
+        breaker=CircuitBreaker(
+            failure_threshold=settings.decision_breaker_failures,
+            cool_down_s=settings.decision_breaker_cool_down_s,
+        ),
+        rules=FallbackRules(
+            min_samples=settings.fallback_min_samples,
+            min_success_rate=settings.fallback_min_success_rate,
+        ),
+    )
+    ctx["decisions"] = decisions
+    staging = StagingClient(
+        http,
+        base_url=settings.staging_runner_url,
+        token=settings.staging_runner_token,
+        deadline_s=settings.staging_deadline_s,
+    )
+    ctx["healer"] = Healer(ctx["sessionmaker"], settings, decisions, staging)
     ctx["ticker"] = asyncio.create_task(_enqueue_ticks(ctx["redis"], settings))
     log.info("worker_started", queue=queue_name(settings), detect_every_s=settings.detect_every_s)
 
@@ -63,6 +178,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+    http = ctx.get("http")
+    if http is not None:
+        await http.aclose()
     engine = ctx.get("engine")
     if engine is not None:
         await engine.dispose()
@@ -72,7 +190,7 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     assert settings.redis_url is not None
     return Worker(
-        functions=[detect],
+        functions=[detect, heal, advance, deliver, prune],
         queue_name=queue_name(settings),
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=_startup,
@@ -84,7 +202,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
         health_check_key=health_check_key(settings),
         # A tick's result is not needed; its id only has to outlive the tick.
         keep_result=max(60, int(settings.detect_every_s * 4)),
-        job_timeout=max(30, int(settings.detect_every_s * 10)),
+        # A step's outside calls are bounded (decision and staging deadlines); the lease
+        # (SELFHEAL_HEAL_LEASE_S) hands an incident to another worker if one hangs anyway.
+        job_timeout=max(120, int(settings.detect_every_s * 10)),
         max_tries=1,
         # Graceful: on SIGTERM, jobs under way get this long to finish.
         job_completion_wait=10,

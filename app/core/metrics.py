@@ -41,6 +41,12 @@ DB_POOL = Gauge(
 COMMANDS_DELIVERED = Counter(
     "selfheal_commands_delivered_total", "Commands handed to plugins in heartbeat responses"
 )
+DECISION_BREAKER = Gauge(
+    "selfheal_decision_breaker_workers",
+    "Workers whose decision-service circuit breaker is in each state (as /health last read)",
+    ["state"],
+    multiprocess_mode="livemax",
+)
 
 
 def render_metrics() -> tuple[bytes, str]:

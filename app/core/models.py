@@ -263,6 +263,20 @@ class PluginIncident(Base):
             "fleet_incident_id",
             postgresql_where=text("fleet_incident_id IS NOT NULL"),
         ),
+        # The fleet step of each detection tick (app/incidents/fleet.py): a group's open
+        # incidents not yet grouped, and whether a fleet incident still has an open member,
+        # each one index range instead of a scan of the open incidents.
+        Index(
+            "ix_plugin_incidents_open_members",
+            "plugin_name",
+            "plugin_version",
+            "type",
+            "fleet_incident_id",
+            postgresql_where=text(
+                "installation_id IS NOT NULL AND"
+                " status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
+            ),
+        ),
     )
 
 

@@ -28,3 +28,8 @@ def queue_name(settings: Settings) -> str:
 def health_check_key(settings: Settings) -> str:
     """Where arq workers report they are alive; GET /health reads it."""
     return f"{queue_name(settings)}:health-check"
+
+
+def decision_breaker_key(settings: Settings) -> str:
+    """A hash: worker name -> its decision-service circuit breaker, with the time it wrote."""
+    return f"{settings.redis_prefix}decision-breaker"

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     env: Literal["dev", "prod"] = Field("dev", validation_alias=_env("SELFHEAL_ENV"))
     secret_key: str = Field(DEV_SECRET_KEY, validation_alias=_env("SELFHEAL_SECRET_KEY"))
     data_dir: Path = Field(Path(".selfheal"), validation_alias=_env("SELFHEAL_DATA_DIR"))
+    # The release signing key (Ed25519, PEM PKCS8); default: data_dir/keys/release-signing.pem.
+    # Only `selfheal keys generate` and `selfheal release add` read it: API and workers never do.
+    signing_key_file: Path | None = Field(None, validation_alias=_env("SELFHEAL_SIGNING_KEY_FILE"))
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
@@ -80,6 +83,14 @@ class Settings(BaseSettings):
     recovery_heartbeats: int = Field(
         3, ge=1, le=1000, validation_alias=_env("SELFHEAL_RECOVERY_HEARTBEATS")
     )
+    # Blast radius: this many open incidents of one type on one plugin version, making up at
+    # least this share of its active installations, are one fleet incident.
+    fleet_min_installations: int = Field(
+        5, ge=2, le=1_000_000, validation_alias=_env("SELFHEAL_FLEET_MIN_INSTALLATIONS")
+    )
+    fleet_min_share: float = Field(
+        0.2, ge=0, le=1, validation_alias=_env("SELFHEAL_FLEET_MIN_SHARE")
+    )
 
     signature_tolerance_s: int = Field(
         300, ge=1, le=3600, validation_alias=_env("SELFHEAL_SIGNATURE_TOLERANCE_S")
@@ -106,6 +117,17 @@ class Settings(BaseSettings):
         14, ge=1, le=3650, validation_alias=_env("SELFHEAL_HEARTBEAT_RETENTION_DAYS")
     )
 
+    # The outbox (app/notifications/): webhooks and decision-service feedback.
+    outbox_max_attempts: int = Field(
+        12, ge=1, le=100, validation_alias=_env("SELFHEAL_OUTBOX_MAX_ATTEMPTS")
+    )
+    outbox_backoff_max_s: float = Field(
+        600.0, gt=0, le=86400, validation_alias=_env("SELFHEAL_OUTBOX_BACKOFF_MAX_S")
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, validation_alias=_env("SELFHEAL_WEBHOOK_TIMEOUT_S")
+    )
+
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("SELFHEAL_DB_POOL_SIZE"))
     db_timeout_s: float = Field(5.0, gt=0, le=120, validation_alias=_env("SELFHEAL_DB_TIMEOUT_S"))
     redis_timeout_s: float = Field(
@@ -113,6 +135,47 @@ class Settings(BaseSettings):
     )
     ingest_batch_max: int = Field(
         256, ge=1, le=5000, validation_alias=_env("SELFHEAL_INGEST_BATCH_MAX")
+    )
+
+    # The healing loop (app/healing/).
+    decision_deadline_s: float = Field(
+        3.0, gt=0, le=60, validation_alias=_env("SELFHEAL_DECISION_DEADLINE_S")
+    )
+    decision_max_attempts: int = Field(
+        3, ge=1, le=10, validation_alias=_env("SELFHEAL_DECISION_MAX_ATTEMPTS")
+    )
+    decision_breaker_failures: int = Field(
+        5, ge=1, le=100, validation_alias=_env("SELFHEAL_DECISION_BREAKER_FAILURES")
+    )
+    decision_breaker_cool_down_s: float = Field(
+        30.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_DECISION_BREAKER_COOL_DOWN_S")
+    )
+    fallback_min_samples: int = Field(
+        3, ge=1, le=1000, validation_alias=_env("SELFHEAL_FALLBACK_MIN_SAMPLES")
+    )
+    fallback_min_success_rate: float = Field(
+        0.5, ge=0, le=1, validation_alias=_env("SELFHEAL_FALLBACK_MIN_SUCCESS_RATE")
+    )
+    staging_deadline_s: float = Field(
+        5.0, gt=0, le=120, validation_alias=_env("SELFHEAL_STAGING_DEADLINE_S")
+    )
+    staging_max_tries: int = Field(
+        3, ge=1, le=50, validation_alias=_env("SELFHEAL_STAGING_MAX_TRIES")
+    )
+    staging_timeout_s: int = Field(
+        900, ge=1, le=86400, validation_alias=_env("SELFHEAL_STAGING_TIMEOUT_S")
+    )
+    heal_lease_s: int = Field(30, ge=5, le=3600, validation_alias=_env("SELFHEAL_HEAL_LEASE_S"))
+    heal_poll_s: float = Field(1.0, gt=0, le=600, validation_alias=_env("SELFHEAL_HEAL_POLL_S"))
+    heal_batch: int = Field(200, ge=1, le=10_000, validation_alias=_env("SELFHEAL_HEAL_BATCH"))
+    blocked_recheck_s: float = Field(
+        10.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_BLOCKED_RECHECK_S")
+    )
+    missed_decide_after_s: int = Field(
+        300, ge=0, le=86400, validation_alias=_env("SELFHEAL_MISSED_DECIDE_AFTER_S")
+    )
+    quarantine_after_rollbacks: int = Field(
+        3, ge=1, le=1000, validation_alias=_env("SELFHEAL_QUARANTINE_AFTER_ROLLBACKS")
     )
 
     @field_validator("database_url")

@@ -106,7 +106,7 @@ class Feedback:
     plugin: str
     from_version: str | None
     to_version: str | None
-    decision_source: Source
+    decision_source: str  # sira, fallback, or manual (an operator asked)
     confidence: float | None
     outcome: str
 

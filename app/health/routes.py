@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy import text
 from starlette.responses import Response
 
-from app.core.metrics import DB_POOL, render_metrics
-from app.core.redis import health_check_key
+from app.core.metrics import DB_POOL, DECISION_BREAKER, render_metrics
+from app.core.redis import decision_breaker_key, health_check_key
 from app.core.state import Services, services
 
 router = APIRouter(tags=["operations"])
@@ -67,11 +67,46 @@ async def _check_workers(svc: Services) -> dict[str, Any]:
     return {"last_report": text[:200]}
 
 
+_BREAKER_STALE_S = 30.0
+_BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+
+
+async def _check_decision_service(svc: Services) -> dict[str, Any]:
+    """The workers' circuit breakers for the decision service, as each last published it.
+    Open on any live worker means decisions come from the fallback there: degraded."""
+    entries: dict[Any, Any] = await svc.redis.hgetall(  # type: ignore[misc]
+        decision_breaker_key(svc.settings)
+    )
+    now = time.time()
+    workers: dict[str, Any] = {}
+    for name, raw in entries.items():
+        try:
+            snapshot = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if now - float(snapshot.get("at", 0)) > _BREAKER_STALE_S:
+            continue
+        key = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        workers[key] = snapshot.get("state", "unknown")
+    worst = max(workers.values(), key=lambda s: _BREAKER_LEVEL.get(s, 0), default="unknown")
+    for state in _BREAKER_LEVEL:
+        DECISION_BREAKER.labels(state).set(sum(1 for s in workers.values() if s == state))
+    detail: dict[str, Any] = {"breaker": worst, "workers": workers}
+    if not svc.settings.sira_api_url:
+        detail["note"] = "SIRA_API_URL is unset: decisions come from the fallback heuristics"
+    if worst == "open":
+        return {"status": "degraded", **detail}
+    return detail
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     svc = services(request)
-    postgres, redis, workers = await asyncio.gather(
-        _timed(_check_postgres(svc)), _timed(_check_redis(svc)), _timed(_check_workers(svc))
+    postgres, redis, workers, decision = await asyncio.gather(
+        _timed(_check_postgres(svc)),
+        _timed(_check_redis(svc)),
+        _timed(_check_workers(svc)),
+        _timed(_check_decision_service(svc)),
     )
     # PostgreSQL is the source of truth: without it nothing works. Without Redis heartbeats are
     # still stored, but acks and jobs are not: the service is degraded, not down.
@@ -84,7 +119,9 @@ async def health(request: Request) -> Response:
     # Without its LISTEN connection this process keeps credentials only briefly, and
     # revocations reach it late by as much: worth knowing, not an outage.
     listening = svc.authenticator.listening
-    if (not listening or workers["status"] != "ok") and status == "ok":
+    if (
+        not listening or workers["status"] != "ok" or decision["status"] != "ok"
+    ) and status == "ok":
         status = "degraded"
     body = {
         "status": status,
@@ -93,6 +130,7 @@ async def health(request: Request) -> Response:
             "redis": redis,
             "credential_changes": {"status": "ok" if listening else "down"},
             "workers": workers,
+            "decision_service": decision,
         },
     }
     return Response(orjson.dumps(body), status_code=code, media_type="application/json")

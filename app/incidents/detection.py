@@ -4,12 +4,15 @@ Two detectors, each touching only what is due:
 - missed heartbeats: installations whose next_expected_at (indexed) is past, plus the grace;
 - thresholds: the samples stored since the last tick (a watermark over plugin_heartbeats ids),
   evaluated with the newest samples of the installations that sent them (app/incidents/rules.py).
-Deduplication is the database's: one open incident per (installation, type)."""
+Deduplication is the database's: one open incident per (installation, type).
+Severity: the rule's (the magnitude), at least the tenant's severity_floor, and the blast
+radius: at the end of the tick, the groups (plugin, version, type) its incidents touched may
+become a fleet incident that raises its members (app/incidents/fleet.py)."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.settings import Settings
 from app.incidents import repository
+from app.incidents.fleet import FleetResult, group_fleets
+from app.incidents.fleet import work_due as fleet_work_due
+from app.incidents.repository import Group
 from app.incidents.rules import Sample, Thresholds, findings_for, healthy_for
 
 log = structlog.get_logger("selfheal.detection")
@@ -32,6 +38,11 @@ class TickResult:
     opened: int
     resolved: int
     repeated: int = 0
+    fleet_opened: int = 0
+    fleet_linked: int = 0
+    fleet_resolved: int = 0
+    # The groups whose incidents this tick opened or repeated: what the fleet step looks at.
+    touched: frozenset[Group] = field(default=frozenset(), compare=False)
 
 
 def thresholds(settings: Settings) -> Thresholds:
@@ -56,13 +67,33 @@ async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Setting
         )
     async with maker() as session, session.begin():
         more = await detect_thresholds(session, settings)
+        fleet_due = await fleet_work_due(session)
+    # The fleet step has its own transaction, after the incidents are committed: of two ticks
+    # running at once, the one grouping last sees the incidents of both. An idle tick (nothing
+    # touched, no open fleet incident with work) skips it.
+    touched = more.touched | {o.group for o in opened}
+    fleet = FleetResult()
+    if touched or fleet_due:
+        async with maker() as session, session.begin():
+            fleet = await group_fleets(session, settings, touched, link_limit=TICK_LIMIT)
     result = TickResult(
         opened=len(opened) + more.opened,
         resolved=len(resolved) + more.resolved,
         repeated=more.repeated,
+        fleet_opened=fleet.opened,
+        fleet_linked=fleet.linked,
+        fleet_resolved=fleet.resolved,
+        touched=frozenset(touched),
     )
-    if result.opened or result.resolved:
-        log.info("detection_tick", opened=result.opened, resolved=result.resolved)
+    if result.opened or result.resolved or fleet.opened or fleet.linked or fleet.resolved:
+        log.info(
+            "detection_tick",
+            opened=result.opened,
+            resolved=result.resolved,
+            fleet_opened=fleet.opened,
+            fleet_linked=fleet.linked,
+            fleet_resolved=fleet.resolved,
+        )
     return result
 
 
@@ -77,6 +108,7 @@ async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickRe
         session, after_id=after, upto_id=upto, per_installation=per_installation
     )
     opened = repeated = 0
+    touched: set[Group] = set()
     recovered_candidates: dict[Any, list[Sample]] = {}
     for installation_id, group in itertools.groupby(rows, key=lambda r: r.id):
         samples_rows = list(group)
@@ -112,6 +144,7 @@ async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickRe
             )
             opened += inserted
             repeated += not inserted
+            touched.add(Group(first.plugin_name, first.plugin_version, finding.type))
     to_resolve = [
         incident.id
         for incident in await repository.open_threshold_incidents_of(
@@ -126,4 +159,4 @@ async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickRe
     ]
     resolved = await repository.resolve_incidents(session, to_resolve, "healthy heartbeats")
     await repository.advance_watermark(session, upto)
-    return TickResult(opened, resolved, repeated)
+    return TickResult(opened, resolved, repeated, touched=frozenset(touched))

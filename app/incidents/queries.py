@@ -15,8 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 INCIDENT_COLUMNS = (
     "id, installation_id, tenant_id, plugin_name, plugin_version, type, severity, status,"
-    " status_reason, first_bad_signal_at, detected_at, resolved_at, occurrences, updated_at"
+    " status_reason, first_bad_signal_at, detected_at, resolved_at, occurrences, updated_at,"
+    " fleet_incident_id"
 )
+# Members listed with a fleet incident's detail; its snapshot has the full count.
+FLEET_MEMBERS_SHOWN = 500
 
 
 class BadCursor(ValueError):
@@ -87,6 +90,16 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
     if row is None:
         return None
     incident = _plain(row._mapping)
+    if incident["installation_id"] is None:
+        # A fleet incident (app/incidents/fleet.py): the installations' incidents it groups.
+        members = await session.execute(
+            text(
+                f"SELECT {INCIDENT_COLUMNS} FROM plugin_incidents"
+                " WHERE fleet_incident_id = :id ORDER BY detected_at DESC, id DESC LIMIT :n"
+            ),
+            {"id": incident_id, "n": FLEET_MEMBERS_SHOWN},
+        )
+        incident["members"] = [_plain(r._mapping) for r in members]
     incident["attempts"] = await list_attempts(
         session, incident_id=incident_id, plugin=None, status=None, limit=100
     )

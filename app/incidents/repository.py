@@ -1,13 +1,17 @@
 """SQL of incident detection. Each statement touches only what is due: the overdue
 installations through the next_expected_at index, the open incidents through their status
 index. Deduplication is the partial unique index on open (installation, type) incidents: a
-second detector, or the same one running twice, inserts nothing."""
+second detector, or the same one running twice, inserts nothing.
+
+Severity is the rule's (the magnitude), raised to the tenant's severity_floor when the operator
+set one: the floor is read in the statement that opens the incident, so a tick opening 10,000
+incidents still does it in one statement."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import text
@@ -15,11 +19,39 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 # Statuses in which an incident is over; any other status is open (see the partial index).
 CLOSED = "('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
+# Open incidents with nothing under way: healthy heartbeats resolve them. (An incident that is
+# being decided on, staged, applied or verified belongs to the healing loop.)
+RECOVERABLE = "('detected', 'awaiting_approval', 'blocked_by_policy', 'escalated')"
+
+# Severities in rising order, as a PostgreSQL array: array_position() is the rank.
+RANKS = "ARRAY['low', 'medium', 'high', 'critical']"
+
+
+def at_least(severity: str, floor: str) -> str:
+    """SQL for `severity` raised to `floor` (both SQL expressions; a NULL floor changes
+    nothing). The CASE form is the one the ON CONFLICT repeat uses: severity only goes up."""
+    return (
+        f"CASE WHEN array_position({RANKS}, {floor}) > array_position({RANKS}, {severity})"
+        f" THEN {floor} ELSE {severity} END"
+    )
+
+
+class Group(NamedTuple):
+    """What one fleet incident stands for: the incidents of one type on one plugin version."""
+
+    plugin_name: str
+    plugin_version: str | None
+    type: str
+
+
+class Opened(NamedTuple):
+    id: uuid.UUID
+    group: Group
 
 
 async def open_missed_heartbeat_incidents(
     session: AsyncSession, *, grace_s: int, limit: int
-) -> list[uuid.UUID]:
+) -> list[Opened]:
     """An installation is missing when its deadline (last heartbeat + interval, kept in
     next_expected_at) plus the grace has passed. One that never sent a heartbeat has no
     deadline: it is new, not missing. first_bad_signal_at is the moment it became late, so
@@ -27,7 +59,10 @@ async def open_missed_heartbeat_incidents(
 
     Flagging the installation (missed_since) in the same statement keeps the next ticks from
     looking at it again until a heartbeat clears the flag: a tick reads only the newly overdue
-    rows of the next_expected_at index, however many installations are already missing."""
+    rows of the next_expected_at index, however many installations are already missing.
+
+    A missing installation is a medium incident, or its tenant's severity_floor if higher
+    (joined here, so the statement stays one over up to `limit` rows)."""
     rows = await session.execute(
         text(
             f"""
@@ -47,36 +82,37 @@ async def open_missed_heartbeat_incidents(
             )
             INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name, plugin_version,
                 type, severity, status, first_bad_signal_at, telemetry_snapshot)
-            SELECT id, tenant_id, plugin_name, plugin_version, 'heartbeat_missed', 'medium',
-                'detected', missed_since,
+            SELECT due.id, due.tenant_id, due.plugin_name, due.plugin_version,
+                'heartbeat_missed', {at_least("'medium'", "t.severity_floor")},
+                'detected', due.missed_since,
                 jsonb_build_object(
-                    'last_heartbeat_at', last_heartbeat_at,
-                    'next_expected_at', next_expected_at,
-                    'heartbeat_count', heartbeat_count,
-                    'telemetry', telemetry)
-            FROM due
+                    'last_heartbeat_at', due.last_heartbeat_at,
+                    'next_expected_at', due.next_expected_at,
+                    'heartbeat_count', due.heartbeat_count,
+                    'telemetry', due.telemetry)
+            FROM due LEFT JOIN tenants t ON t.id = due.tenant_id
             ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED} DO NOTHING
-            RETURNING id
+            RETURNING id, plugin_name, plugin_version, type
             """
         ),
         {"grace": grace_s, "limit": limit},
     )
-    return list(rows.scalars())
+    return [Opened(r.id, Group(r.plugin_name, r.plugin_version, r.type)) for r in rows]
 
 
 async def resolve_recovered_missed_heartbeats(
     session: AsyncSession, *, healthy_heartbeats: int
 ) -> list[uuid.UUID]:
-    """A missed-heartbeat incident that is still only detected resolves itself once the
+    """A missed-heartbeat incident with nothing under way resolves itself once the
     installation has sent `healthy_heartbeats` heartbeats since it was opened."""
     rows = await session.execute(
         text(
-            """
+            f"""
             UPDATE plugin_incidents i SET
                 status = 'resolved', resolved_at = now(), updated_at = now(),
-                status_reason = 'heartbeats resumed'
+                status_reason = 'heartbeats resumed', next_check_at = NULL
             FROM merchant_plugins m
-            WHERE i.type = 'heartbeat_missed' AND i.status = 'detected'
+            WHERE i.type = 'heartbeat_missed' AND i.status IN {RECOVERABLE}
               AND m.id = i.installation_id
               AND m.heartbeat_count
                   >= (i.telemetry_snapshot->>'heartbeat_count')::bigint + :healthy
@@ -155,6 +191,11 @@ async def recent_samples_of_active_installations(
                 SELECT 1 FROM plugin_incidents i
                 WHERE i.installation_id = m.id AND i.type = 'heartbeat_missed'
                   AND i.status NOT IN {CLOSED})
+              -- A change is landing or being verified here: the healing loop judges its
+              -- health (and rolls it back); a new incident would only be noise.
+              AND NOT EXISTS (
+                SELECT 1 FROM plugin_autopatch_attempts a
+                WHERE a.installation_id = m.id AND a.status IN ('applying', 'verifying'))
               AND NOT EXISTS (
                 SELECT 1 FROM maintenance_windows w
                 WHERE (w.installation_id = m.id OR w.tenant_id = m.tenant_id)
@@ -180,23 +221,24 @@ async def open_incident(
     snapshot: dict[str, Any],
 ) -> bool:
     """Open the incident, or, when one of this type is already open for the installation,
-    count the repeat on it (its severity can only go up). True when a new one was opened."""
+    count the repeat on it (its severity can only go up). True when a new one was opened.
+    The severity is the rule's, raised to the tenant's severity_floor."""
     row = await session.execute(
         text(
             f"""
+            WITH floor AS (
+                SELECT (SELECT severity_floor FROM tenants WHERE id = :tenant) AS severity
+            )
             INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,
                 plugin_version, type, severity, status, first_bad_signal_at, telemetry_snapshot)
-            VALUES (:installation, :tenant, :plugin, :version, :type, :severity, 'detected',
-                    :first_bad, CAST(:snapshot AS jsonb))
+            SELECT :installation, :tenant, :plugin, :version, :type,
+                   {at_least("CAST(:severity AS text)", "floor.severity")}, 'detected',
+                   :first_bad, CAST(:snapshot AS jsonb)
+            FROM floor
             ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED}
             DO UPDATE SET occurrences = plugin_incidents.occurrences + 1,
                           updated_at = now(),
-                          severity = CASE
-                              WHEN array_position(ARRAY['low','medium','high','critical'],
-                                                  EXCLUDED.severity)
-                                 > array_position(ARRAY['low','medium','high','critical'],
-                                                  plugin_incidents.severity)
-                              THEN EXCLUDED.severity ELSE plugin_incidents.severity END
+                          severity = {at_least("plugin_incidents.severity", "EXCLUDED.severity")}
             RETURNING (xmax = 0) AS inserted
             """
         ),
@@ -220,7 +262,7 @@ async def open_threshold_incidents_of(
     rows = await session.execute(
         text(
             "SELECT id, installation_id, type FROM plugin_incidents"
-            " WHERE installation_id = ANY(:ids) AND status = 'detected'"
+            f" WHERE installation_id = ANY(:ids) AND status IN {RECOVERABLE}"
             "  AND type IN ('webhook_fail_rate', 'error_spike', 'crash_loop', 'regression')"
         ),
         {"ids": installation_ids},
@@ -236,8 +278,8 @@ async def resolve_incidents(
     result = await session.execute(
         text(
             "UPDATE plugin_incidents SET status = 'resolved', resolved_at = now(),"
-            " updated_at = now(), status_reason = :reason"
-            " WHERE id = ANY(:ids) AND status = 'detected'"
+            " updated_at = now(), status_reason = :reason, next_check_at = NULL"
+            f" WHERE id = ANY(:ids) AND status IN {RECOVERABLE}"
         ),
         {"ids": incident_ids, "reason": reason},
     )

@@ -43,8 +43,10 @@ Locking and transactions (expects READ COMMITTED, PostgreSQL's default):
   false WHERE id = 1` either commits first (the read waits for it and sees the new row) or
   waits until the caller's transaction, command included, has committed. A lock wait longer
   than the connection's statement_timeout fails the read, and the gate fails closed.
-- Evaluations then serialise on one transaction-level advisory lock, held until the caller
-  commits, so two concurrent evaluations cannot both take the last slot under a cap. Call
+- Evaluations serialise on one transaction-level advisory lock, taken before the policy read
+  and held until the caller commits, so two concurrent evaluations cannot both take the last
+  slot under a cap, and only one transaction at a time holds the policy's share lock (share
+  locks that overlap without end would starve the kill switch's UPDATE). Call
   `evaluate()` before writing to plugin_autopatch_attempts in the transaction: the attempt
   event-log trigger takes its own advisory lock, and taking the two in the opposite order in
   two transactions is a deadlock.
@@ -116,6 +118,18 @@ class GateResult:
     approvals_have: int
     approvals_need: int
     action_key: str
+    # The kill switch alone would block this (automatic) action: attempts not yet applied are
+    # cancelled rather than kept waiting.
+    kill_switch: bool = False
+
+    @property
+    def waits_for_approval_only(self) -> bool:
+        """Blocked by missing approvals and by nothing else."""
+        return (
+            self.needs_approval
+            and self.approvals_have < self.approvals_need
+            and (len(self.reasons) == 1)
+        )
 
     @property
     def summary(self) -> str:
@@ -230,6 +244,12 @@ def _closed(key: str, reason: str) -> GateResult:
 async def _evaluate(
     session: AsyncSession, action: ProposedAction, key: str, now: datetime | None
 ) -> GateResult:
+    # The advisory lock first, then the share lock on the policy row: at most one gate
+    # transaction holds the share lock at a time. Share locks taken by overlapping transactions
+    # would otherwise starve the kill switch's UPDATE (PostgreSQL lets a new share locker in
+    # past a waiting updater), and `UPDATE ops_policy ...` typed in psql could wait forever
+    # while workers keep gating. See tests/test_healing_workers.py.
+    await repository.serialize_gate_decisions(session)
     policy = await repository.read_policy_for_share(session)
     if policy is None:
         return _closed(key, "the ops_policy row (id = 1) is missing; failing closed")
@@ -237,7 +257,6 @@ async def _evaluate(
     reasons: list[str] = []
     if action.automatic:
         reasons += _automatic_rule_reasons(action, policy)
-    await repository.serialize_gate_decisions(session)
     reasons += await _blast_radius_reasons(session, action, policy, now)
 
     approval_reasons = _approval_triggers(action, policy)
@@ -261,6 +280,7 @@ async def _evaluate(
         approvals_have=have,
         approvals_need=need,
         action_key=key,
+        kill_switch=action.automatic and not policy.autopatch_enabled,
     )
 
 

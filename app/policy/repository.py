@@ -149,12 +149,15 @@ async def last_attempt_activity(
     session: AsyncSession, installation_id: uuid.UUID, *, excluding: uuid.UUID | None
 ) -> datetime | None:
     """When an attempt on this installation last started or ended (the latest of its creation,
-    execution, end and rollback), whatever its outcome."""
+    execution, end and rollback), whatever its outcome, leaving out attempts cancelled before
+    they were applied."""
     result = await session.execute(
         text(
             "SELECT max(GREATEST(a.created_at, a.executed_at, a.finished_at, a.rolled_back_at))"
             " FROM plugin_autopatch_attempts a"
             " WHERE a.installation_id = :installation"
+            # An attempt cancelled before it changed anything is no oscillation.
+            "  AND NOT (a.status = 'cancelled' AND a.executed_at IS NULL)"
             "  AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid))"
         ),
         {"installation": installation_id, "excluding": excluding},

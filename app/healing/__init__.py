@@ -1,0 +1,1 @@
+"""The healing loop: decide, gate, stage, apply, verify, roll back (engine.py)."""

@@ -1,0 +1,198 @@
+"""What ops do to an incident through the API (or the dashboard): approve the action waiting
+for approval, or ask for a manual action. A manual patch or rollback does not go around the
+healing loop: it becomes the incident's pending action, marked as asked by the user, and the
+loop takes it through the same policy gate (approvals, blast radius; not the automatic-only
+rules), staging, apply, verify and rollback as any other."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import app.releases.repository as releases
+from app.core.db import set_actor
+from app.healing import repository as repo
+from app.policy import repository as policy_repo
+from app.policy.gate import ApprovalRefused, ProposedAction, action_key, record_approval
+
+ManualAction = Literal["patch", "rollback", "ignore", "resolve", "escalate"]
+# Open statuses without an attempt under way: an operator may take over.
+TAKEOVER_STATUSES = ("detected", "deciding", "awaiting_approval", "blocked_by_policy", "escalated")
+_APPROVABLE = ("awaiting_approval", "blocked_by_policy")
+
+
+class ActionRefused(Exception):
+    """Refused for a reason the operator can act on; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    id: uuid.UUID
+    username: str
+
+    @property
+    def actor(self) -> str:
+        return f"user:{self.username}"
+
+
+async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
+    row = (
+        await session.execute(
+            text(
+                "SELECT i.id, i.status, i.installation_id, i.tenant_id, i.plugin_name,"
+                " i.severity, i.pending_action, m.plugin_version AS current_version,"
+                " m.previous_version"
+                " FROM plugin_incidents i LEFT JOIN merchant_plugins m ON m.id = i.installation_id"
+                " WHERE i.id = :id FOR UPDATE OF i"
+            ),
+            {"id": incident_id},
+        )
+    ).first()
+    if row is None:
+        raise ActionRefused(404, "no such incident")
+    return row
+
+
+def _proposed(incident: Any, pending: dict[str, Any]) -> ProposedAction:
+    confidence = pending.get("confidence")
+    return ProposedAction(
+        incident_id=incident.id,
+        installation_id=incident.installation_id,
+        tenant_id=incident.tenant_id,
+        plugin_name=incident.plugin_name,
+        action="rollback" if pending.get("action") == "rollback" else "patch",
+        from_version=pending.get("from_version"),
+        to_version=str(pending.get("to_version")),
+        severity=incident.severity,
+        confidence=None if confidence is None else float(confidence),
+        automatic=bool(pending.get("automatic")),
+        requested_by=str(pending.get("requested_by") or "worker"),
+    )
+
+
+async def approve(
+    session: AsyncSession, incident_id: uuid.UUID, user: Operator, comment: str | None
+) -> dict[str, Any]:
+    """One vote of `user` for the exact action the incident waits to take."""
+    await set_actor(session, user.actor)
+    incident = await _incident(session, incident_id)
+    pending = incident.pending_action
+    if incident.status not in _APPROVABLE or not pending:
+        raise ActionRefused(
+            409, f"incident is {incident.status}; there is no action waiting for approval"
+        )
+    proposed = _proposed(incident, pending)
+    try:
+        await record_approval(session, incident.id, user.id, proposed, comment=comment)
+    except ApprovalRefused as refused:
+        raise ActionRefused(403, str(refused)) from None
+    policy = await policy_repo.read_policy_for_share(session)
+    now = policy.now if policy else None
+    have = (
+        await policy_repo.count_valid_approvals(
+            session,
+            incident.id,
+            action_key(proposed),
+            now=now,
+            requester_username=user_requester(proposed.requested_by),
+        )
+        if now
+        else 0
+    )
+    await repo.move_incident(session, incident.id, expected=incident.status, next_check_in_s=0)
+    return {
+        "incident_id": str(incident.id),
+        "action": pending,
+        "approvals": have,
+        "approvals_required": policy.approvals_required if policy else None,
+        "status": incident.status,
+    }
+
+
+def user_requester(requested_by: str) -> str | None:
+    prefix, sep, name = requested_by.partition(":")
+    return name if sep and prefix == "user" else None
+
+
+async def manual_action(
+    session: AsyncSession,
+    incident_id: uuid.UUID,
+    user: Operator,
+    action: ManualAction,
+    patch_version: str | None,
+    comment: str | None,
+) -> dict[str, Any]:
+    await set_actor(session, user.actor)
+    incident = await _incident(session, incident_id)
+    if incident.status not in TAKEOVER_STATUSES:
+        raise ActionRefused(
+            409,
+            f"incident is {incident.status}; "
+            + (
+                "an attempt is under way (cancel it first)"
+                if incident.status in ("staging", "applying", "verifying", "rolling_back")
+                else "it is closed"
+            ),
+        )
+    note = f" ({comment})" if comment else ""
+    if action in ("ignore", "resolve", "escalate"):
+        status = {"ignore": "ignored", "resolve": "resolved", "escalate": "escalated"}[action]
+        await repo.move_incident(
+            session,
+            incident.id,
+            expected=incident.status,
+            status=status,
+            reason=f"{action} by {user.actor}{note}",
+        )
+        return {"incident_id": str(incident.id), "status": status}
+    if incident.installation_id is None:
+        raise ActionRefused(
+            409, "a fleet incident has no installation to patch; act on its members"
+        )
+    version = patch_version or (incident.previous_version if action == "rollback" else None)
+    if not version:
+        raise ActionRefused(
+            422,
+            "patch_version is required"
+            + (" (the installation has no known previous version)" if action == "rollback" else ""),
+            field="patch_version",
+        )
+    if version == incident.current_version:
+        raise ActionRefused(422, f"the installation already runs {version}", field="patch_version")
+    if await releases.command_payload(session, incident.plugin_name, version) is None:
+        raise ActionRefused(
+            422,
+            f"no signed release of {incident.plugin_name} {version}"
+            " (add it with `selfheal release add`)",
+            field="patch_version",
+        )
+    pending = {
+        "action": action,
+        "to_version": version,
+        "from_version": incident.current_version,
+        "automatic": False,
+        "requested_by": user.actor,
+        "source": "manual",
+        "confidence": None,
+        "comment": comment,
+    }
+    await repo.move_incident(
+        session,
+        incident.id,
+        expected=incident.status,
+        status="blocked_by_policy",
+        reason=f"{action} to {version} asked by {user.actor}{note}; waiting for the policy gate",
+        next_check_in_s=0,
+        fields={"pending_action": pending},
+    )
+    return {"incident_id": str(incident.id), "status": "blocked_by_policy", "action": pending}

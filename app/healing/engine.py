@@ -1,0 +1,1036 @@
+"""The healing loop: one incident at a time, one short guarded transaction per step.
+
+    detected -> deciding -> (ignored | escalated | awaiting_approval | blocked_by_policy | staging)
+    staging -> applying -> verifying -> resolved
+                                     -> rolling_back -> rolled_back (or escalated, critical)
+    any step -> escalated (a human must look) ; staging/applying -> blocked_by_policy when the
+    kill switch is engaged before the change reached the plugin (the attempt ends cancelled)
+
+Who runs it: each detection tick claims the incidents that are due (`repository.claim_due`:
+next_check_at has passed, or a new incident) and leases them for SELFHEAL_HEAL_LEASE_S by
+pushing next_check_at forward; `advance()` then runs steps until the incident has to wait
+(for staging, the plugin, the health window, ops), and each step sets when to look again. A
+worker that dies mid-step leaves the incident with an expired lease, and the next tick hands it
+to another worker, which redoes the step from the database state: the reconciler is the lease.
+
+Why every step is safe to run twice or concurrently:
+- transitions are `UPDATE ... WHERE status = :expected` (repository.move_incident and
+  move_attempt); the loser of a race changes nothing and stops;
+- an incident has at most one attempt in flight, and an attempt at most one command of each
+  type (unique indexes), so a repeated step cannot queue a second update;
+- the policy gate runs in the transaction that creates the attempt and, again, in the one that
+  creates the command, reading ops_policy FOR SHARE: the kill switch statement either commits
+  before (and the step sees it) or waits until the step's transaction has committed.
+
+HTTP calls (decision service, staging runner) happen outside transactions, each under its
+own total deadline, so a slow service never holds a row lock."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.core.settings import Settings
+from app.decisions.client import DecisionClient
+from app.decisions.schemas import Decision, Feedback, IncidentFacts, LocalEvidence
+from app.healing import repository as repo
+from app.healing.repository import AttemptRow, IncidentState
+from app.healing.staging import RunLost, StagingClient, StagingUnavailable
+from app.incidents.detection import thresholds
+from app.incidents.rules import Sample, healthy_for
+from app.notifications.events import notify
+from app.notifications.feedback import record_outcome
+from app.policy.gate import GateResult, ProposedAction, evaluate
+from app.releases import repository as releases
+
+log = structlog.get_logger("selfheal.healing")
+
+MAX_STEPS_PER_RUN = 12
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    again: bool  # run the next step now
+
+
+CONTINUE = StepResult(True)
+WAIT = StepResult(False)
+
+
+class Healer:
+    def __init__(
+        self,
+        maker: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        decisions: DecisionClient,
+        staging: StagingClient,
+    ) -> None:
+        self.maker = maker
+        self.settings = settings
+        self.decisions = decisions
+        self.staging = staging
+        self._steps: dict[str, Callable[[IncidentState], Awaitable[StepResult]]] = {
+            "detected": self._detected,
+            "deciding": self._deciding,
+            "awaiting_approval": self._regate,
+            "blocked_by_policy": self._regate,
+            "staging": self._staging,
+            "applying": self._applying,
+            "verifying": self._verifying,
+            "rolling_back": self._rolling_back,
+        }
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, incident_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
+        """A step's transaction, holding the incident's row lock from its first statement.
+        Every step takes its locks in the same order (incident, gate, attempt history), so two
+        runs on one incident queue up instead of deadlocking."""
+        async with self.maker() as session, session.begin():
+            await session.execute(
+                text("SELECT 1 FROM plugin_incidents WHERE id = :id FOR UPDATE"),
+                {"id": incident_id},
+            )
+            yield session
+
+    # -- driving --------------------------------------------------------------------------
+
+    async def claim_due(self) -> list[uuid.UUID]:
+        """Lease the incidents that are due; tenants and ops hear of new ones here, in the
+        same transaction (at most SELFHEAL_HEAL_BATCH per tick, off detection's hot path)."""
+        async with self.maker() as session, session.begin():
+            claimed = await repo.claim_due(
+                session, lease_s=self.settings.heal_lease_s, limit=self.settings.heal_batch
+            )
+            fresh = [incident_id for incident_id, new in claimed if new]
+            for incident in await repo.notification_fields(session, fresh) if fresh else []:
+                await notify(session, "incident_opened", incident=incident)
+        return [incident_id for incident_id, _ in claimed]
+
+    async def advance(self, incident_id: uuid.UUID) -> str | None:
+        """Run the incident's steps until it has to wait; its status at the end."""
+        status = None
+        for _ in range(MAX_STEPS_PER_RUN):
+            async with self.maker() as session:
+                state = await repo.load_state(session, incident_id)
+            if state is None:
+                return None
+            status = state.status
+            step = self._steps.get(state.status)
+            if step is None:
+                return status
+            try:
+                result = await step(state)
+            except Exception:
+                # The lease runs out and another run retries the step from the database.
+                log.exception("healing_step_failed", incident_id=str(incident_id), status=status)
+                return status
+            if not result.again:
+                break
+        async with self.maker() as session:
+            final = await repo.load_state(session, incident_id)
+        return final.status if final else status
+
+    async def follow_sql_rollbacks(self) -> int:
+        """Queue rollback commands for attempts marked rolled_back in SQL (the runbook's
+        "rollback all recent patches"), as the operator who typed it expects."""
+        queued = 0
+        async with self.maker() as session, session.begin():
+            for row in await repo.sql_rolled_back_without_command(session, limit=100):
+                payload = await releases.command_payload(session, row.plugin_name, row.from_version)
+                if payload is None:
+                    log.error(
+                        "sql_rollback_without_release",
+                        attempt_id=str(row.id),
+                        version=row.from_version,
+                    )
+                    continue
+                queued += await repo.insert_command(
+                    session,
+                    installation_id=row.installation_id,
+                    attempt_id=row.id,
+                    type="rollback",
+                    payload=payload,
+                    automatic=False,
+                    ttl_s=self.settings.command_ttl_s,
+                    max_deliveries=self.settings.command_max_deliveries,
+                )
+        if queued:
+            log.warning("sql_rollbacks_queued", commands=queued)
+        return queued
+
+    # -- steps ----------------------------------------------------------------------------
+
+    async def _detected(self, state: IncidentState) -> StepResult:
+        if state.installation_id is None:
+            return await self._escalate(
+                state,
+                "detected",
+                "fleet incident: many installations of one version share this problem;"
+                " each installation's incident is handled on its own, this one needs a human",
+            )
+        if state.type == "heartbeat_missed":
+            waited = (state.now - state.detected_at).total_seconds()
+            if waited < self.settings.missed_decide_after_s:
+                # Commands travel in heartbeat responses: give a silent installation time to
+                # come back (detection resolves the incident when it does).
+                async with self._locked(state.id) as session:
+                    await repo.move_incident(
+                        session,
+                        state.id,
+                        expected="detected",
+                        next_check_in_s=self.settings.missed_decide_after_s - waited,
+                    )
+                return WAIT
+        async with self._locked(state.id) as session:
+            moved = await repo.move_incident(
+                session,
+                state.id,
+                expected="detected",
+                status="deciding",
+                next_check_in_s=self.settings.heal_lease_s,
+            )
+        return CONTINUE if moved else WAIT
+
+    async def _deciding(self, state: IncidentState) -> StepResult:
+        assert state.installation_id is not None
+        async with self.maker() as session:
+            candidates = await releases.candidate_versions(
+                session, state.plugin_name, exclude=state.current_version
+            )
+            quarantined = await releases.quarantined_versions(session, state.plugin_name)
+            outcomes = await repo.outcome_stats(
+                session, plugin_name=state.plugin_name, incident_type=state.type
+            )
+        facts = IncidentFacts(
+            id=str(state.id),
+            type=state.type,
+            severity=state.severity,
+            plugin=state.plugin_name,
+            current_version=state.current_version,
+            previous_version=state.previous_version,
+            detected_at=state.detected_at,
+            tenant_id=state.tenant_id,
+            telemetry_snapshot=state.telemetry_snapshot,
+        )
+        evidence = LocalEvidence(
+            version_changed_at=state.version_changed_at,
+            outcomes=outcomes,
+            quarantined=quarantined,
+        )
+        decision = await self.decisions.decide(facts, candidates, evidence)
+        return await self._record_decision(state, decision)
+
+    async def _record_decision(self, state: IncidentState, decision: Decision) -> StepResult:
+        record = decision.as_record()
+        if decision.action == "ignore":
+            async with self._locked(state.id) as session:
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="deciding",
+                    status="ignored",
+                    reason=f"decision ({decision.source}): ignore. {decision.explanation}",
+                    fields={"sira_decision": record, "decided_at": True},
+                )
+            return WAIT
+        if decision.action == "escalate" or decision.patch_version is None:
+            async with self._locked(state.id) as session:
+                moved = await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="deciding",
+                    status="escalated",
+                    reason=f"decision ({decision.source}): escalate. {decision.explanation}",
+                    fields={"sira_decision": record, "decided_at": True},
+                )
+                if moved:
+                    await self._notify(session, "escalated", state, "escalated")
+            return WAIT
+        action = {
+            "action": decision.action,
+            "to_version": decision.patch_version,
+            "from_version": state.current_version,
+            "automatic": True,
+            "requested_by": "worker",
+            "source": decision.source,
+            "confidence": decision.confidence,
+        }
+        async with self._locked(state.id) as session:
+            if not await repo.lock_incident(session, state.id, "deciding"):
+                return WAIT
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="deciding",
+                fields={"sira_decision": record, "decided_at": True, "pending_action": action},
+                next_check_in_s=self.settings.heal_lease_s,
+            )
+            return await self._gate_and_start(session, state, "deciding", action)
+
+    async def _regate(self, state: IncidentState) -> StepResult:
+        action = state.pending_action
+        if not action:
+            return await self._escalate(state, state.status, "no action is waiting for the gate")
+        async with self._locked(state.id) as session:
+            if not await repo.lock_incident(session, state.id, state.status):
+                return WAIT
+            return await self._gate_and_start(session, state, state.status, action)
+
+    async def _gate_and_start(
+        self,
+        session: AsyncSession,
+        state: IncidentState,
+        expected: str,
+        action: dict[str, Any],
+    ) -> StepResult:
+        """In the caller's transaction (incident row locked): gate the action and start an
+        attempt, or record why the incident waits."""
+        assert state.installation_id is not None and state.tenant_id is not None
+        to_version = str(action["to_version"])
+        if await releases.command_payload(session, state.plugin_name, to_version) is None:
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=expected,
+                status="escalated",
+                reason=f"no signed release of {state.plugin_name} {to_version} to"
+                f" {action['action']} to (add one with `selfheal release add`)",
+            )
+            await self._notify(session, "escalated", state, "escalated")
+            return WAIT
+        if to_version in await releases.quarantined_versions(session, state.plugin_name) and bool(
+            action.get("automatic")
+        ):
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=expected,
+                status="escalated",
+                reason=f"{state.plugin_name} {to_version} is quarantined; not applied automatically",
+            )
+            await self._notify(session, "escalated", state, "escalated")
+            return WAIT
+        proposed = _proposed(state, action)
+        gate = await evaluate(session, proposed)
+        if not gate.allowed:
+            status = "awaiting_approval" if gate.waits_for_approval_only else "blocked_by_policy"
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=expected,
+                status=status,
+                reason=f"waiting: {gate.summary}",
+                next_check_in_s=self.settings.blocked_recheck_s,
+            )
+            if status == "awaiting_approval" and state.status != "awaiting_approval":
+                await self._notify(session, "approval_needed", state, status, gate.summary)
+            return WAIT
+        attempt_id = await repo.insert_attempt(
+            session,
+            incident_id=state.id,
+            installation_id=state.installation_id,
+            action=proposed.action,
+            from_version=proposed.from_version,
+            to_version=to_version,
+            automatic=proposed.automatic,
+            decision_source=str(action.get("source") or "manual"),
+            confidence=proposed.confidence,
+            requested_by=proposed.requested_by,
+        )
+        if attempt_id is None:
+            return WAIT  # another run started it
+        await repo.move_incident(
+            session,
+            state.id,
+            expected=expected,
+            status="staging",
+            reason=f"{proposed.action} to {to_version}: allowed by the policy gate",
+            next_check_in_s=self.settings.heal_lease_s,
+        )
+        return CONTINUE
+
+    async def _staging(self, state: IncidentState) -> StepResult:
+        attempt = state.attempt
+        if attempt is None or attempt.status not in ("pending", "staging"):
+            return await self._attempt_gone(state)
+        if attempt.automatic and attempt.status == "pending":
+            cancelled = await self._cancel_if_kill_switch(state, attempt)
+            if cancelled is not None:
+                return cancelled
+        if attempt.staging_passed:
+            return await self._apply(state, attempt)
+        if attempt.action == "rollback":
+            # Back to a version that ran in production before this incident: staging would
+            # only delay the fix.
+            async with self._locked(state.id) as session:
+                await repo.move_attempt(
+                    session,
+                    attempt.id,
+                    expected=attempt.status,
+                    status="staging",
+                    staging_report={
+                        "status": "passed",
+                        "skipped": "rollback to a version that ran in production before",
+                    },
+                )
+            return CONTINUE
+        if not self.staging.configured:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                "no staging runner configured (STAGING_RUNNER_URL is unset); nothing was"
+                " changed in production",
+            )
+        if attempt.staging_run_id is None:
+            return await self._start_staging(state, attempt)
+        return await self._poll_staging(state, attempt)
+
+    async def _start_staging(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
+        async with self.maker() as session:
+            payload = await releases.command_payload(
+                session, state.plugin_name, attempt.to_version or ""
+            )
+        if payload is None:
+            return await self._fail_attempt(
+                state, attempt, f"the release {attempt.to_version} disappeared before staging"
+            )
+        try:
+            run = await self.staging.start(
+                plugin=state.plugin_name,
+                from_version=attempt.from_version,
+                to_version=attempt.to_version or "",
+                artifact=str(payload["artifact_url"]),
+            )
+        except StagingUnavailable as error:
+            return await self._staging_unreachable(state, attempt, error.reason)
+        async with self._locked(state.id) as session:
+            await repo.move_attempt(
+                session,
+                attempt.id,
+                expected=attempt.status,
+                status="staging",
+                staging_run_id=run.id,
+                staging_tries_add=1,
+                staging_report={"status": run.status, "run_id": run.id, "report": run.report},
+            )
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="staging",
+                reason=f"staging {attempt.to_version}: run {run.id}",
+                next_check_in_s=self.settings.heal_poll_s,
+            )
+        return WAIT
+
+    async def _poll_staging(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
+        assert attempt.staging_run_id is not None
+        if (state.now - attempt.created_at).total_seconds() > self.settings.staging_timeout_s:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"staging run {attempt.staging_run_id} did not finish within"
+                f" {self.settings.staging_timeout_s} s; nothing was changed in production",
+            )
+        try:
+            run = await self.staging.status(attempt.staging_run_id)
+        except RunLost as error:
+            async with self._locked(state.id) as session:
+                await repo.move_attempt(
+                    session,
+                    attempt.id,
+                    expected="staging",
+                    clear_run_id=True,
+                    staging_report={"status": "lost", "detail": error.reason},
+                )
+            return await self._staging_unreachable(state, attempt, error.reason, moved=True)
+        except StagingUnavailable as error:
+            return await self._staging_unreachable(state, attempt, error.reason)
+        report = {"status": run.status, "run_id": run.id, "report": run.report}
+        if run.status == "running":
+            async with self._locked(state.id) as session:
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="staging",
+                    next_check_in_s=self.settings.heal_poll_s,
+                )
+            return WAIT
+        if run.status == "failed":
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"staging failed: {run.summary}; nothing was changed in production",
+                staging_report=report,
+            )
+        async with self._locked(state.id) as session:
+            moved = await repo.move_attempt(
+                session, attempt.id, expected="staging", staging_report=report
+            )
+        return CONTINUE if moved else WAIT
+
+    async def _staging_unreachable(
+        self, state: IncidentState, attempt: AttemptRow, reason: str, *, moved: bool = False
+    ) -> StepResult:
+        tries = attempt.staging_tries + 1
+        if tries >= self.settings.staging_max_tries:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"staging runner unusable after {tries} tries ({reason}); failing safe,"
+                " nothing was changed in production",
+            )
+        async with self._locked(state.id) as session:
+            await repo.move_attempt(
+                session, attempt.id, expected=attempt.status, staging_tries_add=1
+            )
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="staging",
+                reason=f"staging runner unusable ({reason}); try {tries} of"
+                f" {self.settings.staging_max_tries}",
+                next_check_in_s=min(60.0, 2.0**tries),
+            )
+        return WAIT
+
+    async def _apply(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
+        """Queue the command, in the transaction whose policy read allows it."""
+        assert state.installation_id is not None
+        async with self._locked(state.id) as session:
+            if not await repo.lock_incident(session, state.id, "staging"):
+                return WAIT
+            action = {
+                "action": attempt.action,
+                "to_version": attempt.to_version,
+                "from_version": attempt.from_version,
+                "automatic": attempt.automatic,
+                "requested_by": attempt.requested_by or "worker",
+                "confidence": None if attempt.confidence is None else float(attempt.confidence),
+            }
+            gate = await evaluate(session, _proposed(state, action, attempt_id=attempt.id))
+            if not gate.allowed:
+                return await self._held_before_apply(session, state, attempt, gate)
+            payload = await releases.command_payload(
+                session, state.plugin_name, attempt.to_version or ""
+            )
+            if payload is None:
+                await repo.move_attempt(
+                    session,
+                    attempt.id,
+                    expected=attempt.status,
+                    status="failed",
+                    failure_reason=f"no signed release of {attempt.to_version} to apply",
+                    finished=True,
+                )
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="staging",
+                    status="escalated",
+                    reason=f"no signed release of {attempt.to_version} to apply",
+                )
+                return WAIT
+            await repo.insert_command(
+                session,
+                installation_id=state.installation_id,
+                attempt_id=attempt.id,
+                type="update" if attempt.action == "patch" else "rollback",
+                payload=payload,
+                automatic=attempt.automatic,
+                ttl_s=self.settings.command_ttl_s,
+                max_deliveries=self.settings.command_max_deliveries,
+            )
+            await repo.move_attempt(
+                session, attempt.id, expected=attempt.status, status="applying", executed=True
+            )
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="staging",
+                status="applying",
+                reason=f"{attempt.action} to {attempt.to_version} queued for the plugin",
+                next_check_in_s=self.settings.heal_poll_s,
+            )
+        return WAIT
+
+    async def _held_before_apply(
+        self, session: AsyncSession, state: IncidentState, attempt: AttemptRow, gate: GateResult
+    ) -> StepResult:
+        if gate.kill_switch:
+            await repo.move_attempt(
+                session,
+                attempt.id,
+                expected=attempt.status,
+                status="cancelled",
+                failure_reason="kill switch engaged before the change was applied",
+                finished=True,
+            )
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="staging",
+                status="blocked_by_policy",
+                reason=f"attempt cancelled before applying: {gate.summary}",
+                next_check_in_s=self.settings.blocked_recheck_s,
+            )
+            return WAIT
+        await repo.move_incident(
+            session,
+            state.id,
+            expected="staging",
+            reason=f"staged, waiting to apply: {gate.summary}",
+            next_check_in_s=self.settings.blocked_recheck_s,
+        )
+        return WAIT
+
+    async def _applying(self, state: IncidentState) -> StepResult:
+        attempt = state.attempt
+        if attempt is None or attempt.status != "applying":
+            return await self._attempt_gone(state)
+        command = state.commands.get("update" if attempt.action == "patch" else "rollback")
+        if command is None:
+            return await self._fail_attempt(state, attempt, "the attempt's command is missing")
+        if command.status == "acked":
+            async with self._locked(state.id) as session:
+                await repo.move_attempt(
+                    session,
+                    attempt.id,
+                    expected="applying",
+                    status="verifying",
+                    verify_for_s=self.settings.health_window_s,
+                )
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="applying",
+                    status="verifying",
+                    reason=f"{attempt.to_version} applied; verifying health for"
+                    f" {self.settings.health_window_s} s",
+                    next_check_in_s=self.settings.heal_poll_s,
+                )
+            return WAIT
+        if command.status == "failed":
+            return await self._fail_attempt(
+                state, attempt, f"the plugin could not apply {attempt.to_version}: {command.error}"
+            )
+        if command.status in ("expired", "cancelled") or _undeliverable(state, command):
+            async with self._locked(state.id) as session:
+                await repo.expire_command(session, command.id)
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"the plugin did not acknowledge the {command.type} command after"
+                f" {command.delivery_count} deliveries",
+            )
+        if attempt.automatic and command.status == "pending":
+            cancelled = await self._cancel_if_kill_switch(state, attempt, command_id=command.id)
+            if cancelled is not None:
+                return cancelled
+        async with self._locked(state.id) as session:
+            await repo.move_incident(
+                session, state.id, expected="applying", next_check_in_s=self.settings.heal_poll_s
+            )
+        return WAIT
+
+    async def _verifying(self, state: IncidentState) -> StepResult:
+        attempt = state.attempt
+        if attempt is None or attempt.status != "verifying":
+            return await self._attempt_gone(state)
+        assert state.installation_id is not None and attempt.to_version is not None
+        command = state.commands.get("update" if attempt.action == "patch" else "rollback")
+        since = command.acked_at if command and command.acked_at else attempt.executed_at
+        assert since is not None
+        needed = self.settings.recovery_heartbeats
+        async with self.maker() as session:
+            rows = await repo.samples_since(
+                session,
+                state.installation_id,
+                since=since,
+                version=attempt.to_version,
+                limit=max(needed, 2),
+            )
+        samples = [
+            Sample(
+                r.received_at,
+                r.requests,
+                r.errors,
+                r.webhook_attempts,
+                r.webhook_failures,
+                r.uptime_s,
+            )
+            for r in rows
+        ]
+        if state.current_version == attempt.to_version and _healthy(
+            state.type, samples, needed, self.settings
+        ):
+            return await self._succeed(state, attempt)
+        deadline = attempt.verify_deadline_at
+        if deadline is not None and state.now < deadline:
+            wait = min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
+            async with self._locked(state.id) as session:
+                await repo.move_incident(
+                    session, state.id, expected="verifying", next_check_in_s=max(0.05, wait)
+                )
+            return WAIT
+        if not samples:
+            why = f"no heartbeat on {attempt.to_version} within {self.settings.health_window_s} s"
+        else:
+            why = (
+                f"{state.type} still present on {attempt.to_version} after"
+                f" {self.settings.health_window_s} s ({len(samples)} heartbeats)"
+            )
+        return await self._roll_back(state, attempt, why)
+
+    async def _roll_back(self, state: IncidentState, attempt: AttemptRow, why: str) -> StepResult:
+        assert state.installation_id is not None
+        if attempt.action == "rollback" or attempt.from_version is None:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"health check failed ({why}) and there is no earlier version to go back to",
+                critical=True,
+            )
+        async with self._locked(state.id) as session:
+            if not await repo.lock_incident(session, state.id, "verifying"):
+                return WAIT
+            if attempt.automatic and await repo.kill_switch_engaged(session, before_change=False):
+                blocked = True
+            else:
+                blocked = False
+                payload = await releases.command_payload(
+                    session, state.plugin_name, attempt.from_version
+                )
+        if blocked:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"health check failed ({why}); the automatic rollback is held by the kill"
+                " switch: roll back by hand",
+                critical=True,
+            )
+        if payload is None:
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"health check failed ({why}); no signed release of {attempt.from_version}"
+                " to roll back to",
+                critical=True,
+            )
+        async with self._locked(state.id) as session:
+            if not await repo.lock_incident(session, state.id, "verifying"):
+                return WAIT
+            if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
+                return WAIT  # flipped meanwhile: the next run fails the attempt as above
+            await repo.insert_command(
+                session,
+                installation_id=state.installation_id,
+                attempt_id=attempt.id,
+                type="rollback",
+                payload=payload,
+                automatic=attempt.automatic,
+                ttl_s=self.settings.command_ttl_s,
+                max_deliveries=self.settings.command_max_deliveries,
+            )
+            await repo.move_attempt(
+                session, attempt.id, expected="verifying", rollback_reason=f"health check: {why}"
+            )
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="verifying",
+                status="rolling_back",
+                reason=f"health check failed ({why}); rolling back to {attempt.from_version}",
+                next_check_in_s=self.settings.heal_poll_s,
+            )
+        return WAIT
+
+    async def _rolling_back(self, state: IncidentState) -> StepResult:
+        attempt = state.attempt
+        if attempt is None or attempt.status != "verifying":
+            return await self._attempt_gone(state)
+        command = state.commands.get("rollback")
+        if command is None:
+            return await self._fail_attempt(
+                state, attempt, "the rollback command is missing", critical=True
+            )
+        if command.status == "acked":
+            async with self._locked(state.id) as session:
+                if not await repo.move_attempt(
+                    session,
+                    attempt.id,
+                    expected="verifying",
+                    status="rolled_back",
+                    rolled_back=True,
+                    finished=True,
+                ):
+                    return WAIT
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="rolling_back",
+                    status="rolled_back",
+                    reason=f"rolled back to {attempt.from_version}: {attempt.rollback_reason}",
+                )
+                await self._record_feedback(session, state, attempt, "rolled_back")
+                await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
+                await self._maybe_quarantine(session, state, attempt)
+            return WAIT
+        if command.status in ("failed", "expired", "cancelled") or _undeliverable(state, command):
+            async with self._locked(state.id) as session:
+                await repo.expire_command(session, command.id)
+            detail = command.error or f"not acknowledged after {command.delivery_count} deliveries"
+            return await self._fail_attempt(
+                state,
+                attempt,
+                f"rollback to {attempt.from_version} failed: {detail}",
+                critical=True,
+            )
+        async with self._locked(state.id) as session:
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="rolling_back",
+                next_check_in_s=self.settings.heal_poll_s,
+            )
+        return WAIT
+
+    # -- endings --------------------------------------------------------------------------
+
+    async def _succeed(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
+        async with self._locked(state.id) as session:
+            if not await repo.move_attempt(
+                session, attempt.id, expected="verifying", status="success", finished=True
+            ):
+                return WAIT
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="verifying",
+                status="resolved",
+                reason=f"{attempt.action} to {attempt.to_version} verified healthy",
+            )
+            await self._record_feedback(session, state, attempt, "success")
+            await self._notify(session, "patch_succeeded", state, "resolved", attempt=attempt)
+        return WAIT
+
+    async def _fail_attempt(
+        self,
+        state: IncidentState,
+        attempt: AttemptRow,
+        reason: str,
+        *,
+        staging_report: dict[str, Any] | None = None,
+        critical: bool = False,
+    ) -> StepResult:
+        """The attempt ends failed and the incident goes to a human (escalated)."""
+        async with self._locked(state.id) as session:
+            if not await repo.move_attempt(
+                session,
+                attempt.id,
+                expected=attempt.status,
+                status="failed",
+                failure_reason=reason,
+                staging_report=staging_report,
+                finished=True,
+            ):
+                return WAIT
+            fields: dict[str, Any] = {"severity": "critical"} if critical else {}
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=state.status,
+                status="escalated",
+                reason=reason,
+                fields=fields,
+            )
+            await self._record_feedback(session, state, attempt, "failed")
+            await self._notify(
+                session,
+                "escalated",
+                state,
+                "escalated",
+                reason,
+                attempt=attempt,
+                severity="critical" if critical else None,
+            )
+        log.warning("attempt_failed", incident_id=str(state.id), reason=reason)
+        return WAIT
+
+    async def _escalate(self, state: IncidentState, expected: str, reason: str) -> StepResult:
+        async with self._locked(state.id) as session:
+            if await repo.move_incident(
+                session, state.id, expected=expected, status="escalated", reason=reason
+            ):
+                await self._notify(session, "escalated", state, "escalated", reason)
+        return WAIT
+
+    async def _attempt_gone(self, state: IncidentState) -> StepResult:
+        """The incident says an attempt is under way but it is not: cancelled (the runbook's
+        SQL, or the kill switch) or ended elsewhere. The incident follows the attempt."""
+        attempt = state.attempt
+        if attempt is not None and attempt.status == "cancelled":
+            status, reason = "cancelled", f"attempt {attempt.id} was cancelled"
+        elif attempt is not None and attempt.status == "success":
+            status, reason = "resolved", f"attempt {attempt.id} succeeded"
+        elif attempt is not None and attempt.status == "rolled_back":
+            status, reason = "rolled_back", f"attempt {attempt.id} was rolled back"
+        else:
+            status = "escalated"
+            reason = "the incident's attempt ended" + (
+                f" as {attempt.status}: {attempt.failure_reason}" if attempt else " or is missing"
+            )
+        async with self._locked(state.id) as session:
+            moved = await repo.move_incident(
+                session, state.id, expected=state.status, status=status, reason=reason
+            )
+            if moved and status in ("cancelled", "escalated"):
+                await self._notify(session, status, state, status, reason)
+        return WAIT
+
+    async def _cancel_if_kill_switch(
+        self, state: IncidentState, attempt: AttemptRow, *, command_id: uuid.UUID | None = None
+    ) -> StepResult | None:
+        """Between two steps: an automatic attempt that has not reached the plugin is
+        cancelled while the kill switch is engaged. None when it may go on."""
+        async with self._locked(state.id) as session:
+            if not await repo.kill_switch_engaged(session, before_change=False):
+                return None
+            if command_id is not None and await repo.lock_command(session, command_id) != "pending":
+                return None  # handed out already: it is applied, see it through
+            if not await repo.move_attempt(
+                session,
+                attempt.id,
+                expected=attempt.status,
+                status="cancelled",
+                failure_reason="kill switch engaged before the change was applied",
+                finished=True,
+            ):
+                return WAIT
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=state.status,
+                status="blocked_by_policy",
+                reason="autopatch is disabled (kill switch): attempt cancelled before applying",
+                next_check_in_s=self.settings.blocked_recheck_s,
+            )
+        log.warning("attempt_cancelled_by_kill_switch", incident_id=str(state.id))
+        return WAIT
+
+    async def _maybe_quarantine(
+        self, session: AsyncSession, state: IncidentState, attempt: AttemptRow
+    ) -> None:
+        if attempt.action != "patch" or attempt.to_version is None:
+            return
+        count = await repo.rollbacks_of_version(
+            session, plugin_name=state.plugin_name, version=attempt.to_version
+        )
+        if count >= self.settings.quarantine_after_rollbacks and await releases.quarantine(
+            session,
+            state.plugin_name,
+            attempt.to_version,
+            f"rolled back {count} times across the fleet (threshold"
+            f" {self.settings.quarantine_after_rollbacks})",
+        ):
+            log.warning("release_quarantined", plugin=state.plugin_name, version=attempt.to_version)
+
+    async def _record_feedback(
+        self, session: AsyncSession, state: IncidentState, attempt: AttemptRow, outcome: str
+    ) -> None:
+        await record_outcome(
+            session,
+            Feedback(
+                incident_id=str(state.id),
+                attempt_id=str(attempt.id),
+                incident_type=state.type,
+                plugin=state.plugin_name,
+                from_version=attempt.from_version,
+                to_version=attempt.to_version,
+                decision_source=attempt.decision_source or "manual",
+                confidence=None if attempt.confidence is None else float(attempt.confidence),
+                outcome=outcome,
+            ),
+        )
+
+    async def _notify(
+        self,
+        session: AsyncSession,
+        event: str,
+        state: IncidentState,
+        status: str,
+        detail: str | None = None,
+        *,
+        attempt: AttemptRow | None = None,
+        severity: str | None = None,
+    ) -> None:
+        incident = state.as_notification() | {"status": status}
+        if severity:
+            incident["severity"] = severity
+        await notify(
+            session,
+            event,
+            incident=incident,
+            attempt=_attempt_json(attempt) if attempt else None,
+            detail=detail,
+        )
+
+
+def _proposed(
+    state: IncidentState, action: dict[str, Any], *, attempt_id: uuid.UUID | None = None
+) -> ProposedAction:
+    assert state.installation_id is not None and state.tenant_id is not None
+    confidence = action.get("confidence")
+    return ProposedAction(
+        incident_id=state.id,
+        installation_id=state.installation_id,
+        tenant_id=state.tenant_id,
+        plugin_name=state.plugin_name,
+        action="rollback" if action["action"] == "rollback" else "patch",
+        from_version=action.get("from_version"),
+        to_version=str(action["to_version"]),
+        severity=state.severity,
+        confidence=None if confidence is None else float(confidence),
+        automatic=bool(action.get("automatic")),
+        requested_by=str(action.get("requested_by") or "worker"),
+        attempt_id=attempt_id,
+    )
+
+
+def _undeliverable(state: IncidentState, command: repo.CommandRow) -> bool:
+    """Expired, or handed out as many times as allowed and the last lease ran out."""
+    if command.status not in ("pending", "delivered"):
+        return False
+    if state.now >= command.expires_at:
+        return True
+    return (
+        command.delivery_count >= command.max_deliveries
+        and command.lease_expires_at is not None
+        and state.now >= command.lease_expires_at
+    )
+
+
+def _healthy(incident_type: str, samples: list[Sample], needed: int, settings: Settings) -> bool:
+    if len(samples) < needed:
+        return False
+    if incident_type in ("heartbeat_missed",):
+        return True  # heartbeats on the new version are the health signal
+    return healthy_for(incident_type, samples, thresholds(settings), needed)
+
+
+def _attempt_json(attempt: AttemptRow) -> dict[str, Any]:
+    return {
+        "id": str(attempt.id),
+        "action": attempt.action,
+        "from_version": attempt.from_version,
+        "to_version": attempt.to_version,
+        "status": attempt.status,
+        "failure_reason": attempt.failure_reason,
+        "rollback_reason": attempt.rollback_reason,
+    }

@@ -1,0 +1,116 @@
+"""`selfheal notify ...`: notification endpoints from the command line.
+
+The shared helpers of `app.cli` are imported inside the commands: `app.cli` imports this
+module to register it, so importing `app.cli` here at module level would be circular."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Annotated
+
+import orjson
+import typer
+
+notify_cli = typer.Typer(
+    help="Notification webhooks (ops and tenant endpoints) and their signing secrets.",
+    no_args_is_help=True,
+)
+
+
+@notify_cli.command("add")
+def notify_add(
+    url: Annotated[str, typer.Option(help="http(s) URL that receives signed JSON POSTs")],
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="Tenant whose incidents it receives (default: an ops endpoint)"),
+    ] = None,
+    events: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated events to receive (default: all)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Add an endpoint; prints its id and signing secret (shown once)."""
+    from app.cli import _print, _with_database, fail, load_settings, running_services
+    from app.core.crypto import SecretBox
+    from app.notifications.service import add_endpoint, check_url, parse_events
+
+    try:
+        check_url(url)
+        names = parse_events(events)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    with running_services(load_settings(), redis=False) as settings:
+        box = SecretBox(settings.secret_key)
+        try:
+            issued = _with_database(
+                settings, lambda s: add_endpoint(s, box, url=url, tenant_id=tenant, events=names)
+            )
+        except LookupError as exc:
+            raise fail(str(exc), code=1) from None
+    endpoint = issued.endpoint
+    data = {
+        "id": str(endpoint.id),
+        "secret": issued.secret,
+        "url": endpoint.url,
+        "tenant": endpoint.tenant_id,
+        "events": endpoint.events,
+    }
+    if not as_json:
+        data |= {
+            "tenant": endpoint.tenant_id or "(ops: every incident)",
+            "events": ",".join(endpoint.events) or "(all)",
+        }
+    _print(
+        data,
+        as_json,
+        "Store the secret now: it is not shown again. Receivers verify X-Selfheal-Signature"
+        " with it (README, Notifications).",
+    )
+
+
+@notify_cli.command("list")
+def notify_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """List endpoints (enabled first); secrets are never shown again."""
+    from app.cli import _with_database, load_settings, running_services
+    from app.notifications.service import list_endpoints
+
+    with running_services(load_settings(), redis=False) as settings:
+        endpoints = _with_database(settings, list_endpoints)
+    if as_json:
+        items = [endpoint.as_json() for endpoint in endpoints]
+        sys.stdout.write(orjson.dumps({"endpoints": items}).decode() + "\n")
+        return
+    if not endpoints:
+        typer.echo("no notification endpoints (add one with `selfheal notify add`)", err=True)
+        return
+    for endpoint in endpoints:
+        state = f"disabled {endpoint.disabled_at:%Y-%m-%d %H:%M}" if endpoint.disabled_at else "on"
+        typer.echo(
+            f"{endpoint.id}  {state:<24}  {endpoint.tenant_id or '(ops)':<20}  "
+            f"{','.join(endpoint.events) or '(all)':<30}  {endpoint.url}"
+        )
+
+
+@notify_cli.command("disable")
+def notify_disable(
+    endpoint_id: Annotated[str, typer.Argument(help="Endpoint id")],
+) -> None:
+    """Stop notifying an endpoint; deliveries still waiting for it are given up."""
+    from app.cli import _with_database, fail, load_settings, running_services
+    from app.notifications.service import disable_endpoint
+
+    try:
+        parsed = uuid.UUID(endpoint_id)
+    except ValueError:
+        raise fail(f"{endpoint_id!r} is not an endpoint id (a UUID)") from None
+    with running_services(load_settings(), redis=False) as settings:
+        try:
+            _, dropped = _with_database(settings, lambda s: disable_endpoint(s, parsed))
+        except LookupError as exc:
+            raise fail(str(exc), code=1) from None
+    plural = "y" if dropped == 1 else "ies"
+    typer.echo(f"endpoint {parsed} disabled ({dropped} pending deliver{plural} given up)")

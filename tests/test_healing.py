@@ -1,0 +1,724 @@
+"""The healing loop end to end, one flow of the brief per test: real PostgreSQL and Redis, the
+reference decision service and staging runner as real processes on loopback, the API in
+process, and the test playing the plugin (signed heartbeats, reading commands from the
+responses, acking or failing them). The loop runs in process (Healer.claim_due / advance)
+so each test can drive it step by step; tests/test_healing_workers.py runs it in real
+`selfheal worker` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from app.core.crypto import SecretBox
+from app.core.db import create_engine, create_sessionmaker
+from app.core.settings import Settings
+from app.decisions.breaker import CircuitBreaker
+from app.decisions.client import DecisionClient
+from app.healing.engine import Healer
+from app.healing.staging import StagingClient
+from app.incidents.detection import detect_once
+from app.releases import service as release_service
+from app.releases.signing import generate_key, load_signer
+from tests.conftest import (
+    Persona,
+    Plugin,
+    heartbeat_body,
+    make_settings,
+    register,
+    send_heartbeat,
+    serve,
+)
+from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server, running
+
+pytestmark = pytest.mark.timeout(120)
+
+_uptime = iter(range(50_000, 10**9, 100))
+HEALTHY = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 0}
+FAILING_WEBHOOKS = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 30}
+
+
+@pytest.fixture(scope="module")
+def sira_server() -> Iterator[Server]:
+    with running(["sim.decision_service"], SIRA_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def runner_server() -> Iterator[Server]:
+    with running(["sim", "staging-runner"], RUNNER_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def sira(sira_server: Server) -> Server:
+    sira_server.control(mode="normal", slow_s=30)
+    return sira_server
+
+
+@pytest.fixture
+def runner(runner_server: Server) -> Server:
+    runner_server.control(mode="normal", fail_versions=[], delay_s=0.1)
+    return runner_server
+
+
+@pytest.fixture
+def loop_settings(settings: Settings, sira: Server, runner: Server, tmp_path: Path) -> Settings:
+    return make_settings(
+        settings.database_url or "",
+        settings.redis_url or "",
+        settings.redis_prefix,
+        data_dir=tmp_path,
+        sira_api_url=sira.url,
+        sira_api_token=SIRA_TOKEN,
+        staging_runner_url=runner.url,
+        staging_runner_token=RUNNER_TOKEN,
+        health_window_s=2,
+        heal_poll_s=0.05,
+        blocked_recheck_s=0.05,
+        recovery_heartbeats=2,
+        decision_deadline_s=1.0,
+        missed_decide_after_s=0,
+        command_lease_s=1,
+    )
+
+
+@dataclass
+class Loop:
+    settings: Settings
+    healer: Healer
+    client: httpx.AsyncClient
+    decisions: DecisionClient
+
+    async def turn(self) -> None:
+        """One pass: every due incident advanced as far as it can go now."""
+        for incident_id in await self.healer.claim_due():
+            await self.healer.advance(incident_id)
+
+    async def until(self, db: Any, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, (
+                "the loop did not get there in time; incidents: "
+                + repr(db.execute("SELECT status, status_reason FROM plugin_incidents").fetchall())
+            )
+            await detect_once(self.healer.maker, self.settings)
+            await self.turn()
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def healing_loop(settings: Settings) -> AsyncIterator[Loop]:
+    engine = create_engine(settings, role="test-worker")
+    maker = create_sessionmaker(engine)
+    async with httpx.AsyncClient() as http, serve(settings) as (_, client):
+        decisions = DecisionClient(
+            http,
+            base_url=settings.sira_api_url,
+            token=settings.sira_api_token,
+            deadline_s=settings.decision_deadline_s,
+            breaker=CircuitBreaker(failure_threshold=2, cool_down_s=0.5),
+        )
+        staging = StagingClient(
+            http,
+            base_url=settings.staging_runner_url,
+            token=settings.staging_runner_token,
+            deadline_s=2.0,
+        )
+        try:
+            yield Loop(settings, Healer(maker, settings, decisions, staging), client, decisions)
+        finally:
+            await engine.dispose()
+
+
+async def add_release(settings: Settings, tmp_path: Path, plugin: str, version: str) -> None:
+    key = settings.data_dir / "keys" / "release-signing.pem"
+    if not key.exists():
+        generate_key(key)
+    artifact = tmp_path / f"{plugin}-{version}.zip"
+    artifact.write_bytes(f"{plugin} {version}".encode())
+    engine = create_engine(settings, role="test")
+    try:
+        async with create_sessionmaker(engine)() as session, session.begin():
+            await release_service.add_release(
+                session,
+                load_signer(key),
+                plugin=plugin,
+                version=version,
+                artifact=artifact,
+                url=f"https://releases.example/{plugin}/{version}.zip",
+                valid_days=30,
+            )
+    finally:
+        await engine.dispose()
+
+
+async def beat(
+    loop: Loop, plugin: Plugin, version: str, telemetry: dict[str, int]
+) -> list[dict[str, Any]]:
+    response = await send_heartbeat(
+        loop.client,
+        plugin,
+        heartbeat_body(plugin_version=version, uptime_s=next(_uptime), telemetry=telemetry),
+    )
+    assert response.status_code == 200, response.text
+    commands: list[dict[str, Any]] = response.json()["commands"]
+    return commands
+
+
+async def signed_post(loop: Loop, plugin: Plugin, path: str, payload: Any) -> httpx.Response:
+    body = orjson.dumps(payload)
+    return await loop.client.post(path, content=body, headers=plugin.headers(body, path))
+
+
+async def ack(loop: Loop, plugin: Plugin, command: dict[str, Any]) -> None:
+    response = await signed_post(
+        loop, plugin, f"/api/plugins/commands/{command['id']}/ack", {"result": {"ok": True}}
+    )
+    assert response.status_code == 200, response.text
+
+
+def enable_autopatch(db: Any, *tenants: str, **extra: Any) -> None:
+    sets = ", ".join(f"{name} = %({name})s" for name in extra)
+    db.execute(
+        "UPDATE ops_policy SET autopatch_enabled = true, autopatch_whitelist = %(w)s::jsonb"
+        + (f", {sets}" if sets else "")
+        + " WHERE id = 1",
+        {"w": orjson.dumps(list(tenants)).decode(), **extra},
+    )
+
+
+def incident_status(db: Any) -> tuple[str, str | None]:
+    row = db.execute(
+        "SELECT status, status_reason FROM plugin_incidents WHERE installation_id IS NOT NULL"
+        " ORDER BY detected_at DESC LIMIT 1"
+    ).fetchone()
+    return (row[0], row[1]) if row else ("none", None)
+
+
+def attempts(db: Any) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT action, from_version, to_version, status, decision_source FROM"
+        " plugin_autopatch_attempts ORDER BY created_at"
+    ).fetchall()
+
+
+def commands(db: Any) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT type, payload->>'version', status, automatic FROM plugin_agent_commands"
+        " ORDER BY created_at"
+    ).fetchall()
+
+
+async def sick_plugin(loop: Loop, plugin: Plugin, db: Any) -> None:
+    """The brief's example: a webhook failure rate of 0.6 on 1.2.2 -> a medium incident."""
+    await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+    await detect_once(loop.healer.maker, loop.settings)
+    assert incident_status(db)[0] == "detected"
+
+
+@pytest.fixture
+async def releases(loop_settings: Settings, tmp_path: Path, plugin: Plugin) -> None:
+    for version in ("1.2.2", "1.2.3"):
+        await add_release(loop_settings, tmp_path, plugin.name, version)
+
+
+# --- the brief's flows ---------------------------------------------------------------------
+
+
+async def test_autopatch_success_end_to_end(loop_settings, plugin, db, releases, sira, runner):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        got = await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+        assert [(c["type"], c["payload"]["version"]) for c in got] == [("update", "1.2.3")]
+        payload = got[0]["payload"]
+        assert set(payload) == {"version", "artifact_url", "sha256", "signature", "signed"}
+        await ack(loop, plugin, got[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "verifying")
+        for _ in range(2):
+            await beat(loop, plugin, "1.2.3", HEALTHY)
+        await loop.until(db, lambda: incident_status(db)[0] == "resolved")
+    assert attempts(db) == [("patch", "1.2.2", "1.2.3", "success", "sira")]
+    assert commands(db) == [("update", "1.2.3", "acked", True)]
+    row = db.execute(
+        "SELECT executed_at IS NOT NULL, finished_at IS NOT NULL FROM plugin_autopatch_attempts"
+    ).fetchone()
+    assert row == (True, True)
+    feedback = db.execute(
+        "SELECT incident_type, from_version, to_version, decision_source, outcome"
+        " FROM sira_learning_feedback"
+    ).fetchall()
+    assert feedback == [("webhook_fail_rate", "1.2.2", "1.2.3", "sira", "success")]
+    # Every step is in the hash-chained event log, and the chain verifies.
+    statuses = [
+        r[0]
+        for r in db.execute(
+            "SELECT new_status FROM plugin_autopatch_attempt_events ORDER BY id"
+        ).fetchall()
+    ]
+    assert statuses[0] == "pending" and statuses[-1] == "success"
+    assert {"staging", "applying", "verifying"} <= set(statuses)
+    assert db.execute("SELECT selfheal_verify_attempt_events()").fetchone() == (None,)
+
+
+async def test_staging_failure_fails_the_attempt_and_sends_no_command(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    runner.control(fail_versions=["1.2.3"])
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    assert attempts(db) == [("patch", "1.2.2", "1.2.3", "failed", "sira")]
+    assert commands(db) == []
+    reason = db.execute("SELECT failure_reason FROM plugin_autopatch_attempts").fetchone()[0]
+    assert "staging failed" in reason and "nothing was changed in production" in reason
+
+
+async def test_unreachable_staging_runner_fails_safe_after_bounded_tries(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    runner.control(mode="error")
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated", timeout=30)
+    assert attempts(db)[0][3] == "failed" and commands(db) == []
+    row = db.execute(
+        "SELECT staging_tries, failure_reason FROM plugin_autopatch_attempts"
+    ).fetchone()
+    assert row[0] == loop_settings.staging_max_tries - 1 and "unusable" in row[1]
+
+
+async def test_health_failure_rolls_back_automatically(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        update = await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+        await ack(loop, plugin, update[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "verifying")
+        # 1.2.3 is no better: the health window passes with the anomaly still there.
+        await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
+        rollback = await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        assert [(c["type"], c["payload"]["version"]) for c in rollback] == [("rollback", "1.2.2")]
+        await ack(loop, plugin, rollback[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
+    assert attempts(db) == [("patch", "1.2.2", "1.2.3", "rolled_back", "sira")]
+    row = db.execute(
+        "SELECT rollback_reason, rolled_back_at IS NOT NULL FROM plugin_autopatch_attempts"
+    ).fetchone()
+    assert "still present on 1.2.3" in row[0] and row[1]
+    assert db.execute("SELECT outcome FROM sira_learning_feedback").fetchall() == [("rolled_back",)]
+
+
+async def test_failed_rollback_escalates_as_critical(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back", timeout=30)
+        rollback = await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        response = await signed_post(
+            loop,
+            plugin,
+            f"/api/plugins/commands/{rollback[0]['id']}/fail",
+            {"error": "disk full", "retryable": False},
+        )
+        assert response.status_code == 200, response.text
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    row = db.execute("SELECT severity, status_reason FROM plugin_incidents").fetchone()
+    assert row[0] == "critical" and "rollback to 1.2.2 failed: disk full" in row[1]
+    assert attempts(db)[0][3] == "failed"
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+async def test_kill_switch_off_by_default_blocks_with_the_reason(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+        _, reason = incident_status(db)
+        assert "kill switch" in (reason or "") and "whitelist" in (reason or "")
+        # The decision is recorded even though nothing may be done.
+        decision = db.execute("SELECT sira_decision FROM plugin_incidents").fetchone()[0]
+        assert decision["action"] == "patch" and decision["source"] == "sira"
+        assert attempts(db) == []
+        # Ops turn it on for this tenant: the waiting incident goes ahead by itself.
+        enable_autopatch(db, plugin.tenant)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason"),
+    [
+        ({"autopatch_max_severity": "low"}, "above the autopatch cap"),
+        ({"min_confidence": 0.95}, "below the minimum"),
+        ({"canary_percent": 0}, "outside the canary share"),
+    ],
+)
+async def test_policy_rules_block_automatic_patches(
+    loop_settings, plugin, db, releases, sira, runner, policy, reason
+):
+    enable_autopatch(db, plugin.tenant, **policy)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+    assert reason in (incident_status(db)[1] or "")
+    assert attempts(db) == [] and commands(db) == []
+
+
+async def test_tenant_outside_the_whitelist_is_not_patched(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, "some-other-tenant")
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+    assert "not in the autopatch whitelist" in (incident_status(db)[1] or "")
+
+
+async def test_kill_switch_between_staging_and_apply_cancels_the_attempt(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    runner.control(delay_s=0.5)
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: bool(attempts(db)) and attempts(db)[0][3] == "staging")
+        db.execute("UPDATE ops_policy SET autopatch_enabled = false WHERE id = 1;")
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+    assert attempts(db)[0][3] == "cancelled"
+    assert commands(db) == []
+
+
+async def test_kill_switch_holds_a_queued_command_and_cancels_its_attempt(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        db.execute("UPDATE ops_policy SET autopatch_enabled = false WHERE id = 1;")
+        # Not handed to the plugin after the switch...
+        assert await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS) == []
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+    # ...and the attempt, never applied, ends cancelled with its command.
+    assert attempts(db)[0][3] == "cancelled"
+    assert commands(db) == [("update", "1.2.3", "cancelled", True)]
+
+
+# --- approvals and manual actions ----------------------------------------------------------
+
+
+async def approve(loop: Loop, incident_id: str, persona: Persona) -> httpx.Response:
+    return await loop.client.post(
+        f"/api/ops/plugin-incidents/{incident_id}/approve",
+        json={"comment": "looks right"},
+        headers=persona.auth,
+    )
+
+
+def incident_id(db: Any) -> str:
+    return str(
+        db.execute("SELECT id FROM plugin_incidents WHERE installation_id IS NOT NULL").fetchone()[
+            0
+        ]
+    )
+
+
+async def test_high_severity_needs_a_quorum_of_distinct_operators(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin, viewer
+):
+    enable_autopatch(db, plugin.tenant, approval_min_severity="medium")
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        assert "needs 2 approvals" in (incident_status(db)[1] or "")
+        key = incident_id(db)
+        # A viewer cannot vote; one vote is not a quorum; the same user twice is one vote.
+        assert (await approve(loop, key, viewer)).status_code == 403
+        first = await approve(loop, key, operator)
+        assert first.status_code == 200, first.text
+        assert (await approve(loop, key, operator)).json()["approvals"] == 1
+        await loop.turn()
+        assert incident_status(db)[0] == "awaiting_approval"
+        second = await approve(loop, key, admin)
+        assert second.json()["approvals"] == 2
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+
+
+async def test_expired_approval_does_not_count(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin
+):
+    enable_autopatch(db, plugin.tenant, approval_min_severity="medium", approvals_required=1)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        assert (await approve(loop, incident_id(db), operator)).status_code == 200
+        db.execute("UPDATE approvals SET expires_at = now() - interval '1 second'")
+        await loop.turn()
+        await loop.turn()
+        assert incident_status(db)[0] == "awaiting_approval"
+        assert attempts(db) == []
+
+
+async def test_manual_rollback_runs_through_the_gate_and_the_requester_cannot_approve(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin
+):
+    """Autopatch stays off: ops drive it. A manual action of high severity needs approvals,
+    and not from the one who asked."""
+    sira.control(mode="error")
+    db.execute("UPDATE ops_policy SET approvals_required = 1, approval_min_severity = 'medium'")
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] in ("escalated", "blocked_by_policy"))
+        key = incident_id(db)
+        response = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/manual-action",
+            json={"action": "patch", "patch_version": "1.2.3", "comment": "vendor fix"},
+            headers=operator.auth,
+        )
+        assert response.status_code == 200, response.text
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        assert (await approve(loop, key, operator)).status_code == 403
+        assert (await approve(loop, key, admin)).status_code == 200
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    assert attempts(db) == [("patch", "1.2.2", "1.2.3", "applying", "manual")]
+    row = db.execute("SELECT requested_by, automatic FROM plugin_autopatch_attempts").fetchone()
+    assert row == ("user:otto", False)
+    # Manual commands are not held by the kill switch (autopatch is off).
+    assert commands(db) == [("update", "1.2.3", "pending", False)]
+
+
+async def test_manual_action_bad_input_is_a_clear_4xx(
+    loop_settings, plugin, db, releases, sira, runner, operator, viewer
+):
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        key = incident_id(db)
+        url = f"/api/ops/plugin-incidents/{key}/manual-action"
+        cases = [
+            ({"action": "reboot"}, operator, 422),
+            ({"action": "patch"}, operator, 422),
+            ({"action": "patch", "patch_version": "9.9.9"}, operator, 422),
+            ({"action": "patch", "patch_version": "1.2.3"}, viewer, 403),
+        ]
+        for body, persona, status in cases:
+            response = await loop.client.post(url, json=body, headers=persona.auth)
+            assert response.status_code == status, (body, response.text)
+            assert "error" in response.json()
+        missing = await loop.client.post(
+            "/api/ops/plugin-incidents/00000000-0000-0000-0000-000000000000/manual-action",
+            json={"action": "ignore"},
+            headers=operator.auth,
+        )
+        assert missing.status_code == 404
+        ignored = await loop.client.post(url, json={"action": "ignore"}, headers=operator.auth)
+        assert ignored.json()["status"] == "ignored"
+        again = await loop.client.post(url, json={"action": "resolve"}, headers=operator.auth)
+        assert again.status_code == 409
+
+
+# --- decision service down -----------------------------------------------------------------
+
+
+async def test_decision_service_down_falls_back_and_says_so(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    sira.control(mode="error")
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] not in ("detected", "deciding"))
+    decision = db.execute("SELECT sira_decision FROM plugin_incidents").fetchone()[0]
+    assert decision["source"] == "fallback" and "HTTP 500" in decision["fallback_reason"]
+    # No regression, no track record for 1.2.3: the fallback escalates.
+    assert decision["action"] == "escalate"
+    assert incident_status(db)[0] == "escalated"
+
+
+async def test_fallback_rolls_back_a_regression_after_an_update(
+    loop_settings, tmp_path, db, sira, runner
+):
+    sira.control(mode="error")
+    plugin = await register(loop_settings, version="1.2.3")
+    for version in ("1.2.2", "1.2.3"):
+        await add_release(loop_settings, tmp_path, plugin.name, version)
+    # A regression is high severity: let the policy act on it without approvals.
+    enable_autopatch(
+        db,
+        plugin.tenant,
+        min_confidence=0.6,
+        autopatch_max_severity="high",
+        approval_min_severity="critical",
+    )
+    async with healing_loop(loop_settings) as loop:
+        # The installation runs 1.2.2, updates itself to 1.2.3, and 1.2.3 fails.
+        db.execute(
+            "UPDATE merchant_plugins SET plugin_version = '1.2.2' WHERE id = %s", (plugin.id,)
+        )
+        await beat(loop, plugin, "1.2.2", HEALTHY)
+        await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        await detect_once(loop.healer.maker, loop.settings)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    decision = db.execute(
+        "SELECT sira_decision FROM plugin_incidents WHERE status = 'applying'"
+    ).fetchone()[0]
+    assert decision["source"] == "fallback" and decision["rule"] == "rollback_after_update"
+    assert attempts(db)[0][:3] == ("rollback", "1.2.3", "1.2.2")
+
+
+async def test_breaker_opens_on_repeated_failures_and_recovers(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    sira.control(mode="error")
+    async with healing_loop(loop_settings) as loop:
+        for _ in range(2):
+            await loop.decisions.decide(
+                *await _facts(loop, plugin),
+            )
+        assert loop.decisions.breaker.state == "open"
+        calls = sira.decide_calls()
+        await loop.decisions.decide(*await _facts(loop, plugin))
+        assert sira.decide_calls() == calls  # open: not even asked
+        sira.control(mode="normal")
+        await asyncio.sleep(0.6)  # the cool-down
+        decision = await loop.decisions.decide(*await _facts(loop, plugin))
+        assert decision.source == "sira" and loop.decisions.breaker.state == "closed"
+
+
+async def _facts(loop: Loop, plugin: Plugin) -> tuple[Any, list[str]]:
+    from datetime import UTC, datetime
+
+    from app.decisions.schemas import IncidentFacts
+
+    return (
+        IncidentFacts(
+            id="00000000-0000-0000-0000-000000000001",
+            type="webhook_fail_rate",
+            severity="medium",
+            plugin=plugin.name,
+            current_version="1.2.2",
+            previous_version=None,
+            detected_at=datetime.now(UTC),
+        ),
+        ["1.2.3"],
+    )
+
+
+# --- the runbook's SQL ---------------------------------------------------------------------
+
+
+async def test_runbook_cancel_pending_patches_verbatim(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        db.execute(
+            "UPDATE plugin_autopatch_attempts \nSET status = 'cancelled' \n"
+            "WHERE status IN ('pending', 'staging', 'applying');"
+        )
+        assert await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS) == []
+        await loop.until(db, lambda: incident_status(db)[0] == "cancelled")
+    assert commands(db) == [("update", "1.2.3", "cancelled", True)]
+    who = db.execute(
+        "SELECT db_user FROM plugin_autopatch_attempt_events WHERE new_status = 'cancelled'"
+    ).fetchone()
+    assert who == ("postgres",)
+
+
+async def test_runbook_rollback_all_recent_patches_verbatim_issues_rollback_commands(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+        for _ in range(2):
+            await beat(loop, plugin, "1.2.3", HEALTHY)
+        await loop.until(db, lambda: incident_status(db)[0] == "resolved")
+        db.execute(
+            "UPDATE plugin_autopatch_attempts \nSET status = 'rolled_back',\n"
+            "    rollback_reason = 'Emergency rollback',\n    rolled_back_at = now()\n"
+            "WHERE status = 'success' \n  AND executed_at > now() - interval '1 hour';"
+        )
+        await loop.healer.follow_sql_rollbacks()
+        await loop.healer.follow_sql_rollbacks()  # twice: still one command
+        got = await beat(loop, plugin, "1.2.3", HEALTHY)
+    assert [(c["type"], c["payload"]["version"]) for c in got] == [("rollback", "1.2.2")]
+    assert [c[:2] for c in commands(db)] == [("update", "1.2.3"), ("rollback", "1.2.2")]
+
+
+# --- notifications -------------------------------------------------------------------------
+
+
+async def add_endpoint(settings: Settings, tenant: str | None) -> None:
+    from app.notifications.service import add_endpoint as add
+
+    engine = create_engine(settings, role="test")
+    try:
+        async with create_sessionmaker(engine)() as session, session.begin():
+            await add(
+                session,
+                SecretBox(settings.secret_key),
+                url="https://hooks.example/selfheal",
+                tenant_id=tenant,
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_tenant_and_ops_hear_of_each_step_through_the_outbox(
+    loop_settings, plugin, other_plugin, db, releases, sira, runner
+):
+    await add_endpoint(loop_settings, None)  # ops
+    await add_endpoint(loop_settings, plugin.tenant)
+    await add_endpoint(loop_settings, other_plugin.tenant)  # must hear nothing
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+        for _ in range(2):
+            await beat(loop, plugin, "1.2.3", HEALTHY)
+        await loop.until(db, lambda: incident_status(db)[0] == "resolved")
+    rows = db.execute(
+        "SELECT e.tenant_id, o.topic, o.payload->>'text' FROM outbox o"
+        " JOIN notification_endpoints e ON e.id = o.endpoint_id ORDER BY o.id"
+    ).fetchall()
+    by_endpoint: dict[str | None, list[str]] = {}
+    for tenant, topic, _ in rows:
+        by_endpoint.setdefault(tenant, []).append(topic)
+    assert by_endpoint == {
+        None: ["incident_opened", "patch_succeeded"],
+        plugin.tenant: ["incident_opened", "patch_succeeded"],
+    }
+    assert all(text_ and "webhook_fail_rate" in text_ for _, _, text_ in rows)
+    # The outcome also waits for the decision service's /feedback.
+    assert db.execute("SELECT topic FROM outbox WHERE kind = 'feedback'").fetchall() == [
+        ("feedback",)
+    ]
