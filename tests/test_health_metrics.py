@@ -56,7 +56,14 @@ async def test_health_is_ok_when_postgres_redis_and_a_worker_answer(client, sett
     body = response.json()
     assert set(body) == {"status", "components"}
     assert body["status"] == "ok"
-    assert set(body["components"]) == {"postgres", "redis", "credential_changes", "workers"}
+    assert set(body["components"]) == {
+        "postgres",
+        "redis",
+        "credential_changes",
+        "workers",
+        "decision_service",
+    }
+    assert body["components"]["decision_service"]["status"] == "ok"
     assert body["components"]["credential_changes"] == {"status": "ok"}
     assert body["components"]["workers"]["status"] == "ok"
     postgres, redis = body["components"]["postgres"], body["components"]["redis"]
@@ -65,6 +72,35 @@ async def test_health_is_ok_when_postgres_redis_and_a_worker_answer(client, sett
     assert postgres["latency_ms"] >= 0
     assert redis["status"] == "ok"
     assert redis["latency_ms"] >= 0
+
+
+async def test_an_open_decision_breaker_on_a_live_worker_degrades_health(client, settings):
+    """Workers publish their circuit breaker; an open one means decisions come from the
+    fallback there. A stale entry (a worker gone for long) is ignored."""
+    import time
+
+    import orjson
+    from redis import Redis as SyncRedis
+
+    from app.core.redis import decision_breaker_key
+
+    redis = SyncRedis.from_url(settings.redis_url)
+    try:
+        key = decision_breaker_key(settings)
+        redis.hset(key, "old-host:1", orjson.dumps({"state": "open", "at": time.time() - 3600}))
+        redis.hset(key, "host:2", orjson.dumps({"state": "closed", "at": time.time()}))
+        body = (await client.get("/health")).json()
+        assert body["components"]["decision_service"]["breaker"] == "closed"
+        assert body["components"]["decision_service"]["workers"] == {"host:2": "closed"}
+        redis.hset(key, "host:3", orjson.dumps({"state": "open", "at": time.time()}))
+        body = (await client.get("/health")).json()
+    finally:
+        redis.close()
+    assert body["status"] == "degraded"
+    assert body["components"]["decision_service"]["status"] == "degraded"
+    assert body["components"]["decision_service"]["breaker"] == "open"
+    metrics = (await client.get("/metrics")).text
+    assert 'selfheal_decision_breaker_workers{state="open"} 1.0' in metrics
 
 
 async def test_health_counts_overdue_plugins(client, db, plugin):

@@ -357,9 +357,17 @@ async def test_cooldown_after_an_attempt_on_the_same_installation(maker, db, wor
 
 async def test_cooldown_counts_from_when_an_attempt_started(maker, db, world):
     started = db_now(db)
-    add_attempt(db, world.plugin, "cancelled", created_at=started)
+    add_attempt(db, world.plugin, "failed", created_at=started)
     assert not (await gate(maker, world.action, now=started + timedelta(seconds=3599))).allowed
     assert (await gate(maker, world.action, now=started + timedelta(seconds=3600))).allowed
+
+
+async def test_an_attempt_cancelled_before_it_was_applied_starts_no_cooldown(maker, db, world):
+    """The kill switch cancels attempts that changed nothing; when ops turn autopatch back on,
+    the waiting incidents must not sit out a cooldown for a change that never happened."""
+    started = db_now(db)
+    add_attempt(db, world.plugin, "cancelled", created_at=started)
+    assert (await gate(maker, world.action, now=started + timedelta(seconds=10))).allowed
 
 
 async def test_installation_of_another_tenant_is_refused(settings, maker, world):
