@@ -722,3 +722,77 @@ async def test_tenant_and_ops_hear_of_each_step_through_the_outbox(
     assert db.execute("SELECT topic FROM outbox WHERE kind = 'feedback'").fetchall() == [
         ("feedback",)
     ]
+
+
+# --- delivery bounds, quarantine, learning -------------------------------------------------
+
+
+async def test_a_command_never_acknowledged_fails_the_attempt_after_bounded_deliveries(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    settings = loop_settings.model_copy(update={"command_max_deliveries": 2})
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        delivered = 0
+        for _ in range(4):  # the plugin takes it, never answers; leases run out
+            delivered += len(await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))
+            await asyncio.sleep(loop_settings.command_lease_s + 0.1)
+        assert delivered == 2
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    row = db.execute("SELECT status, failure_reason FROM plugin_autopatch_attempts").fetchone()
+    assert row[0] == "failed" and "did not acknowledge the update command after 2" in row[1]
+    assert commands(db) == [("update", "1.2.3", "expired", True)]
+
+
+async def test_a_release_rolled_back_often_enough_is_quarantined(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    settings = loop_settings.model_copy(update={"quarantine_after_rollbacks": 1})
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back", timeout=30)
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
+        await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
+    row = db.execute(
+        "SELECT quarantined_at IS NOT NULL, quarantine_reason FROM plugin_releases"
+        " WHERE version = '1.2.3'"
+    ).fetchone()
+    assert row[0] and "rolled back 1 times" in row[1]
+
+
+async def test_fallback_patches_to_the_version_with_the_best_observed_outcomes(
+    loop_settings, plugin, db, releases, tmp_path, sira, runner
+):
+    """With the decision service down, our own record decides: 1.2.4 healed this incident type
+    on other installations, 1.2.3 did not."""
+    sira.control(mode="error")
+    await add_release(loop_settings, tmp_path, plugin.name, "1.2.4")
+    others = [await register(loop_settings, tenant=f"m-{n}") for n in range(8)]
+    for n, other in enumerate(others):
+        incident = db.execute(
+            "INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,"
+            " plugin_version, type, severity, status) VALUES (%s, %s, 'payments', '1.2.2',"
+            " 'webhook_fail_rate', 'medium', 'resolved') RETURNING id",
+            (other.id, other.tenant),
+        ).fetchone()[0]
+        to_version, outcome = ("1.2.4", "success") if n < 6 else ("1.2.3", "rolled_back")
+        db.execute(
+            "INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, from_version,"
+            " to_version, status) VALUES (%s, %s, '1.2.2', %s, %s)",
+            (incident, other.id, to_version, outcome),
+        )
+    enable_autopatch(db, plugin.tenant, min_confidence=0.5)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] in ("staging", "applying"))
+    decision = db.execute(
+        "SELECT sira_decision FROM plugin_incidents WHERE installation_id = %s", (plugin.id,)
+    ).fetchone()[0]
+    assert decision["source"] == "fallback"
+    assert (decision["action"], decision["patch_version"]) == ("patch", "1.2.4")
+    assert decision["rule"] == "best_observed_candidate"

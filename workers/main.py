@@ -154,6 +154,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
         breaker=CircuitBreaker(
             failure_threshold=settings.decision_breaker_failures,
             cool_down_s=settings.decision_breaker_cool_down_s,
+            on_change=lambda old, new: log.warning("decision_breaker_changed", old=old, new=new),
         ),
         rules=FallbackRules(
             min_samples=settings.fallback_min_samples,

@@ -104,6 +104,11 @@ class DecisionClient:
         self._clock = clock
         self._rng = rng or random.Random()  # jitter needs no secrecy
 
+    @property
+    def configured(self) -> bool:
+        """False when SIRA_API_URL is unset: every decision comes from the fallback."""
+        return self._base_url is not None
+
     async def decide(
         self,
         incident: IncidentFacts,

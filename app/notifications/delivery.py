@@ -368,7 +368,7 @@ def _feedback_configured(client: DecisionClient | None) -> bool:
     """DecisionClient has no public flag for "SIRA_API_URL is set"; its send_feedback
     refuses for good (retryable=False) without it, which would kill every feedback row of a
     deployment that simply runs without a decision service. So such rows are not claimed."""
-    return client is not None and getattr(client, "_base_url", None) is not None
+    return client is not None and client.configured
 
 
 async def _claim(
