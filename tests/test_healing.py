@@ -796,3 +796,37 @@ async def test_fallback_patches_to_the_version_with_the_best_observed_outcomes(
     assert decision["source"] == "fallback"
     assert (decision["action"], decision["patch_version"]) == ("patch", "1.2.4")
     assert decision["rule"] == "best_observed_candidate"
+
+
+async def test_a_gate_that_refuses_after_staging_cancels_the_attempt_and_waits_for_approval(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin
+):
+    """Severity rose during staging (a fleet incident raises its members to high): the staged
+    patch now needs approvals. It waits where approvals reach it, not in staging."""
+    runner.control(delay_s=0.5)
+    enable_autopatch(db, plugin.tenant, autopatch_max_severity="high", approvals_required=1)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: bool(attempts(db)) and attempts(db)[0][3] == "staging")
+        db.execute("UPDATE plugin_incidents SET severity = 'high'")
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        assert attempts(db)[0][3] == "cancelled" and commands(db) == []
+        assert (await approve(loop, incident_id(db), operator)).status_code == 200
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    assert [a[3] for a in attempts(db)] == ["cancelled", "applying"]
+
+
+async def test_an_attempt_failed_in_sql_takes_its_queued_command_with_it(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        db.execute(
+            "UPDATE plugin_autopatch_attempts SET status = 'failed',"
+            " failure_reason = 'ops: wrong release' WHERE status = 'applying'"
+        )
+        assert await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS) == []
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    assert commands(db) == [("update", "1.2.3", "cancelled", True)]

@@ -96,17 +96,19 @@ async def approve(
         await record_approval(session, incident.id, user.id, proposed, comment=comment)
     except ApprovalRefused as refused:
         raise ActionRefused(403, str(refused)) from None
-    policy = await policy_repo.read_policy_for_share(session)
-    now = policy.now if policy else None
+    # A plain read: only the gate share-locks the policy (see app/policy/gate.py on why).
+    policy = (
+        await session.execute(text("SELECT now() AS now, approvals_required FROM ops_policy"))
+    ).first()
     have = (
         await policy_repo.count_valid_approvals(
             session,
             incident.id,
             action_key(proposed),
-            now=now,
+            now=policy.now,
             requester_username=user_requester(proposed.requested_by),
         )
-        if now
+        if policy
         else 0
     )
     await repo.move_incident(session, incident.id, expected=incident.status, next_check_in_s=0)

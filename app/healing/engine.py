@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.settings import Settings
@@ -53,6 +52,10 @@ from app.releases import repository as releases
 log = structlog.get_logger("selfheal.healing")
 
 MAX_STEPS_PER_RUN = 12
+
+
+class Superseded(Exception):
+    """The incident moved on since the step read it; nothing was changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +91,15 @@ class Healer:
         }
 
     @contextlib.asynccontextmanager
-    async def _locked(self, incident_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
-        """A step's transaction, holding the incident's row lock from its first statement.
-        Every step takes its locks in the same order (incident, gate, attempt history), so two
-        runs on one incident queue up instead of deadlocking."""
+    async def _locked(self, state: IncidentState) -> AsyncIterator[AsyncSession]:
+        """A step's transaction, holding the incident's row lock from its first statement and
+        only while the incident is still in the status the step was chosen for: a run that
+        read the incident before another run moved it changes nothing (Superseded) and looks
+        again. Every step takes its locks in the same order (incident, gate, attempt history),
+        so two runs on one incident queue up instead of deadlocking."""
         async with self.maker() as session, session.begin():
-            await session.execute(
-                text("SELECT 1 FROM plugin_incidents WHERE id = :id FOR UPDATE"),
-                {"id": incident_id},
-            )
+            if not await repo.lock_incident(session, state.id, state.status):
+                raise Superseded(state.status)
             yield session
 
     # -- driving --------------------------------------------------------------------------
@@ -127,6 +130,8 @@ class Healer:
                 return status
             try:
                 result = await step(state)
+            except Superseded:
+                continue  # read it again
             except Exception:
                 # The lease runs out and another run retries the step from the database.
                 log.exception("healing_step_failed", incident_id=str(incident_id), status=status)
@@ -180,7 +185,7 @@ class Healer:
             if waited < self.settings.missed_decide_after_s:
                 # Commands travel in heartbeat responses: give a silent installation time to
                 # come back (detection resolves the incident when it does).
-                async with self._locked(state.id) as session:
+                async with self._locked(state) as session:
                     await repo.move_incident(
                         session,
                         state.id,
@@ -188,7 +193,7 @@ class Healer:
                         next_check_in_s=self.settings.missed_decide_after_s - waited,
                     )
                 return WAIT
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             moved = await repo.move_incident(
                 session,
                 state.id,
@@ -230,7 +235,7 @@ class Healer:
     async def _record_decision(self, state: IncidentState, decision: Decision) -> StepResult:
         record = decision.as_record()
         if decision.action == "ignore":
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_incident(
                     session,
                     state.id,
@@ -241,7 +246,7 @@ class Healer:
                 )
             return WAIT
         if decision.action == "escalate" or decision.patch_version is None:
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 moved = await repo.move_incident(
                     session,
                     state.id,
@@ -262,7 +267,7 @@ class Healer:
             "source": decision.source,
             "confidence": decision.confidence,
         }
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if not await repo.lock_incident(session, state.id, "deciding"):
                 return WAIT
             await repo.move_incident(
@@ -278,7 +283,29 @@ class Healer:
         action = state.pending_action
         if not action:
             return await self._escalate(state, state.status, "no action is waiting for the gate")
-        async with self._locked(state.id) as session:
+        if action.get("from_version") != state.current_version:
+            # The installation changed version while the action waited: it was decided for
+            # another situation.
+            if action.get("automatic"):
+                async with self._locked(state) as session:
+                    await repo.move_incident(
+                        session,
+                        state.id,
+                        expected=state.status,
+                        status="deciding",
+                        reason=f"the installation now runs {state.current_version}; deciding again",
+                        next_check_in_s=self.settings.heal_lease_s,
+                        fields={"pending_action": None},
+                    )
+                return CONTINUE
+            return await self._escalate(
+                state,
+                state.status,
+                f"the installation now runs {state.current_version}, not"
+                f" {action.get('from_version')}: the {action.get('action')} asked by"
+                f" {action.get('requested_by')} no longer applies",
+            )
+        async with self._locked(state) as session:
             if not await repo.lock_incident(session, state.id, state.status):
                 return WAIT
             return await self._gate_and_start(session, state, state.status, action)
@@ -369,7 +396,7 @@ class Healer:
         if attempt.action == "rollback":
             # Back to a version that ran in production before this incident: staging would
             # only delay the fix.
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_attempt(
                     session,
                     attempt.id,
@@ -410,7 +437,7 @@ class Healer:
             )
         except StagingUnavailable as error:
             return await self._staging_unreachable(state, attempt, error.reason)
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             await repo.move_attempt(
                 session,
                 attempt.id,
@@ -441,7 +468,7 @@ class Healer:
         try:
             run = await self.staging.status(attempt.staging_run_id)
         except RunLost as error:
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_attempt(
                     session,
                     attempt.id,
@@ -454,7 +481,7 @@ class Healer:
             return await self._staging_unreachable(state, attempt, error.reason)
         report = {"status": run.status, "run_id": run.id, "report": run.report}
         if run.status == "running":
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_incident(
                     session,
                     state.id,
@@ -469,7 +496,7 @@ class Healer:
                 f"staging failed: {run.summary}; nothing was changed in production",
                 staging_report=report,
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             moved = await repo.move_attempt(
                 session, attempt.id, expected="staging", staging_report=report
             )
@@ -486,7 +513,7 @@ class Healer:
                 f"staging runner unusable after {tries} tries ({reason}); failing safe,"
                 " nothing was changed in production",
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             await repo.move_attempt(
                 session, attempt.id, expected=attempt.status, staging_tries_add=1
             )
@@ -503,7 +530,7 @@ class Healer:
     async def _apply(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
         """Queue the command, in the transaction whose policy read allows it."""
         assert state.installation_id is not None
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if not await repo.lock_incident(session, state.id, "staging"):
                 return WAIT
             action = {
@@ -563,31 +590,29 @@ class Healer:
     async def _held_before_apply(
         self, session: AsyncSession, state: IncidentState, attempt: AttemptRow, gate: GateResult
     ) -> StepResult:
-        if gate.kill_switch:
-            await repo.move_attempt(
-                session,
-                attempt.id,
-                expected=attempt.status,
-                status="cancelled",
-                failure_reason="kill switch engaged before the change was applied",
-                finished=True,
-            )
-            await repo.move_incident(
-                session,
-                state.id,
-                expected="staging",
-                status="blocked_by_policy",
-                reason=f"attempt cancelled before applying: {gate.summary}",
-                next_check_in_s=self.settings.blocked_recheck_s,
-            )
-            return WAIT
+        """The gate refuses what it allowed before staging (kill switch, approvals now needed
+        after a severity rise, a tighter policy, caps). Nothing reached production: the attempt
+        ends cancelled and the incident waits with its action, where approvals can reach it and
+        the usual re-checks apply; an attempt never squats an in-flight slot while it waits."""
+        await repo.move_attempt(
+            session,
+            attempt.id,
+            expected=attempt.status,
+            status="cancelled",
+            failure_reason=f"held by the policy gate before it was applied: {gate.summary}",
+            finished=True,
+        )
+        status = "awaiting_approval" if gate.waits_for_approval_only else "blocked_by_policy"
         await repo.move_incident(
             session,
             state.id,
             expected="staging",
-            reason=f"staged, waiting to apply: {gate.summary}",
+            status=status,
+            reason=f"attempt cancelled before applying: {gate.summary}",
             next_check_in_s=self.settings.blocked_recheck_s,
         )
+        if status == "awaiting_approval":
+            await self._notify(session, "approval_needed", state, status, gate.summary)
         return WAIT
 
     async def _applying(self, state: IncidentState) -> StepResult:
@@ -598,7 +623,7 @@ class Healer:
         if command is None:
             return await self._fail_attempt(state, attempt, "the attempt's command is missing")
         if command.status == "acked":
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_attempt(
                     session,
                     attempt.id,
@@ -620,20 +645,23 @@ class Healer:
             return await self._fail_attempt(
                 state, attempt, f"the plugin could not apply {attempt.to_version}: {command.error}"
             )
+        if command.status == "cancelled" and attempt.automatic:
+            # The kill switch cancelled it before it was handed out (the trigger on
+            # ops_policy): nothing was applied; the incident waits for autopatch.
+            cancelled = await self._cancel_if_kill_switch(state, attempt)
+            if cancelled is not None:
+                return cancelled
         if command.status in ("expired", "cancelled") or _undeliverable(state, command):
-            async with self._locked(state.id) as session:
-                await repo.expire_command(session, command.id)
             return await self._fail_attempt(
                 state,
                 attempt,
                 f"the plugin did not acknowledge the {command.type} command after"
-                f" {command.delivery_count} deliveries",
+                f" {command.delivery_count} deliveries"
+                if command.status != "cancelled"
+                else f"the {command.type} command was cancelled before it was delivered",
+                expire_command_id=command.id,
             )
-        if attempt.automatic and command.status == "pending":
-            cancelled = await self._cancel_if_kill_switch(state, attempt, command_id=command.id)
-            if cancelled is not None:
-                return cancelled
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             await repo.move_incident(
                 session, state.id, expected="applying", next_check_in_s=self.settings.heal_poll_s
             )
@@ -674,7 +702,7 @@ class Healer:
         deadline = attempt.verify_deadline_at
         if deadline is not None and state.now < deadline:
             wait = min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 await repo.move_incident(
                     session, state.id, expected="verifying", next_check_in_s=max(0.05, wait)
                 )
@@ -697,7 +725,7 @@ class Healer:
                 f"health check failed ({why}) and there is no earlier version to go back to",
                 critical=True,
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if not await repo.lock_incident(session, state.id, "verifying"):
                 return WAIT
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=False):
@@ -723,7 +751,7 @@ class Healer:
                 " to roll back to",
                 critical=True,
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if not await repo.lock_incident(session, state.id, "verifying"):
                 return WAIT
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
@@ -761,7 +789,7 @@ class Healer:
                 state, attempt, "the rollback command is missing", critical=True
             )
         if command.status == "acked":
-            async with self._locked(state.id) as session:
+            async with self._locked(state) as session:
                 if not await repo.move_attempt(
                     session,
                     attempt.id,
@@ -783,16 +811,23 @@ class Healer:
                 await self._maybe_quarantine(session, state, attempt)
             return WAIT
         if command.status in ("failed", "expired", "cancelled") or _undeliverable(state, command):
-            async with self._locked(state.id) as session:
-                await repo.expire_command(session, command.id)
-            detail = command.error or f"not acknowledged after {command.delivery_count} deliveries"
+            if command.status == "cancelled":
+                detail = (
+                    "the rollback command was cancelled before delivery (kill switch, or by"
+                    " hand); roll back by hand"
+                )
+            else:
+                detail = (
+                    command.error or f"not acknowledged after {command.delivery_count} deliveries"
+                )
             return await self._fail_attempt(
                 state,
                 attempt,
                 f"rollback to {attempt.from_version} failed: {detail}",
                 critical=True,
+                expire_command_id=command.id if command.status != "failed" else None,
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             await repo.move_incident(
                 session,
                 state.id,
@@ -804,7 +839,7 @@ class Healer:
     # -- endings --------------------------------------------------------------------------
 
     async def _succeed(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if not await repo.move_attempt(
                 session, attempt.id, expected="verifying", status="success", finished=True
             ):
@@ -828,9 +863,20 @@ class Healer:
         *,
         staging_report: dict[str, Any] | None = None,
         critical: bool = False,
+        expire_command_id: uuid.UUID | None = None,
     ) -> StepResult:
-        """The attempt ends failed and the incident goes to a human (escalated)."""
-        async with self._locked(state.id) as session:
+        """The attempt ends failed and the incident goes to a human (escalated).
+        expire_command_id: a command given up on, expired in the same transaction; if the
+        plugin acked it meanwhile, nothing changes and the next look sees the ack."""
+        async with self._locked(state) as session:
+            if expire_command_id is not None:
+                # Attempt row before command row: the order of the runbook's cancel statement
+                # (attempt, then its trigger on the commands), so the two cannot deadlock.
+                await repo.lock_attempt(session, attempt.id)
+                status = await repo.lock_command(session, expire_command_id)
+                if status == "acked":
+                    return CONTINUE
+                await repo.expire_command(session, expire_command_id)
             if not await repo.move_attempt(
                 session,
                 attempt.id,
@@ -864,7 +910,7 @@ class Healer:
         return WAIT
 
     async def _escalate(self, state: IncidentState, expected: str, reason: str) -> StepResult:
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             if await repo.move_incident(
                 session, state.id, expected=expected, status="escalated", reason=reason
             ):
@@ -886,7 +932,7 @@ class Healer:
             reason = "the incident's attempt ended" + (
                 f" as {attempt.status}: {attempt.failure_reason}" if attempt else " or is missing"
             )
-        async with self._locked(state.id) as session:
+        async with self._locked(state) as session:
             moved = await repo.move_incident(
                 session, state.id, expected=state.status, status=status, reason=reason
             )
@@ -895,15 +941,14 @@ class Healer:
         return WAIT
 
     async def _cancel_if_kill_switch(
-        self, state: IncidentState, attempt: AttemptRow, *, command_id: uuid.UUID | None = None
+        self, state: IncidentState, attempt: AttemptRow
     ) -> StepResult | None:
         """Between two steps: an automatic attempt that has not reached the plugin is
-        cancelled while the kill switch is engaged. None when it may go on."""
-        async with self._locked(state.id) as session:
+        cancelled while the kill switch is engaged. None when it may go on. (A queued command
+        is cancelled by the kill switch itself, in the transaction of the switch.)"""
+        async with self._locked(state) as session:
             if not await repo.kill_switch_engaged(session, before_change=False):
                 return None
-            if command_id is not None and await repo.lock_command(session, command_id) != "pending":
-                return None  # handed out already: it is applied, see it through
             if not await repo.move_attempt(
                 session,
                 attempt.id,

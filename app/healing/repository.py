@@ -387,6 +387,13 @@ async def move_attempt(
     return result.first() is not None
 
 
+async def lock_attempt(session: AsyncSession, attempt_id: uuid.UUID) -> None:
+    await session.execute(
+        text("SELECT 1 FROM plugin_autopatch_attempts WHERE id = :id FOR UPDATE"),
+        {"id": attempt_id},
+    )
+
+
 async def lock_command(session: AsyncSession, command_id: uuid.UUID) -> str | None:
     """The command's status, row-locked: ingest cannot hand it out while we decide."""
     result = await session.execute(
@@ -541,7 +548,7 @@ async def sql_rolled_back_without_command(session: AsyncSession, *, limit: int) 
               AND a.executed_at IS NOT NULL AND a.from_version IS NOT NULL
               AND NOT EXISTS (SELECT 1 FROM plugin_agent_commands c
                               WHERE c.attempt_id = a.id AND c.type = 'rollback')
-            ORDER BY a.rolled_back_at
+            ORDER BY a.rolled_back_at DESC
             LIMIT :limit
             FOR UPDATE OF a SKIP LOCKED
             """
