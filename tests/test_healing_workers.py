@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -371,9 +372,23 @@ async def kill_switch_race(
 
 
 def flip_kill_switch(settings: Settings) -> None:
-    """The runbook's statement, as psql sends it: its own connection, autocommit."""
-    with psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as conn:
-        conn.execute("UPDATE ops_policy SET autopatch_enabled = false WHERE id = 1;")
+    """The runbook's statement, typed in psql: the real psql when the machine has it,
+    otherwise the same statement on its own autocommit connection, as psql sends it."""
+    url = libpq_url(settings.database_url or "")
+    statement = "UPDATE ops_policy SET autopatch_enabled = false WHERE id = 1;"
+    psql = shutil.which("psql")
+    if psql:
+        done = subprocess.run(
+            [psql, url, "-v", "ON_ERROR_STOP=1", "-c", statement],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0 and "UPDATE 1" in done.stdout, done.stderr
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statement)
 
 
 async def test_kill_switch_in_psql_no_command_commits_after_the_flip(loop_settings, db):
