@@ -21,6 +21,7 @@ from app.core.state import Services
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.incidents.routes import router as incidents_router
+from app.ops.maintenance import router as maintenance_router
 from app.ops.routes import router as ops_router
 from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
 from app.plugins.fastpath import HeartbeatFastPath
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plugins_router)
     app.include_router(ops_router)
     app.include_router(incidents_router)
+    app.include_router(maintenance_router)
     return app
 
 

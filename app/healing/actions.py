@@ -63,20 +63,31 @@ async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
     return row
 
 
-def _proposed(incident: Any, pending: dict[str, Any]) -> ProposedAction:
+def proposed_from_pending(
+    *,
+    incident_id: uuid.UUID,
+    installation_id: uuid.UUID,
+    tenant_id: str,
+    plugin_name: str,
+    severity: str,
+    pending: dict[str, Any],
+    attempt_id: uuid.UUID | None = None,
+) -> ProposedAction:
+    """The gate's view of an incident's pending action (decided, or asked by an operator)."""
     confidence = pending.get("confidence")
     return ProposedAction(
-        incident_id=incident.id,
-        installation_id=incident.installation_id,
-        tenant_id=incident.tenant_id,
-        plugin_name=incident.plugin_name,
+        incident_id=incident_id,
+        installation_id=installation_id,
+        tenant_id=tenant_id,
+        plugin_name=plugin_name,
         action="rollback" if pending.get("action") == "rollback" else "patch",
         from_version=pending.get("from_version"),
         to_version=str(pending.get("to_version")),
-        severity=incident.severity,
+        severity=severity,
         confidence=None if confidence is None else float(confidence),
         automatic=bool(pending.get("automatic")),
         requested_by=str(pending.get("requested_by") or "worker"),
+        attempt_id=attempt_id,
     )
 
 
@@ -91,7 +102,14 @@ async def approve(
         raise ActionRefused(
             409, f"incident is {incident.status}; there is no action waiting for approval"
         )
-    proposed = _proposed(incident, pending)
+    proposed = proposed_from_pending(
+        incident_id=incident.id,
+        installation_id=incident.installation_id,
+        tenant_id=incident.tenant_id,
+        plugin_name=incident.plugin_name,
+        severity=incident.severity,
+        pending=pending,
+    )
     try:
         await record_approval(session, incident.id, user.id, proposed, comment=comment)
     except ApprovalRefused as refused:

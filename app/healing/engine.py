@@ -40,6 +40,7 @@ from app.core.settings import Settings
 from app.decisions.client import DecisionClient
 from app.decisions.schemas import Decision, Feedback, IncidentFacts, LocalEvidence
 from app.healing import repository as repo
+from app.healing.actions import proposed_from_pending
 from app.healing.repository import AttemptRow, IncidentState
 from app.healing.staging import RunLost, StagingClient, StagingUnavailable
 from app.incidents.detection import thresholds
@@ -684,17 +685,7 @@ class Healer:
                 version=attempt.to_version,
                 limit=max(needed, 2),
             )
-        samples = [
-            Sample(
-                r.received_at,
-                r.requests,
-                r.errors,
-                r.webhook_attempts,
-                r.webhook_failures,
-                r.uptime_s,
-            )
-            for r in rows
-        ]
+        samples = [Sample.of(r) for r in rows]
         if state.current_version == attempt.to_version and _healthy(
             state.type, samples, needed, self.settings
         ):
@@ -1031,19 +1022,13 @@ def _proposed(
     state: IncidentState, action: dict[str, Any], *, attempt_id: uuid.UUID | None = None
 ) -> ProposedAction:
     assert state.installation_id is not None and state.tenant_id is not None
-    confidence = action.get("confidence")
-    return ProposedAction(
+    return proposed_from_pending(
         incident_id=state.id,
         installation_id=state.installation_id,
         tenant_id=state.tenant_id,
         plugin_name=state.plugin_name,
-        action="rollback" if action["action"] == "rollback" else "patch",
-        from_version=action.get("from_version"),
-        to_version=str(action["to_version"]),
         severity=state.severity,
-        confidence=None if confidence is None else float(confidence),
-        automatic=bool(action.get("automatic")),
-        requested_by=str(action.get("requested_by") or "worker"),
+        pending=action,
         attempt_id=attempt_id,
     )
 

@@ -113,17 +113,7 @@ async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickRe
     for installation_id, group in itertools.groupby(rows, key=lambda r: r.id):
         samples_rows = list(group)
         first = samples_rows[0]
-        samples = [
-            Sample(
-                r.received_at,
-                r.requests,
-                r.errors,
-                r.webhook_attempts,
-                r.webhook_failures,
-                r.uptime_s,
-            )
-            for r in samples_rows
-        ]
+        samples = [Sample.of(r) for r in samples_rows]
         recovered_candidates[installation_id] = samples
         for finding in findings_for(
             samples,

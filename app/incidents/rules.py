@@ -21,6 +21,18 @@ class Sample:
     webhook_failures: int
     uptime_s: int | None
 
+    @classmethod
+    def of(cls, row: Any) -> Sample:
+        """From a result row with the heartbeat columns of the same names."""
+        return cls(
+            row.received_at,
+            row.requests,
+            row.errors,
+            row.webhook_attempts,
+            row.webhook_failures,
+            row.uptime_s,
+        )
+
     @property
     def error_ratio(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
