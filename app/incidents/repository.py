@@ -126,28 +126,26 @@ async def resolve_recovered_missed_heartbeats(
 
 async def claim_new_samples(session: AsyncSession, *, max_samples: int) -> tuple[int, int] | None:
     """(last id read, id to read up to), holding the watermark row until the transaction ends
-    so ticks never overlap; None when another worker is reading right now."""
+    so ticks never overlap; None when another worker is reading right now. One statement:
+    on an idle tick this is the whole threshold detector."""
     row = (
         await session.execute(
             text(
-                "SELECT last_id FROM detector_watermarks WHERE name = 'samples'"
-                " FOR UPDATE SKIP LOCKED"
-            )
+                """
+                SELECT w.last_id,
+                       (SELECT coalesce(max(s.id), w.last_id) FROM (
+                            SELECT id FROM plugin_heartbeats
+                            WHERE id > w.last_id ORDER BY id LIMIT :n) s) AS upto
+                FROM detector_watermarks w WHERE w.name = 'samples'
+                FOR UPDATE OF w SKIP LOCKED
+                """
+            ),
+            {"n": max_samples},
         )
     ).first()
     if row is None:
         return None
-    last_id = int(row[0])
-    upto = (
-        await session.execute(
-            text(
-                "SELECT coalesce(max(id), :last) FROM (SELECT id FROM plugin_heartbeats"
-                " WHERE id > :last ORDER BY id LIMIT :n) s"
-            ),
-            {"last": last_id, "n": max_samples},
-        )
-    ).scalar_one()
-    return last_id, int(upto)
+    return int(row.last_id), int(row.upto)
 
 
 async def advance_watermark(session: AsyncSession, upto: int) -> None:
