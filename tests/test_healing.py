@@ -235,7 +235,9 @@ async def releases(loop_settings: Settings, tmp_path: Path, plugin: Plugin) -> N
 # --- the brief's flows ---------------------------------------------------------------------
 
 
-async def test_autopatch_success_end_to_end(loop_settings, plugin, db, releases, sira, runner):
+async def test_autopatch_success_end_to_end(
+    loop_settings, plugin, db, releases, sira, runner, viewer
+):
     enable_autopatch(db, plugin.tenant)
     async with healing_loop(loop_settings) as loop:
         await sick_plugin(loop, plugin, db)
@@ -249,6 +251,25 @@ async def test_autopatch_success_end_to_end(loop_settings, plugin, db, releases,
         for _ in range(2):
             await beat(loop, plugin, "1.2.3", HEALTHY)
         await loop.until(db, lambda: incident_status(db)[0] == "resolved")
+        # What ops see afterwards: why, and each step, in order.
+        detail = (
+            await loop.client.get(
+                f"/api/ops/plugin-incidents/{incident_id(db)}", headers=viewer.auth
+            )
+        ).json()
+    events = [item["event"] for item in detail["timeline"]]
+    assert events[1] == "detected (webhook_fail_rate)"
+    assert events[2] == "decided (sira): patch 1.2.3, confidence 0.87"
+    assert [e.split(": ", 1)[1] for e in events if e.startswith("attempt ")] == [
+        "created -> pending",
+        "pending -> staging",
+        "staging -> staging",
+        "staging -> applying",
+        "applying -> verifying",
+        "verifying -> success",
+    ]
+    assert events[-1] == "resolved: patch to 1.2.3 verified healthy"
+    assert detail["sira_decision"]["explanation"]
     assert attempts(db) == [("patch", "1.2.2", "1.2.3", "success", "sira")]
     assert commands(db) == [("update", "1.2.3", "acked", True)]
     row = db.execute(

@@ -240,9 +240,9 @@ async def move_incident(
         sets.append("status = :status")
         params["status"] = status
         if status in CLOSED_STATUSES:
-            sets.append("resolved_at = coalesce(resolved_at, now())")
+            sets.append("resolved_at = coalesce(resolved_at, clock_timestamp())")
         if status == "escalated":
-            sets.append("escalated_at = coalesce(escalated_at, now())")
+            sets.append("escalated_at = coalesce(escalated_at, clock_timestamp())")
     if reason is not None:
         sets.append("status_reason = :reason")
         params["reason"] = reason[:2000]

@@ -81,7 +81,8 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
     row = (
         await session.execute(
             text(
-                f"SELECT {INCIDENT_COLUMNS}, telemetry_snapshot, sira_decision"
+                f"SELECT {INCIDENT_COLUMNS}, telemetry_snapshot, sira_decision,"
+                " pending_action, decided_at, escalated_at, next_check_at"
                 " FROM plugin_incidents WHERE id = :id"
             ),
             {"id": incident_id},
@@ -125,6 +126,22 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
     if incident["first_bad_signal_at"] is not None:
         timeline.append({"at": incident["first_bad_signal_at"], "event": "first bad signal"})
     timeline.append({"at": incident["detected_at"], "event": f"detected ({incident['type']})"})
+    decision = incident.get("sira_decision")
+    if incident["decided_at"] is not None and isinstance(decision, dict):
+        version = f" {decision.get('patch_version')}" if decision.get("patch_version") else ""
+        timeline.append(
+            {
+                "at": incident["decided_at"],
+                "event": f"decided ({decision.get('source')}): {decision.get('action')}{version},"
+                f" confidence {decision.get('confidence')}",
+            }
+        )
+    for approval in incident["approvals"]:
+        timeline.append(
+            {"at": approval["created_at"], "event": "approved", "by": approval["username"]}
+        )
+    if incident["escalated_at"] is not None:
+        timeline.append({"at": incident["escalated_at"], "event": "escalated to ops"})
     for event in events:
         timeline.append(
             {
