@@ -851,3 +851,11 @@ async def test_an_attempt_failed_in_sql_takes_its_queued_command_with_it(
         assert await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS) == []
         await loop.until(db, lambda: incident_status(db)[0] == "escalated")
     assert commands(db) == [("update", "1.2.3", "cancelled", True)]
+
+
+async def test_metrics_show_what_waits_for_ops(loop_settings, plugin, db, releases, sira, runner):
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+        metrics = (await loop.client.get("/metrics")).text
+    assert 'selfheal_incidents_open{severity="medium",status="blocked_by_policy"} 1.0' in metrics

@@ -30,6 +30,7 @@ import orjson
 import structlog
 from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
+from arq.worker import func
 
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
@@ -191,7 +192,12 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     assert settings.redis_url is not None
     return Worker(
-        functions=[detect, heal, advance, deliver, prune],
+        # `advance` results are never read, and its job ids are unique per claim: no need to
+        # keep them (tick jobs keep theirs, so their ids dedupe the tick fleet-wide).
+        functions=[detect, heal, func(advance, keep_result=0), deliver, prune],
+        # Steps mostly wait on HTTP and PostgreSQL; the pool (SELFHEAL_DB_POOL_SIZE plus as
+        # many overflow) bounds what runs against the database at once.
+        max_jobs=2 * settings.db_pool_size,
         queue_name=queue_name(settings),
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=_startup,

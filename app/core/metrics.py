@@ -47,6 +47,24 @@ DECISION_BREAKER = Gauge(
     ["state"],
     multiprocess_mode="livemax",
 )
+OPEN_INCIDENTS = Gauge(
+    "selfheal_incidents_open",
+    "Open incidents by status and severity (read from PostgreSQL at scrape time)",
+    ["status", "severity"],
+    multiprocess_mode="livemax",
+)
+ATTEMPTS_IN_FLIGHT = Gauge(
+    "selfheal_attempts_in_flight",
+    "Healing attempts that may still change production, by status",
+    ["status"],
+    multiprocess_mode="livemax",
+)
+OUTBOX_WAITING = Gauge(
+    "selfheal_outbox_waiting",
+    "Notifications and feedback not delivered yet (waiting) or given up (dead), by kind",
+    ["kind", "state"],
+    multiprocess_mode="livemax",
+)
 
 
 def render_metrics() -> tuple[bytes, str]:

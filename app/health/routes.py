@@ -12,7 +12,14 @@ from fastapi import APIRouter, Request
 from sqlalchemy import text
 from starlette.responses import Response
 
-from app.core.metrics import DB_POOL, DECISION_BREAKER, render_metrics
+from app.core.metrics import (
+    ATTEMPTS_IN_FLIGHT,
+    DB_POOL,
+    DECISION_BREAKER,
+    OPEN_INCIDENTS,
+    OUTBOX_WAITING,
+    render_metrics,
+)
 from app.core.redis import decision_breaker_key, health_check_key
 from app.core.state import Services, services
 
@@ -138,9 +145,52 @@ async def health(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    update_pool_gauges(services(request))
+    svc = services(request)
+    update_pool_gauges(svc)
+    try:
+        await asyncio.wait_for(update_healing_gauges(svc), _CHECK_TIMEOUT_S)
+    except Exception as exc:  # the process's own metrics are still worth serving
+        log.warning("healing_gauges_failed", error=f"{type(exc).__name__}: {exc}"[:300])
     payload, content_type = render_metrics()
     return Response(payload, media_type=content_type)
+
+
+_OPEN = "('detected', 'deciding', 'awaiting_approval', 'blocked_by_policy', 'staging',"
+_OPEN += " 'applying', 'verifying', 'rolling_back', 'escalated')"
+
+
+async def update_healing_gauges(svc: Services) -> None:
+    """What Prometheus alerts on (incidents waiting for ops, attempts under way, undelivered
+    notifications), read at scrape time through indexed statuses: the workers keep no
+    counters of their own that could disagree with the database."""
+    async with svc.engine.connect() as conn:
+        incidents = await conn.execute(
+            text(
+                "SELECT status, severity, count(*) FROM plugin_incidents"
+                f" WHERE status IN {_OPEN} GROUP BY status, severity"
+            )
+        )
+        attempts = await conn.execute(
+            text(
+                "SELECT status, count(*) FROM plugin_autopatch_attempts"
+                " WHERE status IN ('pending', 'staging', 'applying', 'verifying') GROUP BY status"
+            )
+        )
+        outbox = await conn.execute(
+            text(
+                "SELECT kind, CASE WHEN dead_at IS NULL THEN 'waiting' ELSE 'dead' END,"
+                " count(*) FROM outbox WHERE delivered_at IS NULL GROUP BY 1, 2"
+            )
+        )
+        OPEN_INCIDENTS.clear()
+        for status, severity, count in incidents:
+            OPEN_INCIDENTS.labels(status, severity).set(count)
+        ATTEMPTS_IN_FLIGHT.clear()
+        for status, count in attempts:
+            ATTEMPTS_IN_FLIGHT.labels(status).set(count)
+        OUTBOX_WAITING.clear()
+        for kind, state, count in outbox:
+            OUTBOX_WAITING.labels(kind, state).set(count)
 
 
 def update_pool_gauges(svc: Services) -> None:
