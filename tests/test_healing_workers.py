@@ -234,10 +234,30 @@ async def test_worker_killed_mid_patch_another_finishes_it(
                 ),
                 30,
                 "another worker to take over",
+                db,
+            )
+            assert db.execute(
+                "SELECT count(*), min(status) FROM plugin_autopatch_attempts"
+            ).fetchone() == (1, "applying")
+            # ...and sees the incident through to the end.
+            got = await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+            assert len(got) == 1
+            await ack(loop, plugin, got[0])
+            await asyncio.sleep(0.5)
+            for _ in range(loop_settings.recovery_heartbeats):
+                await beat(loop, plugin, "1.2.3", HEALTHY)
+            await asyncio.to_thread(
+                wait_for,
+                lambda: (
+                    db.execute("SELECT status FROM plugin_incidents").fetchone()[0] == "resolved"
+                ),
+                30,
+                "the incident to be resolved",
+                db,
             )
     assert db.execute("SELECT count(*), min(status) FROM plugin_autopatch_attempts").fetchone() == (
         1,
-        "applying",
+        "success",
     )
     assert db.execute("SELECT count(*) FROM plugin_agent_commands").fetchone() == (1,)
 
