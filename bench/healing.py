@@ -1,0 +1,795 @@
+"""Healing benchmark: the whole loop, end to end, with real processes.
+
+    .venv/bin/python bench/healing.py [--fleet 200] [--workers 2] [--compare]
+        [--concurrency 64] [--timeout 300] [--pg-url URL] [--redis-url URL]
+
+Per run, on a fresh database of the machine's PostgreSQL and a private prefix on its Redis:
+the reference decision service and staging runner (staging takes 0.1 s) as processes,
+`--workers` real `python -m app.cli worker` processes, and the API in this process (its
+lifespan, behind httpx's ASGI transport) with this process playing `--fleet` plugins, each
+its own tenant, all on payments 1.2.2 with releases 1.2.2 and 1.2.3 signed and autopatch on
+for every tenant (no caps, no cooldown):
+  1. at t0 every plugin sends one heartbeat with 60% webhook failures (30 of 50);
+  2. each then polls with heartbeats (still failing, every 0.2 s, at most --concurrency
+     requests in flight) until its `update` command arrives in a response, acks it at once,
+     and sends SELFHEAL_RECOVERY_HEARTBEATS (3) healthy heartbeats on 1.2.3, 0.2 s apart;
+  3. the bench waits until every incident is `resolved`.
+Printed per run: seconds from each plugin's bad heartbeat (its received_at) to its incident
+row (detected_at), to its update command (plugin_agent_commands.created_at), to the command
+in the plugin's hands (client clock, from sending the bad heartbeat) and to resolution
+(resolved_at), p50 / p95; wall time until all are resolved; peak RSS (VmHWM) of each worker.
+With --compare the same scenario runs with 1 worker and with --workers, side by side.
+Everything is stopped and dropped on exit, also on Ctrl-C. A benchmark prints figures; it is
+not a test. See bench/README.md for what each figure means."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+import psycopg
+from redis import Redis
+
+from app.cli import run_migrations
+from app.core.crypto import SecretBox
+from app.core.db import create_engine, create_sessionmaker
+from app.core.redis import health_check_key
+from app.core.settings import Settings, libpq_url
+from app.main import create_app
+from app.plugins.auth import sign
+from app.plugins.service import register_installation
+from app.releases import service as release_service
+from app.releases.signing import generate_key, load_signer
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+BENCH_SECRET_KEY = "selfheal-bench-secret-key-not-for-production-0123456789"
+SIRA_TOKEN = "bench-sira-token"
+RUNNER_TOKEN = "bench-runner-token"
+PLUGIN = "payments"
+OLD, NEW = "1.2.2", "1.2.3"
+HEARTBEAT = "/api/plugins/heartbeat"
+POLL_S = 0.2  # plugins poll (and space their recovery heartbeats) this often
+STAGING_DELAY_S = 0.1
+RECOVERY_HEARTBEATS = int(Settings.model_fields["recovery_heartbeats"].default)
+FAILING = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 30}
+HEALTHY = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 0}
+# What the workers (and the API in this process) run with.
+LOOP_SETTINGS = {
+    "SELFHEAL_HEAL_POLL_S": "0.1",
+    "SELFHEAL_DETECT_EVERY_S": "0.5",
+    "SELFHEAL_HEALTH_WINDOW_S": "30",
+    "SELFHEAL_FLEET_MIN_INSTALLATIONS": "1000000",  # the bench fleet is not one fleet incident
+    "SELFHEAL_RECOVERY_HEARTBEATS": str(RECOVERY_HEARTBEATS),
+}
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# database, Redis, processes
+
+
+def with_database(admin_url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(admin_url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def create_database(admin_url: str) -> tuple[str, str]:
+    name = f"selfheal_healbench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, with_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def clean_redis(url: str, prefix: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    """A child in its own session (a Ctrl-C in the terminal reaches the bench only, which
+    then stops its children in order), its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}; log tail:\n{self.tail()}"
+            )
+
+    def tail(self, chars: int = 3000) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self, wait_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                say(f"{self.name} did not stop within {wait_s:g} s of SIGTERM: SIGKILL")
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+
+
+class Service(Process):
+    """A reference service (`python -m sim...`) on loopback, as tests/test_sim.py starts it."""
+
+    def __init__(self, name: str, module: list[str], token: str, log: Path) -> None:
+        self.port = free_port()
+        self.token = token
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", *module, "--port", str(self.port), "--token", token]
+        super().__init__(name, argv, log)
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not answer within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def control(self, **changes: Any) -> None:
+        response = httpx.post(
+            f"{self.url}/_control",
+            json=changes,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        response.raise_for_status()
+
+
+def proc_status(pid: int, field_name: str) -> int | None:
+    """A kB figure from /proc/<pid>/status (VmHWM: peak resident set)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return int(line.split()[1])
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process, from /proc/<pid>/stat."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def connected_to(pid: int, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(
+            c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            for c in psutil.Process(pid).net_connections(kind="tcp")
+        )
+    return False
+
+
+def wait_workers(workers: list[Process], settings: Settings, timeout_s: float = 30.0) -> None:
+    """Up when arq has written its health-check key and every worker holds its Redis
+    connection (arq connects, then runs the worker's start-up and its tick loop)."""
+    redis_port = urllib.parse.urlsplit(settings.redis_url or "").port or 6379
+    client = Redis.from_url(settings.redis_url or "")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (
+            client.exists(health_check_key(settings))
+            and all(connected_to(w.pid, redis_port) for w in workers)
+        ):
+            for w in workers:
+                w.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers not up within {timeout_s:g} s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+    time.sleep(0.5)  # start-up (engine, HTTP client) and the first tick
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Cleaning up: a second Ctrl-C (or SIGTERM) must not leave half of it undone."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# setting the scene
+
+
+@dataclass
+class Plugin:
+    id: str
+    secret: str
+    tenant: str
+    sent_bad_at: float = 0.0  # client clock (time.time()), just before sending it
+    command_at: float | None = None  # the response carrying the update command arrived
+    polls: int = 0
+
+
+async def prepare(settings: Settings, fleet: int, workdir: Path) -> list[Plugin]:
+    """Register the installations (one tenant each) and add the two signed releases."""
+    engine = create_engine(settings, role="bench")
+    plugins = []
+    try:
+        maker = create_sessionmaker(engine)
+        box = SecretBox(settings.secret_key)
+        async with maker() as session, session.begin():
+            for n in range(fleet):
+                tenant = f"bench-tenant-{n:06d}"
+                issued = await register_installation(
+                    session, box, tenant=tenant, name=PLUGIN, version=OLD, env="prod"
+                )
+                plugins.append(Plugin(str(issued.plugin_id), issued.secret, tenant))
+        key = workdir / "keys" / "release-signing.pem"
+        generate_key(key)
+        signer = load_signer(key)
+        for version in (OLD, NEW):
+            artifact = workdir / f"{PLUGIN}-{version}.zip"
+            artifact.write_bytes(f"{PLUGIN} {version}".encode())
+            async with maker() as session, session.begin():
+                await release_service.add_release(
+                    session,
+                    signer,
+                    plugin=PLUGIN,
+                    version=version,
+                    artifact=artifact,
+                    url=f"https://releases.example/{PLUGIN}/{version}.zip",
+                    valid_days=30,
+                )
+    finally:
+        await engine.dispose()
+    return plugins
+
+
+def enable_autopatch(db_url: str, tenants: list[str]) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE ops_policy SET autopatch_enabled = true,"
+            " autopatch_whitelist = %s::jsonb, max_concurrent_actions = 100000,"
+            " max_concurrent_actions_per_tenant = 100000, cooldown_s = 0 WHERE id = 1",
+            (json.dumps(tenants),),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the plugins
+
+
+@dataclass
+class Traffic:
+    client: httpx.AsyncClient
+    in_flight: asyncio.Semaphore
+    heartbeats: int = 0
+    acks: int = 0
+    round_trips_ms: list[float] = field(default_factory=list)
+    refused: Counter[str] = field(default_factory=Counter)
+    uptime: Iterator[int] = field(default_factory=lambda: itertools.count(1000))
+
+    async def post(self, plugin: Plugin, path: str, body: bytes) -> httpx.Response:
+        async with self.in_flight:
+            ts = str(int(time.time()))
+            headers = {
+                "X-Plugin-Id": plugin.id,
+                "X-Timestamp": ts,
+                "X-Signature": sign(plugin.secret, ts, "POST", path, body),
+                "Content-Type": "application/json",
+            }
+            started = time.perf_counter()
+            response = await self.client.post(path, content=body, headers=headers)
+            self.round_trips_ms.append((time.perf_counter() - started) * 1000)
+        return response
+
+    async def beat(
+        self, plugin: Plugin, version: str, telemetry: dict[str, int]
+    ) -> list[dict[str, Any]] | None:
+        """One signed heartbeat; the commands it brought back (None: refused, try again)."""
+        body = orjson.dumps(
+            {
+                "plugin_version": version,
+                "env": "prod",
+                "uptime_s": next(self.uptime),  # each body distinct: no replay
+                "sent_at": datetime.now(UTC).isoformat(),
+                "telemetry": telemetry,
+                "meta": {},
+            }
+        )
+        response = await self.post(plugin, HEARTBEAT, body)
+        self.heartbeats += 1
+        if response.status_code != 200:
+            self.refused[f"heartbeat {response.status_code}"] += 1
+            return None
+        commands: list[dict[str, Any]] = response.json()["commands"]
+        return commands
+
+    async def ack(self, plugin: Plugin, command_id: str) -> None:
+        path = f"/api/plugins/commands/{command_id}/ack"
+        while True:
+            response = await self.post(plugin, path, b'{"result": {"ok": true}}')
+            if response.status_code == 200:
+                self.acks += 1
+                return
+            self.refused[f"ack {response.status_code}"] += 1
+            await asyncio.sleep(POLL_S)
+
+
+async def play(traffic: Traffic, plugin: Plugin) -> None:
+    """One sick plugin: the bad heartbeat, polling until the update arrives, the ack, then
+    healthy heartbeats on the new version."""
+    plugin.sent_bad_at = time.time()
+    while await traffic.beat(plugin, OLD, FAILING) is None:
+        await asyncio.sleep(POLL_S)
+    update = None
+    while update is None:
+        await asyncio.sleep(POLL_S)
+        commands = await traffic.beat(plugin, OLD, FAILING)
+        plugin.polls += 1
+        update = next((c for c in commands or [] if c["type"] == "update"), None)
+    plugin.command_at = time.time()
+    assert update["payload"]["version"] == NEW, update
+    await traffic.ack(plugin, update["id"])
+    sent = 0
+    while sent < RECOVERY_HEARTBEATS:
+        if await traffic.beat(plugin, NEW, HEALTHY) is not None:
+            sent += 1
+        if sent < RECOVERY_HEARTBEATS:
+            await asyncio.sleep(POLL_S)
+
+
+async def scenario(
+    settings: Settings, plugins: list[Plugin], concurrency: int, timeout_s: float
+) -> tuple[float, Traffic]:
+    """Play the fleet against the API in this process; wait until every incident is
+    resolved. The client-clock t0 and what the traffic looked like."""
+    app = create_app(settings)
+    db_url = libpq_url(settings.database_url or "")
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://selfheal.bench", timeout=30
+        ) as client,
+        await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db,
+    ):
+        traffic = Traffic(client, asyncio.Semaphore(concurrency))
+        t0 = time.time()
+        deadline = time.monotonic() + timeout_s
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(play(traffic, p) for p in plugins)), timeout=timeout_s
+            )
+            while True:
+                cur = await db.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'resolved'), count(*)"
+                    " FROM plugin_incidents WHERE installation_id IS NOT NULL"
+                )
+                resolved, total = await cur.fetchone() or (0, 0)
+                if resolved == total == len(plugins):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                await asyncio.sleep(0.1)
+        except TimeoutError:
+            cur = await db.execute(
+                "SELECT status, status_reason, count(*) FROM plugin_incidents GROUP BY 1, 2"
+                " ORDER BY 3 DESC LIMIT 10"
+            )
+            seen = await cur.fetchall()
+            waiting = sum(p.command_at is None for p in plugins)
+            raise RuntimeError(
+                f"not all {len(plugins)} incidents resolved within {timeout_s:g} s;"
+                f" {waiting} plugins still without their command; incidents: {seen}"
+            ) from None
+    return t0, traffic
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks: what percentile_cont computes."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+FIGURES_SQL = """
+WITH bad AS (
+    SELECT installation_id, min(received_at) AS at FROM plugin_heartbeats GROUP BY 1
+), upd AS (
+    SELECT installation_id, min(created_at) AS at, count(*) AS n
+    FROM plugin_agent_commands WHERE type = 'update' GROUP BY 1
+), per AS (
+    SELECT extract(epoch FROM i.detected_at - bad.at) AS incident_s,
+           extract(epoch FROM upd.at - bad.at) AS command_s,
+           extract(epoch FROM i.resolved_at - bad.at) AS resolved_s,
+           i.resolved_at, upd.n
+    FROM plugin_incidents i JOIN bad USING (installation_id) JOIN upd USING (installation_id)
+    WHERE i.installation_id IS NOT NULL
+)
+SELECT count(*),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY incident_s),
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY incident_s),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY command_s),
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY command_s),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY resolved_s),
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY resolved_s),
+       extract(epoch FROM max(resolved_at)),
+       max(n)
+FROM per
+"""
+
+
+def database_figures(db_url: str) -> dict[str, Any]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(FIGURES_SQL).fetchone()
+        assert row is not None
+        n, i50, i95, c50, c95, r50, r95, last_resolved, commands_max = row
+        sources = conn.execute(
+            "SELECT coalesce(sira_decision->>'source', '-'), count(*) FROM plugin_incidents"
+            " GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        attempts = conn.execute(
+            "SELECT status, count(*) FROM plugin_autopatch_attempts GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        per_incident = conn.execute(
+            "SELECT coalesce(max(c), 0) FROM (SELECT count(*) AS c FROM plugin_autopatch_attempts"
+            " GROUP BY incident_id) a"
+        ).fetchone()
+        fleet_incidents = conn.execute(
+            "SELECT count(*) FROM plugin_incidents WHERE installation_id IS NULL"
+        ).fetchone()
+    return {
+        "incidents": n,
+        "to_incident_s": (float(i50), float(i95)),
+        "to_command_s": (float(c50), float(c95)),
+        "to_resolved_s": (float(r50), float(r95)),
+        "last_resolved_at": float(last_resolved),
+        "update_commands_per_installation_max": commands_max,
+        "attempts_per_incident_max": per_incident[0] if per_incident else None,
+        "fleet_incidents": fleet_incidents[0] if fleet_incidents else None,
+        "decisions": dict(sources),
+        "attempts": dict(attempts),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+
+
+def worker_env(settings: Settings, sira: Service, runner: Service) -> dict[str, str]:
+    own = ("SELFHEAL_", "SIRA_", "STAGING_RUNNER_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(own) and k not in ("DATABASE_URL", "REDIS_URL", "LOG_LEVEL", "PORT")
+    }
+    env.update(
+        DATABASE_URL=libpq_url(settings.database_url or ""),
+        REDIS_URL=settings.redis_url or "",
+        SELFHEAL_REDIS_PREFIX=settings.redis_prefix,
+        SELFHEAL_SECRET_KEY=settings.secret_key,
+        SELFHEAL_DATA_DIR=str(settings.data_dir),
+        SIRA_API_URL=sira.url,
+        SIRA_API_TOKEN=SIRA_TOKEN,
+        STAGING_RUNNER_URL=runner.url,
+        STAGING_RUNNER_TOKEN=RUNNER_TOKEN,
+        LOG_LEVEL="warning",
+        **LOOP_SETTINGS,
+    )
+    return env
+
+
+def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    load = os.getloadavg()[0]
+    workdir = Path(tempfile.mkdtemp(prefix="selfheal-healbench-"))
+    redis_prefix = f"selfheal-healbench-{uuid.uuid4().hex[:8]}:"
+    stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    try:
+        name, db_url = create_database(args.pg_url)
+        stack.callback(say, f"dropped database {name}")
+        stack.callback(drop_database, args.pg_url, name)
+        stack.callback(clean_redis, args.redis_url, redis_prefix)
+        base = Settings(database_url=db_url, redis_url=args.redis_url)
+        run_migrations(base)
+        sira = Service(
+            "decision service", ["sim.decision_service"], SIRA_TOKEN, workdir / "sira.log"
+        )
+        stack.callback(sira.stop, 5)
+        runner = Service(
+            "staging runner", ["sim", "staging-runner"], RUNNER_TOKEN, workdir / "runner.log"
+        )
+        stack.callback(runner.stop, 5)
+        sira.wait_ready()
+        runner.wait_ready()
+        runner.control(delay_s=STAGING_DELAY_S)
+        settings = Settings(
+            database_url=db_url,
+            redis_url=args.redis_url,
+            redis_prefix=redis_prefix,
+            secret_key=BENCH_SECRET_KEY,
+            data_dir=workdir / "data",
+            log_level="warning",
+            sira_api_url=sira.url,
+            sira_api_token=SIRA_TOKEN,
+            staging_runner_url=runner.url,
+            staging_runner_token=RUNNER_TOKEN,
+            heal_poll_s=float(LOOP_SETTINGS["SELFHEAL_HEAL_POLL_S"]),
+            detect_every_s=float(LOOP_SETTINGS["SELFHEAL_DETECT_EVERY_S"]),
+            health_window_s=int(LOOP_SETTINGS["SELFHEAL_HEALTH_WINDOW_S"]),
+            fleet_min_installations=int(LOOP_SETTINGS["SELFHEAL_FLEET_MIN_INSTALLATIONS"]),
+            recovery_heartbeats=RECOVERY_HEARTBEATS,
+        )
+        started = time.perf_counter()
+        plugins = asyncio.run(prepare(settings, args.fleet, workdir))
+        enable_autopatch(db_url, [p.tenant for p in plugins])
+        say(
+            f"database {name}: {len(plugins):,} installations, releases {OLD} and {NEW},"
+            f" autopatch on ({time.perf_counter() - started:.1f} s)"
+        )
+        env = worker_env(settings, sira, runner)
+        procs: list[Process] = []
+        for n in range(workers):
+            proc = Process(
+                f"worker {n + 1}",
+                [sys.executable, "-m", "app.cli", "worker"],
+                workdir / f"worker-{n + 1}.log",
+                env,
+            )
+            procs.append(proc)
+            stack.callback(proc.stop)
+        wait_workers(procs, settings)
+        say(f"{workers} worker{'s' if workers > 1 else ''} up; {args.fleet:,} plugins get sick")
+        cpu_before = {w.pid: cpu_seconds(w.pid) or 0.0 for w in procs}
+        self_before = time.process_time()
+        try:
+            t0, traffic = asyncio.run(scenario(settings, plugins, args.concurrency, args.timeout))
+        except RuntimeError:
+            for w in procs:
+                say(f"{w.name} log tail:\n{w.tail(1500)}")
+            raise
+        bench_cpu = time.process_time() - self_before
+        for w in procs:
+            w.check_alive()
+        rss_kb = [proc_status(w.pid, "VmHWM") or 0 for w in procs]
+        worker_cpu = sum((cpu_seconds(w.pid) or 0.0) - cpu_before[w.pid] for w in procs)
+        figures = database_figures(db_url)
+    finally:
+        with signals_held():
+            stack.close()
+    in_hands = [p.command_at - p.sent_bad_at for p in plugins if p.command_at is not None]
+    wall = figures["last_resolved_at"] - t0
+    rtt = traffic.round_trips_ms
+    return {
+        "workers": workers,
+        "fleet": args.fleet,
+        "load_average_at_start": round(load, 2),
+        **figures,
+        "in_hands_s": (quantile(in_hands, 0.5), quantile(in_hands, 0.95)),
+        "all_resolved_s": wall,
+        "worker_peak_rss_mb": [round(kb / 1024, 1) for kb in rss_kb],
+        "worker_cpu_s": round(worker_cpu, 2),
+        "bench_process_cpu_s": round(bench_cpu, 2),
+        "heartbeats": traffic.heartbeats,
+        "polls_p50": quantile([float(p.polls) for p in plugins], 0.5),
+        "acks": traffic.acks,
+        "refused": dict(traffic.refused),
+        "round_trip_ms": (quantile(rtt, 0.5), quantile(rtt, 0.95)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def pair(values: tuple[float, float]) -> str:
+    return f"{values[0]:.2f} / {values[1]:.2f}"
+
+
+def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, versions: str) -> None:
+    fleet = args.fleet
+    print()
+    print(
+        f"healing loop end to end: {fleet:,} sick installations (one tenant each),"
+        f" {PLUGIN} {OLD} -> {NEW}, nproc {len(os.sched_getaffinity(0))}"
+    )
+    print(versions)
+    print(
+        f"detect every {LOOP_SETTINGS['SELFHEAL_DETECT_EVERY_S']} s, heal poll"
+        f" {LOOP_SETTINGS['SELFHEAL_HEAL_POLL_S']} s, staging {STAGING_DELAY_S} s; plugins poll"
+        f" every {POLL_S} s ({args.concurrency} requests in flight at most),"
+        f" {RECOVERY_HEARTBEATS} recovery heartbeats"
+    )
+    print()
+    print("seconds from each plugin's bad heartbeat, p50 / p95:")
+    print(
+        f"{'workers':>7}  {'-> incident':>13}  {'-> command':>13}  {'-> in hands':>13}"
+        f"  {'-> resolved':>13}  {f'all {fleet:,} resolved':>17}  {'worker peak RSS':>15}"
+    )
+    for r in rows:
+        print(
+            f"{r['workers']:>7}  {pair(r['to_incident_s']):>13}  {pair(r['to_command_s']):>13}"
+            f"  {pair(r['in_hands_s']):>13}  {pair(r['to_resolved_s']):>13}"
+            f"  {r['all_resolved_s']:>15.2f} s  {max(r['worker_peak_rss_mb']):>12.0f} MB"
+        )
+    print()
+    for r in rows:
+        refused = ", ".join(f"{k}: {v}" for k, v in r["refused"].items()) or "none refused"
+        decisions = ", ".join(f"{k} {v}" for k, v in r["decisions"].items())
+        attempts = ", ".join(f"{k} {v}" for k, v in r["attempts"].items())
+        seconds = r["all_resolved_s"]
+        print(
+            f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}:"
+            f" {r['heartbeats']:,} heartbeats ({r['heartbeats'] / seconds:,.0f}/s over the"
+            f" {seconds:.1f} s; a plugin polled {r['polls_p50']:.0f} times, median),"
+            f" {r['acks']:,} acks, {refused};"
+            f" request round trip p50 / p95 {r['round_trip_ms'][0]:.1f} / "
+            f"{r['round_trip_ms'][1]:.1f} ms\n"
+            f"    decisions: {decisions}; attempts: {attempts}"
+            f" (at most {r['attempts_per_incident_max']} per incident,"
+            f" {r['update_commands_per_installation_max']} update command per installation);"
+            f" fleet incidents: {r['fleet_incidents']}\n"
+            f"    CPU seconds: workers {r['worker_cpu_s']}, this process (API + plugins)"
+            f" {r['bench_process_cpu_s']}; worker peak RSS"
+            f" {', '.join(f'{mb:.0f}' for mb in r['worker_peak_rss_mb'])} MB;"
+            f" load average at start {r['load_average_at_start']}"
+        )
+
+
+def server_versions(args: argparse.Namespace) -> str:
+    with psycopg.connect(args.pg_url, autocommit=True) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    client = Redis.from_url(args.redis_url)
+    try:
+        info: dict[str, Any] = client.info("server")
+    finally:
+        client.close()
+    pg = row[0].split()[0] if row else "?"
+    return f"PostgreSQL {pg}, Redis {info.get('redis_version', '?')}"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fleet", type=int, default=200, help="sick installations (200)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    parser.add_argument(
+        "--compare", action="store_true", help="also run with 1 worker, side by side"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="plugin requests in flight at most (64)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds until every incident is resolved"
+    )
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    args = parser.parse_args()
+    if args.fleet < 1 or args.workers < 1 or args.concurrency < 1:
+        parser.error("--fleet, --workers and --concurrency must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the same clean-up as Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
+    versions = server_versions(args)
+    counts = sorted({1, args.workers}) if args.compare else [args.workers]
+    rows = []
+    started = time.monotonic()
+    for workers in counts:
+        rows.append(run(args, workers))
+        r = rows[-1]
+        say(
+            f"{workers} worker{'s' if workers > 1 else ''}: all {args.fleet:,} resolved"
+            f" {r['all_resolved_s']:.2f} s after the first bad heartbeat"
+        )
+    print_report(rows, args, versions)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS_DIR / f"healing-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "started_at": stamp,
+                "nproc": len(os.sched_getaffinity(0)),
+                "servers": versions,
+                "config": {**vars(args), "poll_s": POLL_S, "staging_delay_s": STAGING_DELAY_S}
+                | {"loop": LOOP_SETTINGS},
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    say(
+        f"results written to {out.relative_to(REPO)}; bench took {time.monotonic() - started:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped and dropped")
+        sys.exit(130)
