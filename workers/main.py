@@ -61,8 +61,15 @@ async def heal(ctx: dict[str, Any]) -> dict[str, int]:
     """Claim the incidents that are due and hand each to an `advance` job (any worker)."""
     healer: Healer = ctx["healer"]
     await _publish_breaker(ctx)
-    claimed = await healer.claim_due()
     redis: ArqRedis = ctx["redis"]
+    # Claim no more than the queue can take: a claim is a lease, and a job that waits in a
+    # long queue past its lease gets claimed again, which only lengthens the queue. The
+    # backlog stays under SELFHEAL_HEAL_BATCH jobs, whatever the number of due incidents.
+    waiting = await redis.zcard(queue_name(ctx["settings"]))
+    room = ctx["settings"].heal_batch - int(waiting)
+    if room <= 0:
+        return {"claimed": 0, "sql_rollbacks": 0, "queue_full": 1}
+    claimed = await healer.claim_due(limit=room)
     stamp = time.time_ns()
     for incident_id in claimed:
         await redis.enqueue_job(
@@ -72,7 +79,7 @@ async def heal(ctx: dict[str, Any]) -> dict[str, int]:
             _queue_name=queue_name(ctx["settings"]),
         )
     rollbacks = await healer.follow_sql_rollbacks()
-    return {"claimed": len(claimed), "sql_rollbacks": rollbacks}
+    return {"claimed": len(claimed), "sql_rollbacks": rollbacks, "queue_full": 0}
 
 
 async def advance(ctx: dict[str, Any], incident_id: str) -> str | None:

@@ -105,12 +105,14 @@ class Healer:
 
     # -- driving --------------------------------------------------------------------------
 
-    async def claim_due(self) -> list[uuid.UUID]:
+    async def claim_due(self, limit: int | None = None) -> list[uuid.UUID]:
         """Lease the incidents that are due; tenants and ops hear of new ones here, in the
         same transaction (at most SELFHEAL_HEAL_BATCH per tick, off detection's hot path)."""
         async with self.maker() as session, session.begin():
             claimed = await repo.claim_due(
-                session, lease_s=self.settings.heal_lease_s, limit=self.settings.heal_batch
+                session,
+                lease_s=self.settings.heal_lease_s,
+                limit=min(limit or self.settings.heal_batch, self.settings.heal_batch),
             )
             fresh = [incident_id for incident_id, new in claimed if new]
             for incident in await repo.notification_fields(session, fresh) if fresh else []:
