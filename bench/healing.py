@@ -1,7 +1,9 @@
 """Healing benchmark: the whole loop, end to end, with real processes.
 
     .venv/bin/python bench/healing.py [--fleet 200] [--workers 2] [--compare]
-        [--concurrency 64] [--timeout 300] [--pg-url URL] [--redis-url URL]
+        [--concurrency 64] [--poll-s 0.2] [--heal-poll-s 0.1] [--timeout 300] [--job-stats]
+        [--keep-db] [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
+        [--redis-url redis://127.0.0.1:6379/0]
 
 Per run, on a fresh database of the machine's PostgreSQL and a private prefix on its Redis:
 the reference decision service and staging runner (staging takes 0.1 s) as processes,
@@ -10,17 +12,19 @@ lifespan, behind httpx's ASGI transport) with this process playing `--fleet` plu
 its own tenant, all on payments 1.2.2 with releases 1.2.2 and 1.2.3 signed and autopatch on
 for every tenant (no caps, no cooldown):
   1. at t0 every plugin sends one heartbeat with 60% webhook failures (30 of 50);
-  2. each then polls with heartbeats (still failing, every 0.2 s, at most --concurrency
-     requests in flight) until its `update` command arrives in a response, acks it at once,
-     and sends SELFHEAL_RECOVERY_HEARTBEATS (3) healthy heartbeats on 1.2.3, 0.2 s apart;
+  2. each then polls with heartbeats (still failing, every --poll-s 0.2 s, at most
+     --concurrency requests in flight) until its `update` command arrives in a response, acks
+     it at once, and sends SELFHEAL_RECOVERY_HEARTBEATS (3) healthy heartbeats on 1.2.3,
+     --poll-s apart;
   3. the bench waits until every incident is `resolved`.
 Printed per run: seconds from each plugin's bad heartbeat (its received_at) to its incident
 row (detected_at), to its update command (plugin_agent_commands.created_at), to the command
 in the plugin's hands (client clock, from sending the bad heartbeat) and to resolution
-(resolved_at), p50 / p95; wall time until all are resolved; peak RSS (VmHWM) of each worker.
-With --compare the same scenario runs with 1 worker and with --workers, side by side.
-Everything is stopped and dropped on exit, also on Ctrl-C. A benchmark prints figures; it is
-not a test. See bench/README.md for what each figure means."""
+(resolved_at), p50 / p95; wall time until all are resolved; peak RSS (VmHWM) of each worker;
+the median timeline of every step; CPU seconds by process group. With --compare the same
+scenario runs with 1 worker and with --workers, side by side. Everything is stopped and
+dropped on exit, also on Ctrl-C. A benchmark prints figures; it is not a test. See
+bench/README.md for what each figure means."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -71,19 +76,21 @@ RUNNER_TOKEN = "bench-runner-token"
 PLUGIN = "payments"
 OLD, NEW = "1.2.2", "1.2.3"
 HEARTBEAT = "/api/plugins/heartbeat"
-POLL_S = 0.2  # plugins poll (and space their recovery heartbeats) this often
 STAGING_DELAY_S = 0.1
 RECOVERY_HEARTBEATS = int(Settings.model_fields["recovery_heartbeats"].default)
 FAILING = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 30}
 HEALTHY = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 0}
-# What the workers (and the API in this process) run with.
-LOOP_SETTINGS = {
-    "SELFHEAL_HEAL_POLL_S": "0.1",
-    "SELFHEAL_DETECT_EVERY_S": "0.5",
-    "SELFHEAL_HEALTH_WINDOW_S": "30",
-    "SELFHEAL_FLEET_MIN_INSTALLATIONS": "1000000",  # the bench fleet is not one fleet incident
-    "SELFHEAL_RECOVERY_HEARTBEATS": str(RECOVERY_HEARTBEATS),
-}
+
+
+def loop_settings(heal_poll_s: float) -> dict[str, str]:
+    """What the workers (and the API in this process) run with."""
+    return {
+        "SELFHEAL_HEAL_POLL_S": f"{heal_poll_s:g}",
+        "SELFHEAL_DETECT_EVERY_S": "0.5",
+        "SELFHEAL_HEALTH_WINDOW_S": "30",
+        "SELFHEAL_FLEET_MIN_INSTALLATIONS": "1000000",  # the bench fleet is not one fleet incident
+        "SELFHEAL_RECOVERY_HEARTBEATS": str(RECOVERY_HEARTBEATS),
+    }
 
 
 def say(message: str) -> None:
@@ -219,6 +226,31 @@ def cpu_seconds(pid: int) -> float | None:
     return None
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, stolen) time of all CPUs since boot, from /proc/stat: busy is user, nice,
+    system, irq and softirq; stolen is what the hypervisor gave to other guests."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in f.readline().split()[1:9]
+        )
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def cpu_probe_ms() -> float:
+    """How fast this machine runs Python right now: the best of 5 runs of a fixed loop (about
+    17 ms on an idle core here). On a shared or virtual machine it tells a slow run from a slow
+    machine."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for n in range(300_000):
+            total += n * n % 7
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def connected_to(pid: int, port: int) -> bool:
     with contextlib.suppress(psutil.Error):
         return any(
@@ -226,6 +258,42 @@ def connected_to(pid: int, port: int) -> bool:
             for c in psutil.Process(pid).net_connections(kind="tcp")
         )
     return False
+
+
+ARQ_STARTED = re.compile(r"^\s*(-?[\d.]+)s \u2192 ([a-z_]+):")  # wait since enqueued
+ARQ_FINISHED = re.compile(r"^\s*([\d.]+)s \u2190 ([a-z_]+):")  # run time
+
+
+@dataclass
+class WorkerLogs:
+    events: Counter[str] = field(default_factory=Counter)  # warning and above
+    lines: list[str] = field(default_factory=list)  # the same, verbatim
+    waits: dict[str, list[float]] = field(default_factory=dict)  # arq job: enqueued -> started
+    runs: dict[str, list[float]] = field(default_factory=dict)  # arq job: started -> finished
+
+
+def read_worker_logs(paths: list[Path]) -> WorkerLogs:
+    """What the workers logged: warnings and errors counted by event; with --job-stats (info
+    level) also arq's line per job start and end, by job (detect, heal, advance, ...)."""
+    logs = WorkerLogs()
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                level, event = str(entry.get("level", "?")), str(entry.get("event", "?"))
+            except (ValueError, AttributeError):
+                level, event = "?", "(not JSON)"
+            if level in ("debug", "info"):
+                for pattern, into in ((ARQ_STARTED, logs.waits), (ARQ_FINISHED, logs.runs)):
+                    m = pattern.match(event)
+                    if m:
+                        into.setdefault(m.group(2), []).append(float(m.group(1)))
+                continue
+            logs.lines.append(line)
+            logs.events[f"{level} {event[:120]}"] += 1
+    return logs
 
 
 def wait_workers(workers: list[Process], settings: Settings, timeout_s: float = 30.0) -> None:
@@ -327,6 +395,7 @@ def enable_autopatch(db_url: str, tenants: list[str]) -> None:
 class Traffic:
     client: httpx.AsyncClient
     in_flight: asyncio.Semaphore
+    poll_s: float  # plugins poll (and space their recovery heartbeats) this often
     heartbeats: int = 0
     acks: int = 0
     round_trips_ms: list[float] = field(default_factory=list)
@@ -377,7 +446,7 @@ class Traffic:
                 self.acks += 1
                 return
             self.refused[f"ack {response.status_code}"] += 1
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(self.poll_s)
 
 
 async def play(traffic: Traffic, plugin: Plugin) -> None:
@@ -385,10 +454,10 @@ async def play(traffic: Traffic, plugin: Plugin) -> None:
     healthy heartbeats on the new version."""
     plugin.sent_bad_at = time.time()
     while await traffic.beat(plugin, OLD, FAILING) is None:
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(traffic.poll_s)
     update = None
     while update is None:
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(traffic.poll_s)
         commands = await traffic.beat(plugin, OLD, FAILING)
         plugin.polls += 1
         update = next((c for c in commands or [] if c["type"] == "update"), None)
@@ -400,11 +469,11 @@ async def play(traffic: Traffic, plugin: Plugin) -> None:
         if await traffic.beat(plugin, NEW, HEALTHY) is not None:
             sent += 1
         if sent < RECOVERY_HEARTBEATS:
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(traffic.poll_s)
 
 
 async def scenario(
-    settings: Settings, plugins: list[Plugin], concurrency: int, timeout_s: float
+    settings: Settings, plugins: list[Plugin], args: argparse.Namespace
 ) -> tuple[float, Traffic]:
     """Play the fleet against the API in this process; wait until every incident is
     resolved. The client-clock t0 and what the traffic looked like."""
@@ -417,13 +486,17 @@ async def scenario(
         ) as client,
         await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db,
     ):
-        traffic = Traffic(client, asyncio.Semaphore(concurrency))
+        traffic = Traffic(client, asyncio.Semaphore(args.concurrency), args.poll_s)
+        timeout_s = args.timeout
         t0 = time.time()
         deadline = time.monotonic() + timeout_s
+        tasks = [asyncio.create_task(play(traffic, p)) for p in plugins]
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(play(traffic, p) for p in plugins)), timeout=timeout_s
-            )
+            done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            if pending:
+                raise TimeoutError
+            for task in done:
+                task.result()  # a plugin that failed fails the run
             while True:
                 cur = await db.execute(
                     "SELECT count(*) FILTER (WHERE status = 'resolved'), count(*)"
@@ -437,8 +510,7 @@ async def scenario(
                 await asyncio.sleep(0.1)
         except TimeoutError:
             cur = await db.execute(
-                "SELECT status, status_reason, count(*) FROM plugin_incidents GROUP BY 1, 2"
-                " ORDER BY 3 DESC LIMIT 10"
+                "SELECT status, count(*) FROM plugin_incidents GROUP BY 1 ORDER BY 2 DESC"
             )
             seen = await cur.fetchall()
             waiting = sum(p.command_at is None for p in plugins)
@@ -446,6 +518,10 @@ async def scenario(
                 f"not all {len(plugins)} incidents resolved within {timeout_s:g} s;"
                 f" {waiting} plugins still without their command; incidents: {seen}"
             ) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return t0, traffic
 
 
@@ -489,6 +565,48 @@ FROM per
 """
 
 
+# Each installation's steps (first time each was reached), for the timeline figures.
+STEPS_CTE = """
+WITH bad AS (
+    SELECT installation_id, min(received_at) AS at FROM plugin_heartbeats GROUP BY 1
+), events AS (
+    SELECT a.installation_id, e.at,
+           CASE WHEN e.old_status IS NULL THEN 'attempt'
+                WHEN e.old_status = 'pending' THEN 'staging started'
+                WHEN e.old_status = 'staging' AND e.new_status = 'staging' THEN 'staging passed'
+                WHEN e.new_status = 'applying' THEN 'command queued'
+                ELSE e.new_status END AS step
+    FROM plugin_autopatch_attempt_events e
+    JOIN plugin_autopatch_attempts a ON a.id = e.attempt_id
+    UNION ALL
+    SELECT installation_id, detected_at, 'incident' FROM plugin_incidents
+    UNION ALL
+    SELECT installation_id, decided_at, 'decided' FROM plugin_incidents
+    UNION ALL
+    SELECT installation_id, delivered_at, 'delivered' FROM plugin_agent_commands
+    UNION ALL
+    SELECT installation_id, acked_at, 'acked' FROM plugin_agent_commands
+    UNION ALL
+    SELECT installation_id, resolved_at, 'resolved' FROM plugin_incidents
+), steps AS (
+    SELECT installation_id, step, extract(epoch FROM min(events.at) - min(bad.at)) AS s
+    FROM events JOIN bad USING (installation_id)
+    WHERE events.at IS NOT NULL
+    GROUP BY installation_id, step
+)
+"""
+# Where the time goes: the median of each step, in seconds from the bad heartbeat.
+TIMELINE_SQL = (
+    STEPS_CTE + "SELECT step, percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM steps"
+    " GROUP BY step ORDER BY 2"
+)
+# The same steps for the installation resolved last.
+SLOWEST_SQL = (
+    STEPS_CTE + "SELECT step, s FROM steps WHERE installation_id = (SELECT installation_id"
+    " FROM steps WHERE step = 'resolved' ORDER BY s DESC LIMIT 1) ORDER BY s"
+)
+
+
 def database_figures(db_url: str) -> dict[str, Any]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         row = conn.execute(FIGURES_SQL).fetchone()
@@ -508,6 +626,8 @@ def database_figures(db_url: str) -> dict[str, Any]:
         fleet_incidents = conn.execute(
             "SELECT count(*) FROM plugin_incidents WHERE installation_id IS NULL"
         ).fetchone()
+        timeline = conn.execute(TIMELINE_SQL).fetchall()
+        slowest = conn.execute(SLOWEST_SQL).fetchall()
     return {
         "incidents": n,
         "to_incident_s": (float(i50), float(i95)),
@@ -519,6 +639,8 @@ def database_figures(db_url: str) -> dict[str, Any]:
         "fleet_incidents": fleet_incidents[0] if fleet_incidents else None,
         "decisions": dict(sources),
         "attempts": dict(attempts),
+        "timeline_p50_s": {step: round(float(s), 2) for step, s in timeline},
+        "timeline_slowest_s": {step: round(float(s), 2) for step, s in slowest},
     }
 
 
@@ -526,7 +648,9 @@ def database_figures(db_url: str) -> dict[str, Any]:
 # one run
 
 
-def worker_env(settings: Settings, sira: Service, runner: Service) -> dict[str, str]:
+def worker_env(
+    settings: Settings, sira: Service, runner: Service, loop: dict[str, str], log_level: str
+) -> dict[str, str]:
     own = ("SELFHEAL_", "SIRA_", "STAGING_RUNNER_")
     env = {
         k: v
@@ -543,22 +667,26 @@ def worker_env(settings: Settings, sira: Service, runner: Service) -> dict[str, 
         SIRA_API_TOKEN=SIRA_TOKEN,
         STAGING_RUNNER_URL=runner.url,
         STAGING_RUNNER_TOKEN=RUNNER_TOKEN,
-        LOG_LEVEL="warning",
-        **LOOP_SETTINGS,
+        LOG_LEVEL=log_level,
+        **loop,
     )
     return env
 
 
 def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     load = os.getloadavg()[0]
+    probe_before = cpu_probe_ms()
     workdir = Path(tempfile.mkdtemp(prefix="selfheal-healbench-"))
     redis_prefix = f"selfheal-healbench-{uuid.uuid4().hex[:8]}:"
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
     try:
         name, db_url = create_database(args.pg_url)
-        stack.callback(say, f"dropped database {name}")
-        stack.callback(drop_database, args.pg_url, name)
+        if args.keep_db:
+            stack.callback(say, f"kept database {name}: {db_url}")
+        else:
+            stack.callback(say, f"dropped database {name}")
+            stack.callback(drop_database, args.pg_url, name)
         stack.callback(clean_redis, args.redis_url, redis_prefix)
         base = Settings(database_url=db_url, redis_url=args.redis_url)
         run_migrations(base)
@@ -584,10 +712,10 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             sira_api_token=SIRA_TOKEN,
             staging_runner_url=runner.url,
             staging_runner_token=RUNNER_TOKEN,
-            heal_poll_s=float(LOOP_SETTINGS["SELFHEAL_HEAL_POLL_S"]),
-            detect_every_s=float(LOOP_SETTINGS["SELFHEAL_DETECT_EVERY_S"]),
-            health_window_s=int(LOOP_SETTINGS["SELFHEAL_HEALTH_WINDOW_S"]),
-            fleet_min_installations=int(LOOP_SETTINGS["SELFHEAL_FLEET_MIN_INSTALLATIONS"]),
+            heal_poll_s=float(args.loop["SELFHEAL_HEAL_POLL_S"]),
+            detect_every_s=float(args.loop["SELFHEAL_DETECT_EVERY_S"]),
+            health_window_s=int(args.loop["SELFHEAL_HEALTH_WINDOW_S"]),
+            fleet_min_installations=int(args.loop["SELFHEAL_FLEET_MIN_INSTALLATIONS"]),
             recovery_heartbeats=RECOVERY_HEARTBEATS,
         )
         started = time.perf_counter()
@@ -597,7 +725,7 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             f"database {name}: {len(plugins):,} installations, releases {OLD} and {NEW},"
             f" autopatch on ({time.perf_counter() - started:.1f} s)"
         )
-        env = worker_env(settings, sira, runner)
+        env = worker_env(settings, sira, runner, args.loop, "info" if args.job_stats else "warning")
         procs: list[Process] = []
         for n in range(workers):
             proc = Process(
@@ -610,23 +738,37 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             stack.callback(proc.stop)
         wait_workers(procs, settings)
         say(f"{workers} worker{'s' if workers > 1 else ''} up; {args.fleet:,} plugins get sick")
-        cpu_before = {w.pid: cpu_seconds(w.pid) or 0.0 for w in procs}
+        services = [sira, runner]
+        cpu_before = {p.pid: cpu_seconds(p.pid) or 0.0 for p in [*procs, *services]}
         self_before = time.process_time()
+        machine_before = machine_cpu_seconds()
         try:
-            t0, traffic = asyncio.run(scenario(settings, plugins, args.concurrency, args.timeout))
+            t0, traffic = asyncio.run(scenario(settings, plugins, args))
         except RuntimeError:
             for w in procs:
                 say(f"{w.name} log tail:\n{w.tail(1500)}")
             raise
+        machine_after = machine_cpu_seconds()
+        machine_cpu = machine_after[0] - machine_before[0]
+        stolen = machine_after[1] - machine_before[1]
         bench_cpu = time.process_time() - self_before
         for w in procs:
             w.check_alive()
         rss_kb = [proc_status(w.pid, "VmHWM") or 0 for w in procs]
-        worker_cpu = sum((cpu_seconds(w.pid) or 0.0) - cpu_before[w.pid] for w in procs)
+        worker_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in procs)
+        services_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in services)
+        scenario_s = time.time() - t0
         figures = database_figures(db_url)
+        for w in procs:
+            w.stop()  # their shutdown is part of what they log
+        logs = read_worker_logs([w.log for w in procs])
+        for w in procs:
+            if w.proc.returncode != 0:
+                logs.events[f"{w.name} exited with {w.proc.returncode}"] += 1
     finally:
         with signals_held():
             stack.close()
+    probe_after = cpu_probe_ms()
     in_hands = [p.command_at - p.sent_bad_at for p in plugins if p.command_at is not None]
     wall = figures["last_resolved_at"] - t0
     rtt = traffic.round_trips_ms
@@ -634,17 +776,39 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         "workers": workers,
         "fleet": args.fleet,
         "load_average_at_start": round(load, 2),
+        "cpu_probe_ms": (probe_before, probe_after),
         **figures,
         "in_hands_s": (quantile(in_hands, 0.5), quantile(in_hands, 0.95)),
         "all_resolved_s": wall,
         "worker_peak_rss_mb": [round(kb / 1024, 1) for kb in rss_kb],
-        "worker_cpu_s": round(worker_cpu, 2),
-        "bench_process_cpu_s": round(bench_cpu, 2),
+        "cpu_s": {
+            "workers": round(worker_cpu, 2),
+            "api_and_plugins": round(bench_cpu, 2),
+            "decision_and_staging": round(services_cpu, 2),
+            "rest": round(machine_cpu - worker_cpu - bench_cpu - services_cpu, 2),
+            "machine": round(machine_cpu, 2),
+            "stolen": round(stolen, 2),
+        },
+        "scenario_s": round(scenario_s, 2),
         "heartbeats": traffic.heartbeats,
         "polls_p50": quantile([float(p.polls) for p in plugins], 0.5),
         "acks": traffic.acks,
         "refused": dict(traffic.refused),
         "round_trip_ms": (quantile(rtt, 0.5), quantile(rtt, 0.95)),
+        "worker_log_events": dict(logs.events),
+        "worker_log_lines": logs.lines[:50],
+        "jobs": {
+            job: {
+                "count": len(runs),
+                "wait_s": (
+                    quantile(logs.waits.get(job, [0.0]), 0.5),
+                    max(logs.waits.get(job, [0.0])),
+                ),
+                "run_s": (quantile(runs, 0.5), max(runs)),
+                "run_total_s": round(sum(runs), 1),
+            }
+            for job, runs in sorted(logs.runs.items())
+        },
     }
 
 
@@ -665,9 +829,9 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, versions:
     )
     print(versions)
     print(
-        f"detect every {LOOP_SETTINGS['SELFHEAL_DETECT_EVERY_S']} s, heal poll"
-        f" {LOOP_SETTINGS['SELFHEAL_HEAL_POLL_S']} s, staging {STAGING_DELAY_S} s; plugins poll"
-        f" every {POLL_S} s ({args.concurrency} requests in flight at most),"
+        f"detect every {args.loop['SELFHEAL_DETECT_EVERY_S']} s, heal poll"
+        f" {args.loop['SELFHEAL_HEAL_POLL_S']} s, staging {STAGING_DELAY_S} s; plugins poll"
+        f" every {args.poll_s:g} s ({args.concurrency} requests in flight at most),"
         f" {RECOVERY_HEARTBEATS} recovery heartbeats"
     )
     print()
@@ -688,6 +852,10 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, versions:
         decisions = ", ".join(f"{k} {v}" for k, v in r["decisions"].items())
         attempts = ", ".join(f"{k} {v}" for k, v in r["attempts"].items())
         seconds = r["all_resolved_s"]
+        cpu = r["cpu_s"]
+        logged = ", ".join(f"{k} x{v}" for k, v in r["worker_log_events"].items()) or "nothing"
+        timeline = ", ".join(f"{k} {v:.2f}" for k, v in r["timeline_p50_s"].items())
+        slowest = ", ".join(f"{k} {v:.2f}" for k, v in r["timeline_slowest_s"].items())
         print(
             f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}:"
             f" {r['heartbeats']:,} heartbeats ({r['heartbeats'] / seconds:,.0f}/s over the"
@@ -699,11 +867,25 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, versions:
             f" (at most {r['attempts_per_incident_max']} per incident,"
             f" {r['update_commands_per_installation_max']} update command per installation);"
             f" fleet incidents: {r['fleet_incidents']}\n"
-            f"    CPU seconds: workers {r['worker_cpu_s']}, this process (API + plugins)"
-            f" {r['bench_process_cpu_s']}; worker peak RSS"
-            f" {', '.join(f'{mb:.0f}' for mb in r['worker_peak_rss_mb'])} MB;"
-            f" load average at start {r['load_average_at_start']}"
+            f"    timeline, median (s): {timeline}\n"
+            f"    timeline, the incident resolved last (s): {slowest}\n"
+            f"    CPU seconds over the {r['scenario_s']:.1f} s (machine: {cpu['machine']:.1f},"
+            f" {cpu['machine'] / r['scenario_s']:.2f} of {len(os.sched_getaffinity(0))} cores):"
+            f" workers {cpu['workers']:.1f}, API + plugins (this process)"
+            f" {cpu['api_and_plugins']:.1f}, decision + staging {cpu['decision_and_staging']:.1f},"
+            f" PostgreSQL, Redis and the rest {cpu['rest']:.1f}; stolen by the hypervisor"
+            f" {cpu['stolen']:.1f}\n"
+            f"    worker peak RSS {', '.join(f'{mb:.0f}' for mb in r['worker_peak_rss_mb'])} MB;"
+            f" load average at start {r['load_average_at_start']};"
+            f" CPU probe before / after {r['cpu_probe_ms'][0]} / {r['cpu_probe_ms'][1]} ms;"
+            f" worker logs (warning and above): {logged}"
         )
+        for job, j in r["jobs"].items():
+            print(
+                f"    arq {job:<8} {j['count']:>6,} jobs; waited in the queue p50 / max"
+                f" {j['wait_s'][0]:.2f} / {j['wait_s'][1]:.2f} s; ran p50 / max"
+                f" {j['run_s'][0]:.3f} / {j['run_s'][1]:.2f} s, {j['run_total_s']:.1f} s in all"
+            )
 
 
 def server_versions(args: argparse.Namespace) -> str:
@@ -731,8 +913,18 @@ def parse_args() -> argparse.Namespace:
         "--concurrency", type=int, default=64, help="plugin requests in flight at most (64)"
     )
     parser.add_argument(
+        "--poll-s", type=float, default=0.2, help="plugins poll every this many seconds (0.2)"
+    )
+    parser.add_argument("--heal-poll-s", type=float, default=0.1, help="SELFHEAL_HEAL_POLL_S (0.1)")
+    parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds until every incident is resolved"
     )
+    parser.add_argument(
+        "--job-stats",
+        action="store_true",
+        help="workers log at info level; print each arq job's queue wait and run time",
+    )
+    parser.add_argument("--keep-db", action="store_true", help="keep each run's database")
     parser.add_argument(
         "--pg-url",
         default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -743,6 +935,9 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.fleet < 1 or args.workers < 1 or args.concurrency < 1:
         parser.error("--fleet, --workers and --concurrency must be at least 1")
+    if args.poll_s <= 0 or args.heal_poll_s <= 0:
+        parser.error("--poll-s and --heal-poll-s must be positive")
+    args.loop = loop_settings(args.heal_poll_s)
     return args
 
 
@@ -774,8 +969,7 @@ def main() -> None:
                 "started_at": stamp,
                 "nproc": len(os.sched_getaffinity(0)),
                 "servers": versions,
-                "config": {**vars(args), "poll_s": POLL_S, "staging_delay_s": STAGING_DELAY_S}
-                | {"loop": LOOP_SETTINGS},
+                "config": {**vars(args), "staging_delay_s": STAGING_DELAY_S},
                 "runs": rows,
             },
             indent=2,
