@@ -17,7 +17,13 @@ import app.releases.repository as releases
 from app.core.db import set_actor
 from app.healing import repository as repo
 from app.policy import repository as policy_repo
-from app.policy.gate import ApprovalRefused, ProposedAction, action_key, record_approval
+from app.policy.gate import (
+    ApprovalRefused,
+    ProposedAction,
+    action_key,
+    record_approval,
+    requester_username,
+)
 
 ManualAction = Literal["patch", "rollback", "ignore", "resolve", "escalate"]
 # Open statuses without an attempt under way: an operator may take over.
@@ -124,7 +130,7 @@ async def approve(
             incident.id,
             action_key(proposed),
             now=policy.now,
-            requester_username=user_requester(proposed.requested_by),
+            requester_username=requester_username(proposed.requested_by),
         )
         if policy
         else 0
@@ -137,11 +143,6 @@ async def approve(
         "approvals_required": policy.approvals_required if policy else None,
         "status": incident.status,
     }
-
-
-def user_requester(requested_by: str) -> str | None:
-    prefix, sep, name = requested_by.partition(":")
-    return name if sep and prefix == "user" else None
 
 
 async def manual_action(

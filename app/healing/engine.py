@@ -271,8 +271,6 @@ class Healer:
             "confidence": decision.confidence,
         }
         async with self._locked(state) as session:
-            if not await repo.lock_incident(session, state.id, "deciding"):
-                return WAIT
             await repo.move_incident(
                 session,
                 state.id,
@@ -309,8 +307,6 @@ class Healer:
                 f" {action.get('requested_by')} no longer applies",
             )
         async with self._locked(state) as session:
-            if not await repo.lock_incident(session, state.id, state.status):
-                return WAIT
             return await self._gate_and_start(session, state, state.status, action)
 
     async def _gate_and_start(
@@ -534,8 +530,6 @@ class Healer:
         """Queue the command, in the transaction whose policy read allows it."""
         assert state.installation_id is not None
         async with self._locked(state) as session:
-            if not await repo.lock_incident(session, state.id, "staging"):
-                return WAIT
             action = {
                 "action": attempt.action,
                 "to_version": attempt.to_version,
@@ -719,8 +713,6 @@ class Healer:
                 critical=True,
             )
         async with self._locked(state) as session:
-            if not await repo.lock_incident(session, state.id, "verifying"):
-                return WAIT
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=False):
                 blocked = True
             else:
@@ -745,8 +737,6 @@ class Healer:
                 critical=True,
             )
         async with self._locked(state) as session:
-            if not await repo.lock_incident(session, state.id, "verifying"):
-                return WAIT
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
                 return WAIT  # flipped meanwhile: the next run fails the attempt as above
             await repo.insert_command(
