@@ -281,24 +281,60 @@ def plugin_register(
     name: Annotated[str, typer.Option(help="Plugin name")],
     version: Annotated[str, typer.Option(help="Installed plugin version")],
     env: Annotated[str, typer.Option(help="Environment of the installation")] = "prod",
+    artifact: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifact",
+            help="The installed version's artifact: recorded and signed as a release (like"
+            " `selfheal release add`, needs the signing key), so the control plane can serve"
+            " that version too",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Register an installation; prints its id and signing secret (shown once)."""
     from app.core.crypto import SecretBox
     from app.plugins.service import check_registration, register_installation
+    from app.releases.cli import _signer_or_fail
+    from app.releases.service import AddedRelease, ReleaseConflict, add_release
+    from app.releases.signing import key_path
 
     try:
         check_registration(tenant, name, version, env)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    with running_services(load_settings(), redis=False) as settings:
-        box = SecretBox(settings.secret_key)
-        issued = _with_database(
-            settings,
-            lambda s: register_installation(
-                s, box, tenant=tenant, name=name, version=version, env=env
-            ),
+    if artifact is not None and not artifact.is_file():
+        raise fail(f"--artifact {artifact}: no such file")
+    settings = load_settings()
+    signer = _signer_or_fail(key_path(settings)) if artifact is not None else None
+    added: list[AddedRelease] = []
+
+    async def register(session: Any) -> Any:
+        # One transaction: a release that cannot be recorded registers nothing.
+        if artifact is not None and signer is not None:
+            added.append(
+                await add_release(
+                    session,
+                    signer,
+                    plugin=name,
+                    version=version,
+                    artifact=artifact,
+                    max_bytes=settings.artifact_max_bytes,
+                )
+            )
+        return await register_installation(
+            session, box, tenant=tenant, name=name, version=version, env=env
         )
+
+    with running_services(settings, redis=False) as settings:
+        box = SecretBox(settings.secret_key)
+        try:
+            issued = _with_database(settings, register)
+        except ReleaseConflict as exc:
+            raise fail(str(exc), code=1) from None
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    release = {"release": added[0].outcome, "sha256": added[0].release.sha256} if added else {}
     _print(
         {
             "plugin_id": str(issued.plugin_id),
@@ -307,6 +343,7 @@ def plugin_register(
             "name": name,
             "version": version,
             "env": env,
+            **release,
         },
         as_json,
         "Store the secret now: it is not shown again (`selfheal plugin rotate-secret` issues a new one).",

@@ -34,16 +34,17 @@ def serve_from_command_line(
     build: Callable[[argparse.Namespace], FastAPI],
     argv: Sequence[str] | None = None,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    prog: str | None = None,
 ) -> None:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on")
     parser.add_argument(
         "--token",
         default=os.environ.get(token_env),
         help=f"bearer token clients must send (default: ${token_env})",
     )
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level (warning)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)

@@ -161,6 +161,42 @@ async def serve(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncC
             yield app, client
 
 
+@contextlib.asynccontextmanager
+async def serve_http(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """One API instance listening on settings.host:settings.port for real (uvicorn, in this
+    event loop), for tests where another process must reach the API: the staging runner
+    fetching an artifact from its pre-signed URL. The client talks to it over loopback."""
+    import uvicorn
+
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not task.done(), f"the API did not start: {task.exception()!r}"
+        assert time.monotonic() < deadline, "the API did not start within 30 s"
+        await asyncio.sleep(0.02)
+    try:
+        async with httpx.AsyncClient(base_url=settings.api_base_url) as client:
+            yield app, client
+    finally:
+        server.should_exit = True
+        await task
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as (_, http):
@@ -315,8 +351,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         SELFHEAL_HEARTBEAT_GRACE_S=str(settings.heartbeat_grace_s),
         SELFHEAL_DETECT_EVERY_S=str(settings.detect_every_s),
         SELFHEAL_RECOVERY_HEARTBEATS=str(settings.recovery_heartbeats),
+        SELFHEAL_HOST=settings.host,
+        PORT=str(settings.port),
         LOG_LEVEL="warning",
     )
+    if settings.public_url:
+        env["SELFHEAL_PUBLIC_URL"] = settings.public_url
     return env
 
 

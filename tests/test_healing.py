@@ -36,7 +36,8 @@ from tests.conftest import (
     make_settings,
     register,
     send_heartbeat,
-    serve,
+    free_port,
+    serve_http,
 )
 from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server, running
 
@@ -89,6 +90,8 @@ def loop_settings(settings: Settings, sira: Server, runner: Server, tmp_path: Pa
         decision_deadline_s=1.0,
         missed_decide_after_s=0,
         command_lease_s=1,
+        # The API listens for real: the staging runner fetches artifacts from it.
+        port=free_port(),
     )
 
 
@@ -120,7 +123,7 @@ class Loop:
 async def healing_loop(settings: Settings) -> AsyncIterator[Loop]:
     engine = create_engine(settings, role="test-worker")
     maker = create_sessionmaker(engine)
-    async with httpx.AsyncClient() as http, serve(settings) as (_, client):
+    async with httpx.AsyncClient() as http, serve_http(settings) as (_, client):
         decisions = DecisionClient(
             http,
             base_url=settings.sira_api_url,
@@ -141,11 +144,16 @@ async def healing_loop(settings: Settings) -> AsyncIterator[Loop]:
 
 
 async def add_release(settings: Settings, tmp_path: Path, plugin: str, version: str) -> None:
+    """Release a real artifact: a simulated plugin (plugin.yaml `simulated: true`), which the
+    staging runner fetches, unpacks and checks, then passes without running its code."""
+    from sim.artifacts import build_plugin_artifact
+
     key = settings.data_dir / "keys" / "release-signing.pem"
     if not key.exists():
         generate_key(key)
-    artifact = tmp_path / f"{plugin}-{version}.zip"
-    artifact.write_bytes(f"{plugin} {version}".encode())
+    artifact = build_plugin_artifact(
+        tmp_path / f"{plugin}-{version}.tar.gz", name=plugin, version=version, simulated=True
+    )
     engine = create_engine(settings, role="test")
     try:
         async with create_sessionmaker(engine)() as session, session.begin():
@@ -155,7 +163,6 @@ async def add_release(settings: Settings, tmp_path: Path, plugin: str, version: 
                 plugin=plugin,
                 version=version,
                 artifact=artifact,
-                url=f"https://releases.example/{plugin}/{version}.zip",
                 valid_days=30,
             )
     finally:

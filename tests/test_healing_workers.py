@@ -27,7 +27,7 @@ from app.core.settings import Settings, libpq_url
 from app.healing import repository as repo
 from app.policy import repository as policy_repo
 from app.policy.gate import ProposedAction, evaluate
-from tests.conftest import REPO, Plugin, register, settings_env
+from tests.conftest import REPO, Plugin, free_port, register, settings_env
 from tests.test_healing import (
     FAILING_WEBHOOKS,
     HEALTHY,
@@ -128,7 +128,8 @@ def wait_for(predicate: Any, timeout: float = 60, what: str = "condition", db: A
 
 @pytest.fixture
 def loop_settings(settings: Settings, tmp_path: Path) -> Settings:
-    return settings.model_copy(update={"data_dir": tmp_path})
+    # The API listens for real (healing_loop): the staging runner fetches artifacts from it.
+    return settings.model_copy(update={"data_dir": tmp_path, "port": free_port()})
 
 
 async def test_two_workers_one_command_per_attempt_and_all_healed(

@@ -278,12 +278,25 @@ async def test_add_release_stores_a_payload_the_plugin_accepts(settings, signer,
         ),
     )
     assert added.outcome == "added"
-    assert added.release.artifact_url == path.resolve().as_uri()
+    # The control plane keeps the bytes and serves them itself.
+    assert added.release.artifact_url == "/api/plugins/releases/payments/1.2.3/artifact"
     assert added.release.sha256 == hashlib.sha256(b"payments 1.2.3").hexdigest()
+    assert db.execute(
+        "SELECT sha256, size_bytes, content FROM plugin_release_artifacts"
+        " WHERE plugin_name = 'payments' AND version = '1.2.3'"
+    ).fetchone() == (added.release.sha256, 14, b"payments 1.2.3")
 
-    payload = await in_tx(settings, lambda s: repository.command_payload(s, "payments", "1.2.3"))
+    payload = await in_tx(
+        settings,
+        lambda s: repository.command_payload(
+            s, "payments", "1.2.3", base_url="https://selfheal.example"
+        ),
+    )
     assert payload is not None
     assert set(payload) == {"version", "artifact_url", "sha256", "signature", "signed"}
+    assert payload["artifact_url"] == (
+        "https://selfheal.example/api/plugins/releases/payments/1.2.3/artifact"
+    )
     statement = verify_payload(signer.public_key_b64, payload, plugin_name="payments")
     assert statement.version == "1.2.3"
     assert timedelta(days=29) < statement.expires_at - datetime.now(UTC) <= timedelta(days=30)
@@ -386,7 +399,8 @@ async def test_expired_releases_are_not_handed_out_and_are_signed_again(settings
         ({"plugin": "bad name"}, "--plugin 'bad name' is not valid"),
         ({"version": "latest"}, "--version 'latest' is not valid"),
         ({"valid_days": 0}, "--valid-days must be between 1 and 3650"),
-        ({"url": "not a url"}, "is not a URL"),
+        ({"url": "not a url"}, "is not an http\\(s\\) URL"),
+        ({"url": "file:///srv/payments.zip"}, "is not an http\\(s\\) URL"),
         ({"artifact": Path("/nonexistent/file.zip")}, "no such file"),
     ],
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -226,6 +227,21 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     )
 
 
+class QuietJobLines(logging.Filter):
+    """arq logs two lines per job at info level: with six tick jobs a second, an idle worker
+    would print a dozen lines a second. Those lines are left for LOG_LEVEL=debug; jobs log
+    at info themselves when something happened (an incident opened or moved, a delivery
+    failed), and arq's failures (warning, error) still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = str(record.msg)
+        return not message.startswith(("%6.2fs", "recording health"))
+
+
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_level)
+    if settings.log_level != "debug":
+        logging.getLogger("arq.worker").addFilter(QuietJobLines())
     build_worker(settings).run()

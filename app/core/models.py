@@ -16,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -56,6 +57,10 @@ ATTEMPT_STATUSES = (
     "rolled_back",
     "cancelled",
 )
+# Statuses in which an incident is over; every other status is open.
+INCIDENT_CLOSED_STATUSES = ("resolved", "rolled_back", "failed", "cancelled", "ignored")
+# The same list as SQL, for raw statements: "('resolved', ...)".
+CLOSED_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in INCIDENT_CLOSED_STATUSES) + ")"
 COMMAND_TYPES = ("update", "rollback", "config")
 COMMAND_STATUSES = ("pending", "delivered", "acked", "failed", "expired", "cancelled")
 ROLES = ("viewer", "operator", "admin")
@@ -120,10 +125,26 @@ class MerchantPlugin(Base):
     # heartbeat: the detector looks only at overdue installations not yet flagged.
     missed_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # The last version that was healthy for a whole health window: rollbacks go back to it,
+    # regression incidents name it (promoted by the worker, see migration 0008).
+    known_good_version: Mapped[str | None] = mapped_column(Text)
+    known_good_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Start of the current healthy streak on the current version; NULL while an incident is
+    # open (triggers on plugin_incidents) and restarted by ingest when the version changes.
+    good_since: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     __table_args__ = (
         CheckConstraint("status IN ('active', 'disabled')", name="status"),
+        Index(
+            "ix_merchant_plugins_known_good_due",
+            "good_since",
+            postgresql_where=text(
+                "good_since IS NOT NULL AND known_good_version IS DISTINCT FROM plugin_version"
+            ),
+        ),
         # The detector asks "whose deadline has passed?" every few seconds: an index, not a scan.
         Index("ix_merchant_plugins_next_expected_at", "next_expected_at"),
         Index("ix_merchant_plugins_tenant_id", "tenant_id"),
@@ -194,6 +215,26 @@ class PluginRelease(Base):
     __table_args__ = (
         UniqueConstraint("plugin_name", "version", name="uq_plugin_releases_plugin_version"),
         CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256_hex"),
+    )
+
+
+class PluginReleaseArtifact(Base):
+    """The bytes of a release, served by the control plane to its plugins and to staging."""
+
+    __tablename__ = "plugin_release_artifacts"
+    plugin_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    sha256: Mapped[str] = mapped_column(Text, nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["plugin_name", "version"],
+            ["plugin_releases.plugin_name", "plugin_releases.version"],
+        ),
+        CheckConstraint("sha256 = encode(sha256(content), 'hex')", name="sha256_of_content"),
+        CheckConstraint("size_bytes = octet_length(content)", name="size"),
     )
 
 

@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     health_window_s: int = Field(
         90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")
     )
+    # The interval plugins are told while they have an open incident, a command waiting or a
+    # change being verified (DESIGN.md, adaptive next_heartbeat_s).
+    heartbeat_fast_s: int = Field(
+        5, ge=1, le=3600, validation_alias=_env("SELFHEAL_HEARTBEAT_FAST_S")
+    )
+    # Where plugins and the staging runner reach this API (behind a load balancer: its URL);
+    # artifact URLs in commands are built from it. Default: http://SELFHEAL_HOST:PORT.
+    public_url: str | None = Field(None, validation_alias=_env("SELFHEAL_PUBLIC_URL"))
+    artifact_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        validation_alias=_env("SELFHEAL_ARTIFACT_MAX_BYTES"),
+    )
+    # Lifetime of the artifact URL handed to the staging runner (a capability, no other auth).
+    artifact_url_ttl_s: int = Field(
+        900, ge=10, le=86400, validation_alias=_env("SELFHEAL_ARTIFACT_URL_TTL_S")
+    )
 
     detect_consecutive_samples: int = Field(
         1, ge=1, le=50, validation_alias=_env("SELFHEAL_DETECT_CONSECUTIVE_SAMPLES")
@@ -187,6 +205,27 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("SELFHEAL_PUBLIC_URL must start with http:// or https://")
+        return value
+
+    @property
+    def api_base_url(self) -> str:
+        """The API as plugins and the staging runner reach it (SELFHEAL_PUBLIC_URL, else the
+        address the API binds; 0.0.0.0 and :: are answered on loopback)."""
+        if self.public_url:
+            return self.public_url
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret_in_prod(self) -> Settings:

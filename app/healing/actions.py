@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import app.releases.repository as releases
 from app.core.db import set_actor
 from app.healing import repository as repo
+from app.incidents.repository import ROLLBACK_TARGET_SQL
 from app.policy import repository as policy_repo
 from app.policy.gate import (
     ApprovalRefused,
@@ -57,7 +58,7 @@ async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
             text(
                 "SELECT i.id, i.status, i.installation_id, i.tenant_id, i.plugin_name,"
                 " i.severity, i.pending_action, m.plugin_version AS current_version,"
-                " m.previous_version"
+                f" {ROLLBACK_TARGET_SQL} AS previous_version"
                 " FROM plugin_incidents i LEFT JOIN merchant_plugins m ON m.id = i.installation_id"
                 " WHERE i.id = :id FOR UPDATE OF i"
             ),
@@ -185,12 +186,20 @@ async def manual_action(
         raise ActionRefused(
             422,
             "patch_version is required"
-            + (" (the installation has no known previous version)" if action == "rollback" else ""),
+            + (
+                " (the installation has no known-good or previous version to go back to)"
+                if action == "rollback"
+                else ""
+            ),
             field="patch_version",
         )
     if version == incident.current_version:
         raise ActionRefused(422, f"the installation already runs {version}", field="patch_version")
-    if await releases.command_payload(session, incident.plugin_name, version) is None:
+    # A rollback needs no signed release: the plugin goes back to a version it holds.
+    if (
+        action == "patch"
+        and await releases.command_payload(session, incident.plugin_name, version) is None
+    ):
         raise ActionRefused(
             422,
             f"no signed release of {incident.plugin_name} {version}"

@@ -49,6 +49,7 @@ from app.notifications.events import notify
 from app.notifications.feedback import record_outcome
 from app.policy.gate import GateResult, ProposedAction, evaluate
 from app.releases import repository as releases
+from app.releases.artifacts import ArtifactCapabilities
 
 log = structlog.get_logger("selfheal.healing")
 
@@ -80,6 +81,7 @@ class Healer:
         self.settings = settings
         self.decisions = decisions
         self.staging = staging
+        self.artifacts = ArtifactCapabilities(settings.secret_key)
         self._steps: dict[str, Callable[[IncidentState], Awaitable[StepResult]]] = {
             "detected": self._detected,
             "deciding": self._deciding,
@@ -121,13 +123,14 @@ class Healer:
 
     async def advance(self, incident_id: uuid.UUID) -> str | None:
         """Run the incident's steps until it has to wait; its status at the end."""
-        status = None
+        status = first = None
         for _ in range(MAX_STEPS_PER_RUN):
             async with self.maker() as session:
                 state = await repo.load_state(session, incident_id)
             if state is None:
                 return None
             status = state.status
+            first = first or status
             step = self._steps.get(state.status)
             if step is None:
                 return status
@@ -143,6 +146,18 @@ class Healer:
                 break
         async with self.maker() as session:
             final = await repo.load_state(session, incident_id)
+        if final is not None and final.status != first:
+            # The one info line of the healing loop: an incident moved (the tick jobs
+            # themselves say nothing while nothing happens).
+            log.info(
+                "incident_moved",
+                incident_id=str(incident_id),
+                plugin=final.plugin_name,
+                type=final.type,
+                status_from=first,
+                status_to=final.status,
+                reason=final.status_reason,
+            )
         return final.status if final else status
 
     async def follow_sql_rollbacks(self) -> int:
@@ -151,14 +166,13 @@ class Healer:
         queued = 0
         async with self.maker() as session, session.begin():
             for row in await repo.sql_rolled_back_without_command(session, limit=100):
-                payload = await releases.command_payload(session, row.plugin_name, row.from_version)
-                if payload is None:
-                    log.error(
-                        "sql_rollback_without_release",
-                        attempt_id=str(row.id),
-                        version=row.from_version,
-                    )
+                if row.from_version is None:
+                    log.error("sql_rollback_without_version", attempt_id=str(row.id))
                     continue
+                payload = await self._command_payload(
+                    session, row.plugin_name, "rollback", row.from_version
+                )
+                assert payload is not None  # a rollback needs no release
                 queued += await repo.insert_command(
                     session,
                     installation_id=row.installation_id,
@@ -212,6 +226,10 @@ class Healer:
             candidates = await releases.candidate_versions(
                 session, state.plugin_name, exclude=state.current_version
             )
+            # Never propose again what failed on this installation: a patch rolled back here
+            # once would be rolled back again (patch/rollback oscillation).
+            failed_here = await repo.versions_failed_on(session, state.installation_id)
+            candidates = [version for version in candidates if version not in failed_here]
             quarantined = await releases.quarantined_versions(session, state.plugin_name)
             outcomes = await repo.outcome_stats(
                 session, plugin_name=state.plugin_name, incident_type=state.type
@@ -320,7 +338,10 @@ class Healer:
         attempt, or record why the incident waits."""
         assert state.installation_id is not None and state.tenant_id is not None
         to_version = str(action["to_version"])
-        if await releases.command_payload(session, state.plugin_name, to_version) is None:
+        if (
+            await self._command_payload(session, state.plugin_name, action["action"], to_version)
+            is None
+        ):
             await repo.move_incident(
                 session,
                 state.id,
@@ -427,12 +448,21 @@ class Healer:
             return await self._fail_attempt(
                 state, attempt, f"the release {attempt.to_version} disappeared before staging"
             )
+        artifact = str(payload["artifact_url"])
+        if artifact.startswith("/"):
+            # Served by the control plane: the runner gets a pre-signed URL of its own.
+            artifact = self.artifacts.url(
+                self.settings.api_base_url,
+                state.plugin_name,
+                attempt.to_version or "",
+                ttl_s=self.settings.artifact_url_ttl_s,
+            )
         try:
             run = await self.staging.start(
                 plugin=state.plugin_name,
                 from_version=attempt.from_version,
                 to_version=attempt.to_version or "",
-                artifact=str(payload["artifact_url"]),
+                artifact=artifact,
             )
         except StagingUnavailable as error:
             return await self._staging_unreachable(state, attempt, error.reason)
@@ -541,8 +571,8 @@ class Healer:
             gate = await evaluate(session, _proposed(state, action, attempt_id=attempt.id))
             if not gate.allowed:
                 return await self._held_before_apply(session, state, attempt, gate)
-            payload = await releases.command_payload(
-                session, state.plugin_name, attempt.to_version or ""
+            payload = await self._command_payload(
+                session, state.plugin_name, attempt.action, attempt.to_version or ""
             )
             if payload is None:
                 await repo.move_attempt(
@@ -679,13 +709,23 @@ class Healer:
                 state.installation_id,
                 since=since,
                 version=attempt.to_version,
-                limit=max(needed, 2),
+                limit=needed + 1,
             )
         samples = [Sample.of(r) for r in rows]
         if state.current_version == attempt.to_version and _healthy(
             state.type, samples, needed, self.settings
         ):
             return await self._succeed(state, attempt)
+        if state.current_version == attempt.to_version and _still_sick(
+            state.type, samples, needed, self.settings
+        ):
+            # Proven sick before the window ends: no reason to keep the plugin on it.
+            return await self._roll_back(
+                state,
+                attempt,
+                f"{state.type} still present on {attempt.to_version}"
+                f" ({needed} heartbeats in a row after the change)",
+            )
         deadline = attempt.verify_deadline_at
         if deadline is not None and state.now < deadline:
             wait = min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
@@ -704,8 +744,15 @@ class Healer:
         return await self._roll_back(state, attempt, why)
 
     async def _roll_back(self, state: IncidentState, attempt: AttemptRow, why: str) -> StepResult:
+        """Queue the rollback of a patch that failed verification: back to the installation's
+        known-good version (the last one healthy for a whole health window), else to the
+        version the patch replaced; never to the version that just failed. The plugin goes
+        back to a version it holds, so no signed release of it is needed."""
         assert state.installation_id is not None
-        if attempt.action == "rollback" or attempt.from_version is None:
+        target = state.previous_version
+        if target is None or target == attempt.to_version:
+            target = attempt.from_version
+        if attempt.action == "rollback" or target is None or target == attempt.to_version:
             return await self._fail_attempt(
                 state,
                 attempt,
@@ -713,13 +760,9 @@ class Healer:
                 critical=True,
             )
         async with self._locked(state) as session:
-            if attempt.automatic and await repo.kill_switch_engaged(session, before_change=False):
-                blocked = True
-            else:
-                blocked = False
-                payload = await releases.command_payload(
-                    session, state.plugin_name, attempt.from_version
-                )
+            blocked = attempt.automatic and await repo.kill_switch_engaged(
+                session, before_change=False
+            )
         if blocked:
             return await self._fail_attempt(
                 state,
@@ -728,15 +771,9 @@ class Healer:
                 " switch: roll back by hand",
                 critical=True,
             )
-        if payload is None:
-            return await self._fail_attempt(
-                state,
-                attempt,
-                f"health check failed ({why}); no signed release of {attempt.from_version}"
-                " to roll back to",
-                critical=True,
-            )
         async with self._locked(state) as session:
+            payload = await self._command_payload(session, state.plugin_name, "rollback", target)
+            assert payload is not None  # a rollback needs no release
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
                 return WAIT  # flipped meanwhile: the next run fails the attempt as above
             await repo.insert_command(
@@ -750,14 +787,17 @@ class Healer:
                 max_deliveries=self.settings.command_max_deliveries,
             )
             await repo.move_attempt(
-                session, attempt.id, expected="verifying", rollback_reason=f"health check: {why}"
+                session,
+                attempt.id,
+                expected="verifying",
+                rollback_reason=f"health check: {why}; back to {target}",
             )
             await repo.move_incident(
                 session,
                 state.id,
                 expected="verifying",
                 status="rolling_back",
-                reason=f"health check failed ({why}); rolling back to {attempt.from_version}",
+                reason=f"health check failed ({why}); rolling back to {target}",
                 next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
@@ -787,7 +827,8 @@ class Healer:
                     state.id,
                     expected="rolling_back",
                     status="rolled_back",
-                    reason=f"rolled back to {attempt.from_version}: {attempt.rollback_reason}",
+                    reason=f"rolled back to {command.version or attempt.from_version}:"
+                    f" {attempt.rollback_reason}",
                 )
                 await self._record_feedback(session, state, attempt, "rolled_back")
                 await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
@@ -806,7 +847,7 @@ class Healer:
             return await self._fail_attempt(
                 state,
                 attempt,
-                f"rollback to {attempt.from_version} failed: {detail}",
+                f"rollback to {command.version or attempt.from_version} failed: {detail}",
                 critical=True,
                 expire_command_id=command.id if command.status != "failed" else None,
             )
@@ -818,6 +859,19 @@ class Healer:
                 next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
+
+    async def _command_payload(
+        self, session: AsyncSession, plugin: str, action: str, version: str
+    ) -> dict[str, Any] | None:
+        """The payload of the command that takes the plugin to `version` (DESIGN.md): an
+        update needs a signed, unexpired release (None without one); a rollback is
+        `{"version"}`, plus the release's fields when a signed release of it exists."""
+        release = await releases.command_payload(
+            session, plugin, version, base_url=self.settings.api_base_url
+        )
+        if action == "rollback":
+            return {"version": version, **(release or {})}
+        return release
 
     # -- endings --------------------------------------------------------------------------
 
@@ -836,6 +890,9 @@ class Healer:
             )
             await self._record_feedback(session, state, attempt, "success")
             await self._notify(session, "patch_succeeded", state, "resolved", attempt=attempt)
+            if attempt.action == "rollback":
+                # Going back healed it: the version it left is a bad release here.
+                await self._maybe_quarantine(session, state, attempt)
         return WAIT
 
     async def _fail_attempt(
@@ -955,19 +1012,21 @@ class Healer:
     async def _maybe_quarantine(
         self, session: AsyncSession, state: IncidentState, attempt: AttemptRow
     ) -> None:
-        if attempt.action != "patch" or attempt.to_version is None:
+        """The bad version of a rollback (the patch's target, or the version a rollback left)
+        is quarantined once it has been rolled back from SELFHEAL_QUARANTINE_AFTER_ROLLBACKS
+        times across the fleet: no automatic choice proposes it again."""
+        bad = attempt.to_version if attempt.action == "patch" else attempt.from_version
+        if bad is None:
             return
-        count = await repo.rollbacks_of_version(
-            session, plugin_name=state.plugin_name, version=attempt.to_version
-        )
+        count = await repo.rollbacks_of_version(session, plugin_name=state.plugin_name, version=bad)
         if count >= self.settings.quarantine_after_rollbacks and await releases.quarantine(
             session,
             state.plugin_name,
-            attempt.to_version,
+            bad,
             f"rolled back {count} times across the fleet (threshold"
             f" {self.settings.quarantine_after_rollbacks})",
         ):
-            log.warning("release_quarantined", plugin=state.plugin_name, version=attempt.to_version)
+            log.warning("release_quarantined", plugin=state.plugin_name, version=bad)
 
     async def _record_feedback(
         self, session: AsyncSession, state: IncidentState, attempt: AttemptRow, outcome: str
@@ -1044,6 +1103,16 @@ def _healthy(incident_type: str, samples: list[Sample], needed: int, settings: S
     if incident_type in ("heartbeat_missed",):
         return True  # heartbeats on the new version are the health signal
     return healthy_for(incident_type, samples, thresholds(settings), needed)
+
+
+def _still_sick(incident_type: str, samples: list[Sample], needed: int, settings: Settings) -> bool:
+    """The `needed` newest heartbeats on the new version all still show the problem. The oldest
+    heartbeat after the change is left out: the plugin sends it right after applying, and its
+    counters are mostly the traffic of before the change."""
+    if incident_type == "heartbeat_missed" or len(samples) < needed + 1:
+        return False
+    t = thresholds(settings)
+    return all(not healthy_for(incident_type, [sample], t, 1) for sample in samples[:needed])
 
 
 def _attempt_json(attempt: AttemptRow) -> dict[str, Any]:

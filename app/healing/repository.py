@@ -15,7 +15,9 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.models import INCIDENT_CLOSED_STATUSES
 from app.decisions.schemas import OutcomeStats
+from app.incidents.repository import ROLLBACK_TARGET_SQL
 from app.policy.repository import serialize_gate_decisions
 
 # Incident statuses the loop moves on by itself. `escalated` is open but waits for a human.
@@ -29,7 +31,7 @@ LOOP_STATUSES = (
     "verifying",
     "rolling_back",
 )
-CLOSED_STATUSES = ("resolved", "rolled_back", "failed", "cancelled", "ignored")
+CLOSED_STATUSES = INCIDENT_CLOSED_STATUSES
 IN_FLIGHT = ("pending", "staging", "applying", "verifying")
 
 
@@ -45,6 +47,7 @@ class CommandRow:
     max_deliveries: int
     acked_at: datetime | None
     error: str | None
+    version: str | None = None  # the version the command takes the plugin to
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class IncidentState:
     pending_action: dict[str, Any] | None
     # The installation as it is now.
     current_version: str | None
+    # The version to go back to: known-good, else the one before, never one that just failed
+    # there (app/incidents/repository.py, ROLLBACK_TARGET_SQL).
     previous_version: str | None
     version_changed_at: datetime | None
     attempt: AttemptRow | None
@@ -162,12 +167,12 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
         (
             await session.execute(
                 text(
-                    """
+                    f"""
                     SELECT now() AS now, i.id, i.installation_id, i.tenant_id, i.plugin_name,
                            i.plugin_version, i.type, i.severity, i.status, i.status_reason,
                            i.detected_at, i.telemetry_snapshot, i.sira_decision,
                            i.pending_action, m.plugin_version AS current_version,
-                           m.previous_version, m.version_changed_at
+                           {ROLLBACK_TARGET_SQL} AS previous_version, m.version_changed_at
                     FROM plugin_incidents i
                     LEFT JOIN merchant_plugins m ON m.id = i.installation_id
                     WHERE i.id = :id
@@ -209,7 +214,7 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
             await session.execute(
                 text(
                     "SELECT id, type, status, automatic, expires_at, lease_expires_at,"
-                    " delivery_count, max_deliveries, acked_at, error"
+                    " delivery_count, max_deliveries, acked_at, error, payload->>'version' AS version"
                     " FROM plugin_agent_commands WHERE attempt_id = :id"
                 ),
                 {"id": attempt.id},
@@ -518,19 +523,45 @@ async def outcome_stats(
     return {r.to_version: OutcomeStats(r.successes, r.failures) for r in rows}
 
 
+# An attempt that took an installation away from a version because it failed there: a patch
+# rolled back (its to_version failed), or a rollback that healed (its from_version failed).
+_FAILED_VERSION_OF_ATTEMPT = """
+    CASE WHEN a.action = 'patch' AND a.status = 'rolled_back' THEN a.to_version
+         WHEN a.action = 'rollback' AND a.status = 'success' THEN a.from_version END"""
+
+
 async def rollbacks_of_version(session: AsyncSession, *, plugin_name: str, version: str) -> int:
+    """How many times installations of the plugin were rolled back from `version`."""
     result = await session.execute(
         text(
-            """
+            f"""
             SELECT count(*) FROM plugin_autopatch_attempts a
             JOIN merchant_plugins m ON m.id = a.installation_id
-            WHERE m.plugin_name = :plugin AND a.to_version = :version AND a.action = 'patch'
-              AND a.status = 'rolled_back'
+            WHERE m.plugin_name = :plugin AND {_FAILED_VERSION_OF_ATTEMPT} = :version
             """
         ),
         {"plugin": plugin_name, "version": version},
     )
     return int(result.scalar_one())
+
+
+async def versions_failed_on(
+    session: AsyncSession, installation_id: uuid.UUID | None
+) -> frozenset[str]:
+    """The versions this installation was rolled back from: not to be proposed to it again."""
+    if installation_id is None:
+        return frozenset()
+    result = await session.execute(
+        text(
+            f"""
+            SELECT DISTINCT {_FAILED_VERSION_OF_ATTEMPT} FROM plugin_autopatch_attempts a
+            WHERE a.installation_id = :installation
+              AND a.status IN ('rolled_back', 'success')
+            """
+        ),
+        {"installation": installation_id},
+    )
+    return frozenset(version for version in result.scalars() if version is not None)
 
 
 async def sql_rolled_back_without_command(session: AsyncSession, *, limit: int) -> list[Any]:

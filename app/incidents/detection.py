@@ -41,6 +41,7 @@ class TickResult:
     fleet_opened: int = 0
     fleet_linked: int = 0
     fleet_resolved: int = 0
+    known_good: int = 0  # installations whose version became known-good this tick
     # The groups whose incidents this tick opened or repeated: what the fleet step looks at.
     touched: frozenset[Group] = field(default=frozenset(), compare=False)
 
@@ -70,6 +71,9 @@ async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Setting
         )
         more = await detect_thresholds(session, settings)
         fleet_due = await fleet_work_due(session)
+        known_good = await repository.promote_known_good(
+            session, window_s=settings.health_window_s, limit=TICK_LIMIT
+        )
     # The fleet step has its own transaction, after the incidents are committed: of two ticks
     # running at once, the one grouping last sees the incidents of both. An idle tick (nothing
     # touched, no open fleet incident with work) skips it.
@@ -86,6 +90,7 @@ async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Setting
         fleet_linked=fleet.linked,
         fleet_resolved=fleet.resolved,
         touched=frozenset(touched),
+        known_good=known_good,
     )
     if result.opened or result.resolved or fleet.opened or fleet.linked or fleet.resolved:
         log.info(
@@ -120,7 +125,7 @@ async def detect_thresholds(session: AsyncSession, settings: Settings) -> TickRe
         for finding in findings_for(
             samples,
             t,
-            previous_version=first.previous_version,
+            previous_version=first.rollback_target,
             version_changed_at=first.version_changed_at,
         ):
             inserted = await repository.open_incident(

@@ -17,8 +17,28 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.models import CLOSED_STATUSES_SQL
+
 # Statuses in which an incident is over; any other status is open (see the partial index).
-CLOSED = "('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
+CLOSED = CLOSED_STATUSES_SQL
+
+# The version to go back to for the installation `m` (a merchant_plugins row alias): its
+# known-good version (the last one healthy for a whole health window), else the version it ran
+# before; never the version it runs, and never one it was taken away from because it failed
+# there (a patch rolled back, or the version a rollback left) since it was last known good.
+# Regression incidents name it, decisions get it as `previous_version`, rollbacks target it.
+ROLLBACK_TARGET_SQL = """(
+    SELECT c.version FROM (VALUES (1, m.known_good_version), (2, m.previous_version))
+        AS c(rank, version)
+    WHERE c.version IS NOT NULL AND c.version <> m.plugin_version
+      AND NOT EXISTS (
+        SELECT 1 FROM plugin_autopatch_attempts a
+        WHERE a.installation_id = m.id
+          AND a.created_at > COALESCE(m.known_good_at, '-infinity'::timestamptz)
+          AND ((a.action = 'patch' AND a.status = 'rolled_back' AND a.to_version = c.version)
+               OR (a.action = 'rollback' AND a.status = 'success'
+                   AND a.from_version = c.version)))
+    ORDER BY c.rank LIMIT 1)"""
 # Open incidents with nothing under way: healthy heartbeats resolve them. (An incident that is
 # being decided on, staged, applied or verified belongs to the healing loop.)
 RECOVERABLE = "('detected', 'awaiting_approval', 'blocked_by_policy', 'escalated')"
@@ -171,8 +191,8 @@ async def recent_samples_of_active_installations(
                 SELECT DISTINCT installation_id FROM plugin_heartbeats
                 WHERE id > :after AND id <= :upto
             )
-            SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version, m.previous_version,
-                   m.version_changed_at, m.telemetry,
+            SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version,
+                   {ROLLBACK_TARGET_SQL} AS rollback_target, m.version_changed_at, m.telemetry,
                    s.received_at, s.requests, s.errors, s.webhook_attempts, s.webhook_failures,
                    s.uptime_s
             FROM touched t
@@ -282,3 +302,31 @@ async def resolve_incidents(
         {"ids": incident_ids, "reason": reason},
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def promote_known_good(session: AsyncSession, *, window_s: int, limit: int) -> int:
+    """Installations whose current version has been healthy for a whole health window (no
+    incident since their streak began, `good_since`, and a heartbeat after the window) get it
+    as their known-good version. The partial index holds only installations waiting for this."""
+    result = await session.execute(
+        text(
+            f"""
+            UPDATE merchant_plugins m
+            SET known_good_version = m.plugin_version, known_good_at = now()
+            WHERE m.id IN (
+                SELECT id FROM merchant_plugins
+                WHERE good_since IS NOT NULL
+                  AND known_good_version IS DISTINCT FROM plugin_version
+                  AND good_since <= now() - make_interval(secs => :window)
+                  AND last_heartbeat_at >= good_since + make_interval(secs => :window)
+                  AND missed_since IS NULL AND status = 'active'
+                ORDER BY good_since
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED)
+              AND NOT EXISTS (SELECT 1 FROM plugin_incidents i
+                              WHERE i.installation_id = m.id AND i.status NOT IN {CLOSED})
+            """
+        ),
+        {"window": window_s, "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -150,6 +150,18 @@ def as_regression(
     )
 
 
+def looks_unhealthy(
+    t: Thresholds, *, requests: int, errors: int, webhook_attempts: int, webhook_failures: int
+) -> bool:
+    """One heartbeat's counters cross an absolute threshold (no baseline, no history): the
+    API asks such a plugin to come back soon, before detection has even looked at it."""
+    if webhook_attempts >= t.webhook_min_attempts and (
+        webhook_failures > t.webhook_fail_rate * webhook_attempts
+    ):
+        return True
+    return requests > 0 and errors > t.error_rate * requests
+
+
 RULES = (webhook_failing, error_spiking, crash_looping)
 
 

@@ -23,7 +23,7 @@ import hmac
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,6 +73,12 @@ class VerifiedRequest:
     plugin_name: str
     digest: bytes  # SHA-256 of the signed message: the replay key
     timestamp: int
+    # The secret whose signature matched: the response is signed with it, so a plugin in the
+    # middle of a rotation verifies our answer with the secret it signs with.
+    secret: bytes = field(default=b"", repr=False)
+
+    def response_headers(self, status: int, path: str, body: bytes) -> dict[str, str]:
+        return response_signature(self.secret, status, path, body)
 
 
 def signed_message(timestamp: str, method: str, path: str, body: bytes) -> bytes:
@@ -83,6 +89,19 @@ def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> st
     """The X-Signature value a plugin sends (used by plugin_client, tests and benchmarks)."""
     mac = hmac.new(secret.encode(), signed_message(timestamp, method, path, body), hashlib.sha256)
     return "v1=" + mac.hexdigest()
+
+
+def response_signature(
+    secret: bytes, status: int, path: str, body: bytes, *, timestamp: int | None = None
+) -> dict[str, str]:
+    """X-Timestamp and X-Signature of a response to a plugin (DESIGN.md, "Plugin API"):
+    v1=<hex HMAC-SHA256(secret, "{timestamp}.{status code}.{path}.{raw body}")>."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    message = f"{stamp}.{status}.{path}.".encode() + body
+    return {
+        "X-Timestamp": stamp,
+        "X-Signature": "v1=" + hmac.new(secret, message, hashlib.sha256).hexdigest(),
+    }
 
 
 def _parse_signatures(header: str) -> list[str]:
@@ -181,10 +200,10 @@ class PluginAuthenticator:
 
         creds = await self._credentials(installation_id, now)
         matched = _matches(creds, message, sigs, now)
-        if not matched and now - creds.loaded_at > _RELOAD_AFTER_S:
+        if matched is None and now - creds.loaded_at > _RELOAD_AFTER_S:
             creds = await self._credentials(installation_id, now, reload=True)
             matched = _matches(creds, message, sigs, now)
-        if not matched:
+        if matched is None:
             raise AuthFailed("bad_signature", "signature does not match")
         if not creds.active:
             raise AuthFailed("plugin_disabled", "this installation is disabled")
@@ -194,6 +213,7 @@ class PluginAuthenticator:
             plugin_name=creds.plugin_name,
             digest=hashlib.sha256(message).digest(),
             timestamp=int(timestamp),
+            secret=matched,
         )
 
     async def _credentials(
@@ -370,15 +390,16 @@ def _unix(moment: datetime | None) -> float | None:
     return moment.replace(tzinfo=moment.tzinfo or UTC).timestamp()
 
 
-def _matches(creds: Credentials, message: bytes, sigs: list[str], now: float) -> bool:
+def _matches(creds: Credentials, message: bytes, sigs: list[str], now: float) -> bytes | None:
+    """The secret one of the signatures was made with, or None."""
     for key in creds.keys:
         if key.expires_at is not None and key.expires_at <= now:
             continue
         expected = hmac.new(key.secret, message, hashlib.sha256).hexdigest()
         for sig in sigs:
             if hmac.compare_digest(expected, sig):
-                return True
-    return False
+                return key.secret
+    return None
 
 
 AUTH_CHANNEL = "selfheal_auth"

@@ -54,7 +54,7 @@ class HeartbeatFastPath:
                 send, 500, error_body("internal_error", "internal error; see the server log")
             )
             return
-        await _respond(send, 200, answer)
+        await _respond(send, 200, answer.body, answer.headers)
 
 
 async def _respond(

@@ -31,6 +31,7 @@ from psycopg import errors as pg_errors
 
 from app.core.db import bounded, connection_liveness
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
+from app.core.models import CLOSED_STATUSES_SQL
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.plugins.schemas import Heartbeat
 
@@ -73,6 +74,13 @@ touched AS (
                                 THEN m.plugin_version ELSE m.previous_version END,
         version_changed_at = CASE WHEN m.plugin_version <> l.plugin_version
                                   THEN now() ELSE m.version_changed_at END,
+        -- A new version starts a new healthy streak, unless an incident is open (then the
+        -- incident's closing starts it: migration 0008's triggers).
+        good_since = CASE WHEN m.plugin_version = l.plugin_version THEN m.good_since
+                          WHEN EXISTS (SELECT 1 FROM plugin_incidents i
+                                       WHERE i.installation_id = m.id
+                                         AND i.status NOT IN {closed}) THEN NULL
+                          ELSE now() END,
         plugin_version = l.plugin_version,
         env = l.env,
         uptime_s = l.uptime_s,
@@ -100,13 +108,26 @@ handed_out AS (
       AND c.delivery_count < c.max_deliveries
       AND (NOT c.automatic OR (SELECT p.autopatch_enabled FROM ops_policy p WHERE p.id = 1))
     RETURNING c.installation_id, c.id, c.type, c.payload, c.expires_at, c.created_at
+),
+-- Installations that should come back soon (DESIGN.md, adaptive next_heartbeat_s): an open
+-- incident (which includes a change being applied or verified) or a command waiting for them.
+-- Both lookups are index ranges on partial indexes of open rows.
+urgent AS (
+    SELECT l.installation_id FROM latest l
+    WHERE EXISTS (SELECT 1 FROM plugin_incidents i
+                  WHERE i.installation_id = l.installation_id AND i.status NOT IN {closed})
+       OR EXISTS (SELECT 1 FROM plugin_agent_commands c
+                  WHERE c.installation_id = l.installation_id
+                    AND c.status IN ('pending', 'delivered'))
 )
 SELECT 0 AS kind, installation_id, msg_digest, NULL::uuid AS command_id, NULL::text AS type,
        NULL::jsonb AS payload, NULL::timestamptz AS expires_at, NULL::timestamptz AS created_at
 FROM ins
 UNION ALL
 SELECT 1, installation_id, NULL, id, type, payload, expires_at, created_at FROM handed_out
-"""
+UNION ALL
+SELECT 2, installation_id, NULL, NULL, NULL, NULL, NULL, NULL FROM urgent
+""".replace("{closed}", CLOSED_STATUSES_SQL)
 
 # Transient conflicts between two batches touching the same installations in another order.
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -140,6 +161,8 @@ class PendingHeartbeat:
 class IngestResult:
     accepted: bool  # False: the same signed message was stored before (a replay)
     commands: list[dict[str, Any]]
+    # An open incident or a waiting command: the plugin is asked to come back soon.
+    urgent: bool = False
 
 
 def batch_row(installation_id: uuid.UUID, digest: bytes, hb: Heartbeat) -> bytes:
@@ -373,6 +396,7 @@ class HeartbeatBatcher:
         )
         stored: set[tuple[uuid.UUID, bytes]] = set()
         commands: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        urgent: set[uuid.UUID] = set()
         for (
             kind,
             installation_id,
@@ -385,6 +409,8 @@ class HeartbeatBatcher:
         ) in rows:
             if kind == 0:
                 stored.add((installation_id, bytes(digest)))
+            elif kind == 2:
+                urgent.add(installation_id)
             else:
                 commands.setdefault(installation_id, []).append(
                     {
@@ -401,7 +427,7 @@ class HeartbeatBatcher:
         for item in batch:
             key = (item.installation_id, item.digest)
             if key in stored:
-                results[key] = IngestResult(True, [])
+                results[key] = IngestResult(True, [], item.installation_id in urgent)
                 last[item.installation_id] = key
             elif after_lost:
                 results[key] = _STORED_BEFORE
@@ -409,7 +435,7 @@ class HeartbeatBatcher:
             handed = sorted(commands.get(installation_id, []), key=lambda c: c.pop("_created_at"))
             if handed:
                 COMMANDS_DELIVERED.inc(len(handed))
-                results[key] = IngestResult(True, handed)
+                results[key] = IngestResult(True, handed, True)
         return results
 
     def _parameters(self, batch: list[PendingHeartbeat]) -> dict[str, Any]:

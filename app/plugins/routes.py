@@ -4,7 +4,9 @@ the signature covers the exact bytes, and the size cap must hold before parsing.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,25 +15,34 @@ import structlog
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
 from app.core.errors import ApiError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
+from app.core.settings import Settings
 from app.core.state import Services, services
+from app.incidents.rules import Thresholds, looks_unhealthy
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
 from app.plugins.ingest import IngestRejected, IngestUnavailable, InstallationGone
 from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
+from app.releases import repository as releases
+from app.releases.artifacts import ArtifactCapabilities
 
 router = APIRouter(prefix="/api/plugins", tags=["plugins"])
 
 _RETRY_LATER = {"Retry-After": "5"}
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def _signed_json(verified: VerifiedRequest, request: Request, data: dict[str, Any]) -> Response:
+    body = orjson.dumps(data)
+    return Response(
+        body,
+        media_type="application/json",
+        headers=verified.response_headers(200, request.url.path, body),
+    )
 
 
 async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
@@ -101,11 +112,53 @@ async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[N
         raise
 
 
+@functools.cache
+def _thresholds(
+    webhook_fail_rate: float, webhook_min_attempts: int, error_rate: float
+) -> Thresholds:
+    return Thresholds(
+        webhook_fail_rate=webhook_fail_rate,
+        webhook_min_attempts=webhook_min_attempts,
+        error_rate=error_rate,
+    )
+
+
+def next_heartbeat_s(settings: Settings, heartbeat: Heartbeat, urgent: bool) -> int:
+    """DESIGN.md, adaptive next_heartbeat_s: the configured interval, or SELFHEAL_HEARTBEAT_FAST_S
+    while the installation has an open incident, a command waiting or a change being verified
+    (`urgent`, read by the ingest statement), and for a heartbeat that itself crosses a
+    threshold: detection will open an incident on it within a tick, and the plugin should not
+    wait a whole interval to hear what to do."""
+    fast = min(settings.heartbeat_fast_s, settings.heartbeat_interval_s)
+    if urgent:
+        return fast
+    t = heartbeat.telemetry
+    if looks_unhealthy(
+        _thresholds(
+            settings.webhook_fail_rate_threshold,
+            settings.webhook_min_attempts,
+            settings.error_rate_threshold,
+        ),
+        requests=t.requests,
+        errors=t.errors,
+        webhook_attempts=t.webhook_attempts,
+        webhook_failures=t.webhook_failures,
+    ):
+        return fast
+    return settings.heartbeat_interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class SignedAnswer:
+    body: bytes
+    headers: dict[str, str]
+
+
 async def accept_heartbeat(
     svc: Services, headers: Mapping[str, str], method: str, path: str, receive: Receive
-) -> bytes:
-    """Authenticate, validate and store one heartbeat; the JSON answer, or ApiError. Shared
-    by the route below and the ASGI fast path (app/plugins/fastpath.py) that serves it."""
+) -> SignedAnswer:
+    """Authenticate, validate and store one heartbeat; the signed JSON answer, or ApiError.
+    Shared by the route below and the ASGI fast path (app/plugins/fastpath.py) that serves it."""
     try:
         body = await read_body(receive, headers, svc.settings.max_body_bytes)
         verified = await authenticate(svc, headers, method, path, body)
@@ -127,13 +180,14 @@ async def accept_heartbeat(
         HEARTBEATS_REJECTED.labels(exc.code).inc()
         raise
     HEARTBEATS_ACCEPTED.inc()
-    return orjson.dumps(
+    body = orjson.dumps(
         {
             "server_time": datetime.now(UTC),
-            "next_heartbeat_s": svc.settings.heartbeat_interval_s,
+            "next_heartbeat_s": next_heartbeat_s(svc.settings, hb, result.urgent),
             "commands": result.commands,
         }
     )
+    return SignedAnswer(body, verified.response_headers(200, path, body))
 
 
 @router.post("/heartbeat")
@@ -142,7 +196,7 @@ async def heartbeat(request: Request) -> Response:
     answer = await accept_heartbeat(
         services(request), request.headers, request.method, request.url.path, request.receive
     )
-    return Response(answer, media_type="application/json")
+    return Response(answer.body, media_type="application/json", headers=answer.headers)
 
 
 _Body = TypeVar("_Body", CommandAck, CommandFail)
@@ -182,7 +236,7 @@ async def ack(command_id: str, request: Request) -> Response:
         state = await service.acknowledge(
             session, verified.installation_id, command_id, result_json
         )
-    return _json(200, state)
+    return _signed_json(verified, request, state)
 
 
 @router.post("/commands/{command_id}/fail")
@@ -193,4 +247,47 @@ async def fail(command_id: str, request: Request) -> Response:
         state = await service.report_failure(
             session, verified.installation_id, command_id, payload.error, payload.retryable
         )
-    return _json(200, state)
+    return _signed_json(verified, request, state)
+
+
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
+
+
+@router.get("/releases/{plugin}/{version}/artifact", response_model=None)
+async def artifact(plugin: str, version: str, request: Request) -> Response:
+    """The stored bytes of a release, for a signed request of an installation of that plugin,
+    or for the capability URL the worker hands the staging runner (app/releases/artifacts.py).
+    The response is not HMAC-signed: the client checks the bytes against the sha256 of the
+    Ed25519-signed release statement before it uses them, which is a stronger check."""
+    svc = services(request)
+    expires, token = request.query_params.get("expires"), request.query_params.get("token")
+    if expires is not None or token is not None:
+        capabilities = ArtifactCapabilities(svc.settings.secret_key)
+        if not capabilities.allows(plugin, version, expires=expires or "", token=token or ""):
+            raise ApiError(403, "forbidden", "this artifact URL is not valid or has expired")
+    else:
+        verified = await authenticate(svc, request.headers, request.method, request.url.path, b"")
+        if verified.plugin_name != plugin:
+            # Another plugin's release: as if it did not exist.
+            raise ApiError(404, "not_found", "no stored artifact for this release")
+    async with svc.sessionmaker() as session:
+        stored = await releases.stored_artifact(session, plugin, version)
+    if stored is None:
+        raise ApiError(404, "not_found", "no stored artifact for this release")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for offset in range(0, stored.size_bytes, ARTIFACT_CHUNK_BYTES):
+            async with svc.sessionmaker() as session:
+                yield await releases.artifact_chunk(
+                    session, plugin, version, offset=offset, size=ARTIFACT_CHUNK_BYTES
+                )
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(stored.size_bytes),
+            "X-Artifact-Sha256": stored.sha256,
+            "Cache-Control": "no-store",
+        },
+    )

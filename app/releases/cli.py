@@ -103,7 +103,11 @@ def release_add(
     ],
     url: Annotated[
         str | None,
-        typer.Option("--url", help="Where plugins download it (default: the file's file:// URI)"),
+        typer.Option(
+            "--url",
+            help="An http(s) URL plugins download it from (default: the control plane keeps"
+            " the bytes and serves them; required above SELFHEAL_ARTIFACT_MAX_BYTES)",
+        ),
     ] = None,
     valid_days: Annotated[
         int, typer.Option("--valid-days", min=1, max=3650, help="Days the signature is valid")
@@ -143,6 +147,7 @@ def release_add(
                     url=url,
                     valid_days=valid_days,
                     renew=renew,
+                    max_bytes=settings.artifact_max_bytes,
                 ),
             )
         except ReleaseConflict as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import quote
 
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -52,11 +53,16 @@ class ReleaseRow:
         expires_at = self.expires_at
         return expires_at is not None and now < expires_at
 
-    def payload(self) -> dict[str, str]:
-        """The update/rollback command payload of DESIGN.md, exactly these keys."""
+    def payload(self, base_url: str | None = None) -> dict[str, str]:
+        """The update/rollback command payload of DESIGN.md, exactly these keys. An artifact
+        the control plane serves itself is stored as a path (`served_path`); `base_url` (the
+        API as plugins reach it) makes it absolute."""
+        url = self.artifact_url
+        if base_url is not None and url.startswith("/"):
+            url = base_url.rstrip("/") + url
         return {
             "version": self.version,
-            "artifact_url": self.artifact_url,
+            "artifact_url": url,
             "sha256": self.sha256,
             "signature": self.signature,
             "signed": self.signed_statement,
@@ -167,7 +173,7 @@ async def update_release(
 
 
 async def command_payload(
-    session: AsyncSession, plugin: str, version: str
+    session: AsyncSession, plugin: str, version: str, *, base_url: str | None = None
 ) -> dict[str, str] | None:
     """`{"version", "artifact_url", "sha256", "signature", "signed"}` for an update or rollback
     command to `version`; None when there is no such release or its signature has expired
@@ -184,7 +190,7 @@ async def command_payload(
     if row is None:
         return None
     release = _row(row)
-    return release.payload() if release.usable_at(row["db_now"]) else None
+    return release.payload(base_url) if release.usable_at(row["db_now"]) else None
 
 
 async def candidate_versions(
@@ -259,3 +265,68 @@ async def list_releases(session: AsyncSession, plugin: str | None = None) -> lis
     rows.sort(key=lambda r: (version_sort_key(r.version), r.created_at), reverse=True)
     rows.sort(key=lambda r: r.plugin_name)  # stable: versions stay newest first per plugin
     return rows
+
+
+def served_path(plugin: str, version: str) -> str:
+    """Where the control plane serves a release's stored bytes (to signed plugin requests, and
+    to the staging runner with a capability URL): the artifact_url of such a release."""
+    return f"/api/plugins/releases/{quote(plugin, safe='')}/{quote(version, safe='')}/artifact"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredArtifact:
+    sha256: str
+    size_bytes: int
+
+
+async def store_artifact(
+    session: AsyncSession, *, plugin: str, version: str, sha256: str, content: bytes
+) -> bool:
+    """Keep the bytes of a release (the release row must exist). True when stored now; False
+    when they were stored before (the CHECK constraint ties sha256 to the bytes, and the
+    release's sha256 never changes, so stored bytes are always the release's)."""
+    result = await session.execute(
+        text(
+            "INSERT INTO plugin_release_artifacts (plugin_name, version, sha256, size_bytes,"
+            " content) VALUES (:plugin, :version, :sha256, :size, :content)"
+            " ON CONFLICT (plugin_name, version) DO NOTHING RETURNING 1"
+        ),
+        {
+            "plugin": plugin,
+            "version": version,
+            "sha256": sha256,
+            "size": len(content),
+            "content": content,
+        },
+    )
+    return result.first() is not None
+
+
+async def stored_artifact(
+    session: AsyncSession, plugin: str, version: str
+) -> StoredArtifact | None:
+    result = await session.execute(
+        text(
+            "SELECT sha256, size_bytes FROM plugin_release_artifacts"
+            " WHERE plugin_name = :plugin AND version = :version"
+        ),
+        {"plugin": plugin, "version": version},
+    )
+    row = result.first()
+    return None if row is None else StoredArtifact(row.sha256, int(row.size_bytes))
+
+
+async def artifact_chunk(
+    session: AsyncSession, plugin: str, version: str, *, offset: int, size: int
+) -> bytes:
+    """`size` bytes of the stored artifact from `offset` (0-based): artifacts are streamed in
+    chunks, so no process holds a whole large artifact in memory."""
+    result = await session.execute(
+        text(
+            "SELECT substring(content FROM :start FOR :size) FROM plugin_release_artifacts"
+            " WHERE plugin_name = :plugin AND version = :version"
+        ),
+        {"plugin": plugin, "version": version, "start": offset + 1, "size": size},
+    )
+    chunk = result.scalar_one_or_none()
+    return bytes(chunk) if chunk is not None else b""

@@ -4,7 +4,7 @@ are the repository's functions, re-exported here so callers need one import."""
 from __future__ import annotations
 
 import asyncio
-import re
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 MAX_VALID_DAYS = 3650
-_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 _MAX_URL = 2048
 
 
@@ -76,13 +76,14 @@ def check_release(plugin: str, version: str) -> None:
 def _check_url(url: str) -> None:
     parts = urlsplit(url)
     if (
-        not _SCHEME.match(parts.scheme)
-        or not (parts.netloc or parts.path)
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
         or len(url) > _MAX_URL
         or any(ch.isspace() or ord(ch) < 32 for ch in url)
     ):
         raise ValueError(
-            f"--url {url!r} is not a URL (expected scheme://..., at most {_MAX_URL} characters)"
+            f"--url {url!r} is not an http(s) URL (plugins download only over http or https;"
+            f" at most {_MAX_URL} characters)"
         )
 
 
@@ -97,12 +98,15 @@ async def add_release(
     valid_days: int = 365,
     renew: bool = False,
     now: datetime | None = None,
+    max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
 ) -> AddedRelease:
     """Record `artifact` as `plugin` `version`, signed by `signer` until `valid_days` from now.
 
     The artifact is hashed here (streamed, off the event loop) so the sha256 is of the bytes
-    the release manager has in hand, not of whatever a URL serves later. The default URL is
-    the file's absolute `file://` URI (for single-machine setups and tests).
+    the release manager has in hand, not of whatever a URL serves later. The bytes are kept in
+    PostgreSQL (up to `max_bytes`, SELFHEAL_ARTIFACT_MAX_BYTES) and served by every API
+    process to signed plugin requests; that is the default URL. `url` (http or https) names
+    another place plugins download from instead; it is required for larger artifacts.
 
     Adding the same (plugin, version) again is idempotent when the bytes are the same: the row
     is left alone while its signature is valid for this key and not expired; it is signed
@@ -114,7 +118,8 @@ async def add_release(
         raise ValueError(f"--valid-days must be between 1 and {MAX_VALID_DAYS}")
     if url is not None:
         _check_url(url)
-    sha256, file_uri = await asyncio.to_thread(_hash_artifact, artifact)
+    sha256, content = await asyncio.to_thread(_read_artifact, artifact, max_bytes, url)
+    default_url = repository.served_path(plugin, version) if content is not None else None
     moment = datetime.now(UTC) if now is None else now
     expires_at = (moment + timedelta(days=valid_days)).replace(microsecond=0)
     signed, signature = sign_statement(
@@ -124,12 +129,16 @@ async def add_release(
         session,
         plugin=plugin,
         version=version,
-        artifact_url=url if url is not None else file_uri,
+        artifact_url=url or default_url or "",
         sha256=sha256,
         signature=signature,
         signed_statement=signed,
     )
     if inserted is not None:
+        if content is not None:
+            await repository.store_artifact(
+                session, plugin=plugin, version=version, sha256=sha256, content=content
+            )
         return AddedRelease(inserted, "added")
 
     existing = await repository.get_release(session, plugin, version, for_update=True)
@@ -141,26 +150,44 @@ async def add_release(
             f" {artifact} has sha256 {sha256}. A released version never changes bytes"
             " (plugins may have installed it): release the new artifact as a new version"
         )
+    stored_now = content is not None and await repository.store_artifact(
+        session, plugin=plugin, version=version, sha256=sha256, content=content
+    )
     resign = renew or not _valid_for(existing, signer, moment)
-    new_url = url is not None and url != existing.artifact_url
+    wanted_url = url
+    if wanted_url is None and not existing.artifact_url.startswith(("http://", "https://", "/")):
+        # Recorded before the control plane kept artifacts (a file:// URI plugins cannot use):
+        # now that the bytes are stored, serve them.
+        wanted_url = default_url
+    new_url = wanted_url is not None and wanted_url != existing.artifact_url
     if not (resign or new_url):
-        return AddedRelease(existing, "unchanged")
+        return AddedRelease(existing, "updated" if stored_now else "unchanged")
     updated = await repository.update_release(
         session,
         plugin=plugin,
         version=version,
-        artifact_url=url if url is not None else existing.artifact_url,
+        artifact_url=wanted_url if wanted_url is not None else existing.artifact_url,
         signature=signature if resign else existing.signature,
         signed_statement=signed if resign else existing.signed_statement,
     )
     return AddedRelease(updated, "updated")
 
 
-def _hash_artifact(artifact: Path) -> tuple[str, str]:
-    """(sha256, absolute file:// URI); file system work, run in a thread."""
+def _read_artifact(artifact: Path, max_bytes: int, url: str | None) -> tuple[str, bytes | None]:
+    """(sha256, the bytes to keep, or None when the artifact is served from `url` because it is
+    too large to keep); file system work, run in a thread."""
     if not artifact.is_file():
         raise ValueError(f"--artifact {artifact}: no such file")
-    return sha256_file(artifact), artifact.resolve().as_uri()
+    size = artifact.stat().st_size
+    if size > max_bytes:
+        if url is None:
+            raise ValueError(
+                f"--artifact {artifact} is {size} bytes, more than the control plane keeps"
+                f" (SELFHEAL_ARTIFACT_MAX_BYTES={max_bytes}): serve it elsewhere and pass --url"
+            )
+        return sha256_file(artifact), None
+    content = artifact.read_bytes()
+    return hashlib.sha256(content).hexdigest(), content
 
 
 def _valid_for(release: ReleaseRow, signer: Signer, now: datetime) -> bool:
