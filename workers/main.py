@@ -131,7 +131,11 @@ async def _enqueue_ticks(redis: ArqRedis, settings: Settings) -> None:
         for job, stamp in jobs:
             try:
                 await redis.enqueue_job(
-                    job, _job_id=f"{job}:{stamp}", _queue_name=queue_name(settings)
+                    job,
+                    # arq's job keys are not per queue (`arq:job:<id>`): the prefix keeps the
+                    # ticks of deployments sharing a Redis from deduplicating each other.
+                    _job_id=f"{settings.redis_prefix}{job}:{stamp}",
+                    _queue_name=queue_name(settings),
                 )
             except Exception as exc:  # Redis away: the next tick tries again
                 log.warning(
