@@ -8,7 +8,7 @@
 Per run, on a fresh database of the machine's PostgreSQL and a private prefix on its Redis:
 the reference decision service and staging runner (staging takes 0.1 s) as processes,
 `--workers` real `python -m app.cli worker` processes, and the API in this process (its
-lifespan, behind httpx's ASGI transport) with this process playing `--fleet` plugins, each
+lifespan, served by uvicorn on loopback) with this process playing `--fleet` plugins, each
 its own tenant, all on payments 1.2.2 with releases 1.2.2 and 1.2.3 signed and autopatch on
 for every tenant (no caps, no cooldown):
   1. at t0 every plugin sends one heartbeat with 60% webhook failures (30 of 50);
@@ -55,6 +55,7 @@ import httpx
 import orjson
 import psutil
 import psycopg
+import uvicorn
 from redis import Redis
 
 from app.cli import run_migrations
@@ -67,6 +68,7 @@ from app.plugins.auth import sign
 from app.plugins.service import register_installation
 from app.releases import service as release_service
 from app.releases.signing import generate_key, load_signer
+from sim.artifacts import build_plugin_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -360,8 +362,11 @@ async def prepare(settings: Settings, fleet: int, workdir: Path) -> list[Plugin]
         generate_key(key)
         signer = load_signer(key)
         for version in (OLD, NEW):
-            artifact = workdir / f"{PLUGIN}-{version}.zip"
-            artifact.write_bytes(f"{PLUGIN} {version}".encode())
+            # A simulated plugin's artifact: the staging runner fetches it from the API (a
+            # pre-signed URL) and passes it without running code.
+            artifact = build_plugin_artifact(
+                workdir / f"{PLUGIN}-{version}.tar.gz", name=PLUGIN, version=version, simulated=True
+            )
             async with maker() as session, session.begin():
                 await release_service.add_release(
                     session,
@@ -369,7 +374,6 @@ async def prepare(settings: Settings, fleet: int, workdir: Path) -> list[Plugin]
                     plugin=PLUGIN,
                     version=version,
                     artifact=artifact,
-                    url=f"https://releases.example/{PLUGIN}/{version}.zip",
                     valid_days=30,
                 )
     finally:
@@ -479,10 +483,20 @@ async def scenario(
     resolved. The client-clock t0 and what the traffic looked like."""
     app = create_app(settings)
     db_url = libpq_url(settings.database_url or "")
+    # The API listens on loopback (the staging runner fetches artifacts from it).
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.02)
     async with (
-        app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://selfheal.bench", timeout=30
+            base_url=settings.api_base_url,
+            timeout=30,
+            limits=httpx.Limits(max_connections=args.concurrency),
         ) as client,
         await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db,
     ):
@@ -522,6 +536,8 @@ async def scenario(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            server.should_exit = True
+            await serving
     return t0, traffic
 
 
@@ -668,6 +684,7 @@ def worker_env(
         STAGING_RUNNER_URL=runner.url,
         STAGING_RUNNER_TOKEN=RUNNER_TOKEN,
         LOG_LEVEL=log_level,
+        PORT=str(settings.port),
         **loop,
     )
     return env
@@ -707,6 +724,7 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             redis_prefix=redis_prefix,
             secret_key=BENCH_SECRET_KEY,
             data_dir=workdir / "data",
+            port=free_port(),
             log_level="warning",
             sira_api_url=sira.url,
             sira_api_token=SIRA_TOKEN,

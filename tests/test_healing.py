@@ -32,11 +32,11 @@ from app.releases.signing import generate_key, load_signer
 from tests.conftest import (
     Persona,
     Plugin,
+    free_port,
     heartbeat_body,
     make_settings,
     register,
     send_heartbeat,
-    free_port,
     serve_http,
 )
 from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server, running

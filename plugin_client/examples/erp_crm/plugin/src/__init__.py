@@ -1,0 +1,1 @@
+"""The erp_crm plugin package (entry point `src.main:Plugin`)."""
