@@ -16,6 +16,7 @@ from plugin_client.async_agent import AsyncAgent
 from plugin_client.errors import CommandRefused, HeartbeatFailed, UpdateFailed
 from plugin_client.middleware import SelfhealMiddleware
 from plugin_client.signing import sign_request, sign_response
+from plugin_client.telemetry import EarlyReport
 from plugin_client.updater import FolderUpdater
 from plugin_client.versions import compare_versions
 
@@ -26,6 +27,7 @@ __all__ = [
     "AgentStats",
     "AsyncAgent",
     "CommandRefused",
+    "EarlyReport",
     "FolderUpdater",
     "HeartbeatFailed",
     "SelfhealMiddleware",

@@ -18,6 +18,7 @@ from plugin_client._core import (
     Updater,
     resolve_settings,
 )
+from plugin_client.telemetry import EarlyReport
 
 if TYPE_CHECKING:
     from plugin_client.middleware import ASGIApp, SelfhealMiddleware
@@ -85,6 +86,7 @@ class AgentBase:
         interval_s: float = DEFAULT_INTERVAL_S,
         max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
         rng: random.Random | None = None,
+        early_report: EarlyReport | bool = True,
     ) -> None:
         settings = resolve_settings(
             base_url=base_url,
@@ -105,6 +107,13 @@ class AgentBase:
             interval_s=interval_s,
             max_artifact_bytes=max_artifact_bytes,
             rng=rng,
+            early_report=(
+                EarlyReport()
+                if early_report is True
+                else early_report
+                if isinstance(early_report, EarlyReport)
+                else None
+            ),
         )
 
     # -- read-only state -----------------------------------------------------------------

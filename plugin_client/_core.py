@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from plugin_client.errors import CommandRefused, HeartbeatFailed, UpdateFailed
 from plugin_client.signing import parse_public_keys, response_problem, sign_request, verify_release
 from plugin_client.state import Report, StateStore
-from plugin_client.telemetry import Counters, Snapshot
+from plugin_client.telemetry import Counters, EarlyReport, Snapshot
 from plugin_client.versions import is_newer, is_valid_version
 
 log = logging.getLogger("plugin_client")
@@ -274,11 +274,16 @@ class AgentCore:
         interval_s: float,
         max_artifact_bytes: int,
         rng: random.Random | None,
+        early_report: EarlyReport | None = None,
     ) -> None:
         self.settings = settings
         self.keys: list[Ed25519PublicKey] = parse_public_keys(settings.public_keys)
         self.version = settings.version
-        self.counters = Counters()
+        self.early_report = early_report
+        # Set by the agent: wakes its loop for an early heartbeat (telemetry.EarlyReport).
+        self.wake: Callable[[], None] | None = None
+        self.last_beat_at = -math.inf  # time.monotonic() of the last heartbeat sent
+        self.counters = Counters(early_report, on_alarm=self._alarm)
         self.state = StateStore(settings.state_dir)
         self.max_artifact_bytes = max_artifact_bytes
         self.next_heartbeat_s = _clamp_interval(interval_s)
@@ -346,7 +351,17 @@ class AgentCore:
             return 0
         return int(min(max(value, 0), _MAX_UPTIME_S))
 
+    def _alarm(self) -> None:
+        if self.wake is not None:
+            self.wake()
+
+    def early_beat_at(self) -> float:
+        """The earliest time.monotonic() an early heartbeat may go out."""
+        spacing = self.early_report.min_spacing_s if self.early_report else 0.0
+        return self.last_beat_at + spacing
+
     def heartbeat_request(self) -> tuple[Prepared, Snapshot]:
+        self.last_beat_at = time.monotonic()
         snapshot = self.counters.snapshot()
         meta = self._meta() if callable(self._meta) else self._meta
         body = {

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,7 @@ from plugin_client._core import (
 )
 from plugin_client.errors import CommandRefused, HeartbeatFailed
 from plugin_client.state import Report
+from plugin_client.telemetry import EarlyReport
 
 log = logging.getLogger("plugin_client")
 
@@ -71,6 +73,7 @@ class Agent(AgentBase):
         max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
         rng: random.Random | None = None,
         wait: Callable[[float], bool] | None = None,
+        early_report: EarlyReport | bool = True,
     ) -> None:
         super().__init__(
             base_url,
@@ -88,12 +91,16 @@ class Agent(AgentBase):
             interval_s=interval_s,
             max_artifact_bytes=max_artifact_bytes,
             rng=rng,
+            early_report=early_report,
         )
         self._owns_http = http is None
         self._http = http if http is not None else httpx.Client(timeout=timeout_s)
         self._custom_wait = wait
         self._beat_lock = threading.Lock()
         self._stop = threading.Event()
+        # Set by stop() and by the early-report alarm: either ends the pause between beats.
+        self._wake = threading.Event()
+        self._core.wake = self._wake.set
         self._thread: threading.Thread | None = None
 
     # -- one heartbeat -------------------------------------------------------------------
@@ -260,6 +267,7 @@ class Agent(AgentBase):
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        self._wake.clear()
         self._thread = threading.Thread(
             target=self._run, args=(delay,), name=f"selfheal-agent-{self.plugin}", daemon=True
         )
@@ -269,6 +277,7 @@ class Agent(AgentBase):
         """Stop the loop: no heartbeat goes out after this returns. A command being applied
         is finished first (waiting at most `wait_s` seconds)."""
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(wait_s)
@@ -292,9 +301,22 @@ class Agent(AgentBase):
         self.close()
 
     def _wait(self, delay: float) -> bool:
+        """Pause until the next heartbeat is due; True when stopping. Counts that look like
+        trouble (the early-report alarm) end the pause early, though never sooner than the
+        spacing after the last heartbeat."""
         if self._custom_wait is not None:
             return self._custom_wait(delay) or self._stop.is_set()
-        return self._stop.wait(delay)
+        due = time.monotonic() + delay
+        while True:
+            woken = self._wake.wait(max(0.0, due - time.monotonic()))
+            if self._stop.is_set():
+                return True
+            if not woken:
+                return False
+            self._wake.clear()
+            due = min(due, self._core.early_beat_at())
+            if time.monotonic() >= due:
+                return False
 
     def _run(self, delay: float) -> None:
         core = self._core

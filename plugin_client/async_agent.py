@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +37,7 @@ from plugin_client._core import (
 )
 from plugin_client.errors import CommandRefused, HeartbeatFailed
 from plugin_client.state import Report
+from plugin_client.telemetry import EarlyReport
 
 log = logging.getLogger("plugin_client")
 
@@ -85,6 +87,7 @@ class AsyncAgent(AgentBase):
         max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
         rng: random.Random | None = None,
         wait: Callable[[float], Awaitable[bool]] | None = None,
+        early_report: EarlyReport | bool = True,
     ) -> None:
         super().__init__(
             base_url,
@@ -102,6 +105,7 @@ class AsyncAgent(AgentBase):
             interval_s=interval_s,
             max_artifact_bytes=max_artifact_bytes,
             rng=rng,
+            early_report=early_report,
         )
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s)
@@ -109,6 +113,10 @@ class AsyncAgent(AgentBase):
         self._beat_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[None] | None = None
+        # The early-report alarm (it may ring from any thread the host counts in).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._woken: asyncio.Future[None] | None = None
+        self._core.wake = self._ring
 
     async def _io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """State writes fsync: off the loop, unless there is no state_dir (memory only)."""
@@ -295,7 +303,9 @@ class AsyncAgent(AgentBase):
         if self._task is not None and not self._task.done():
             return
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._stopped = loop.create_future()
+        self._woken = loop.create_future()
         self._task = loop.create_task(self._run(delay), name=f"selfheal-agent-{self.plugin}")
 
     async def stop(self, wait_s: float | None = 30.0) -> None:
@@ -334,15 +344,49 @@ class AsyncAgent(AgentBase):
     def _stopping(self) -> bool:
         return self._stopped is not None and self._stopped.done()
 
+    def _ring(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._set_woken()
+        else:
+            loop.call_soon_threadsafe(self._set_woken)
+
+    def _set_woken(self) -> None:
+        if self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
+
     async def _wait(self, delay: float) -> bool:
+        """Pause until the next heartbeat is due; True when stopping. Counts that look like
+        trouble (the early-report alarm) end the pause early, though never sooner than the
+        spacing after the last heartbeat."""
         if self._custom_wait is not None:
             return await self._custom_wait(delay) or self._stopping()
-        if self._stopped is None:
+        if self._stopped is None or self._woken is None:
             await asyncio.sleep(delay)
             return False
-        # asyncio.wait on a future: no task per pause (thousands of agents share a loop).
-        done, _ = await asyncio.wait((self._stopped,), timeout=delay)
-        return bool(done)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        while True:
+            # asyncio.wait on futures: no task per pause (thousands of agents share a loop).
+            done, _ = await asyncio.wait(
+                (self._stopped, self._woken),
+                timeout=max(0.0, due - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self._stopped.done():
+                return True
+            if not done:
+                return False
+            self._woken = loop.create_future()
+            due = min(due, loop.time() + (self._core.early_beat_at() - time.monotonic()))
+            if loop.time() >= due:
+                return False
 
     async def _run(self, delay: float) -> None:
         core = self._core

@@ -182,6 +182,12 @@ async def beat(
     return commands
 
 
+async def healthy_again(loop: Loop, plugin: Plugin, version: str) -> None:
+    """The heartbeats that prove a plugin healthy on `version` (after a rollback to it)."""
+    for _ in range(loop.settings.recovery_heartbeats):
+        await beat(loop, plugin, version, HEALTHY)
+
+
 async def signed_post(loop: Loop, plugin: Plugin, path: str, payload: Any) -> httpx.Response:
     body = orjson.dumps(payload)
     return await loop.client.post(path, content=body, headers=plugin.headers(body, path))
@@ -346,6 +352,8 @@ async def test_health_failure_rolls_back_automatically(
         rollback = await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
         assert [(c["type"], c["payload"]["version"]) for c in rollback] == [("rollback", "1.2.2")]
         await ack(loop, plugin, rollback[0])
+        # The rollback counts once the plugin is proven healthy on 1.2.2 again.
+        await healthy_again(loop, plugin, "1.2.2")
         await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
     assert attempts(db) == [("patch", "1.2.2", "1.2.3", "rolled_back", "sira")]
     row = db.execute(
@@ -785,6 +793,7 @@ async def test_a_release_rolled_back_often_enough_is_quarantined(
         await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
         await loop.until(db, lambda: incident_status(db)[0] == "rolling_back", timeout=30)
         await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
+        await healthy_again(loop, plugin, "1.2.2")
         await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
     row = db.execute(
         "SELECT quarantined_at IS NOT NULL, quarantine_reason FROM plugin_releases"

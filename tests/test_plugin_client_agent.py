@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from plugin_client import Agent, HeartbeatFailed
+from plugin_client import Agent, EarlyReport, HeartbeatFailed
 from tests.test_plugin_client_fakes import (
     PLUGIN,
     FakeControlPlane,
@@ -600,3 +600,46 @@ def test_bad_settings_are_refused() -> None:
         Agent("http://x", **ok, public_keys=["not base64!"])
     with pytest.raises(ValueError, match="version"):
         Agent("http://x", **{**ok, "version": "latest"})
+
+
+# --------------------------------------------------------------------------- early report
+
+
+def test_trouble_is_reported_at_once_not_at_the_next_scheduled_heartbeat(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent]
+) -> None:
+    """The server asked for an hour; failing webhooks are reported as soon as the spacing
+    allows, once per heartbeat, and healthy traffic waits for the schedule."""
+    agent = make_agent(early_report=EarlyReport(min_spacing_s=0.2))
+    agent.start()
+    assert cp.wait_for(lambda: len(cp.exchanges) == 1)
+    agent.record_request(count=100)
+    agent.record_webhook(ok=True, count=50)  # healthy: nothing to report early
+    agent.record_error(count=2)
+    agent.record_webhook(ok=False, count=6)  # 6 of 56 failed: still fine
+    assert not cp.wait_for(lambda: len(cp.exchanges) > 1, timeout=1.0)
+    agent.record_webhook(ok=False, count=60)  # now 66 of 116 failed
+    assert cp.wait_for(lambda: len(cp.exchanges) == 2)
+    assert cp.exchanges[1].body["telemetry"] == {
+        "requests": 100,
+        "errors": 2,
+        "webhook_attempts": 116,
+        "webhook_failures": 66,
+    }
+    # Re-armed by the accepted heartbeat: errors over 5% of requests report again.
+    agent.record_request(count=40)
+    agent.record_error(count=10)
+    assert cp.wait_for(lambda: len(cp.exchanges) == 3)
+    agent.stop()
+    assert cp.exchanges[2].body["telemetry"]["errors"] == 10
+
+
+def test_early_report_can_be_turned_off(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent]
+) -> None:
+    agent = make_agent(early_report=False)
+    agent.start()
+    assert cp.wait_for(lambda: len(cp.exchanges) == 1)
+    agent.record_webhook(ok=False, count=100)
+    assert not cp.wait_for(lambda: len(cp.exchanges) > 1, timeout=1.0)
+    agent.stop()

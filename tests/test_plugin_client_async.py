@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from plugin_client import Agent, AsyncAgent, HeartbeatFailed, SelfhealMiddleware
+from plugin_client import Agent, AsyncAgent, EarlyReport, HeartbeatFailed, SelfhealMiddleware
 from tests.test_plugin_client_fakes import (
     PLUGIN,
     FakeControlPlane,
@@ -306,3 +306,17 @@ async def test_middleware_reraises_and_wraps_any_asgi_app() -> None:
     telemetry = agent.pending_telemetry()
     assert (telemetry["requests"], telemetry["errors"]) == (1, 1)
     await agent.aclose()
+
+
+async def test_trouble_counted_from_another_thread_wakes_the_async_loop(
+    cp: FakeControlPlane, make_agent: Callable[..., AsyncAgent]
+) -> None:
+    agent = make_agent(early_report=EarlyReport(min_spacing_s=0.2))
+    await agent.start()
+    assert await wait_for(cp, lambda: len(cp.exchanges) == 1)
+    # A host counting in a worker thread, as a sync web framework would.
+    await asyncio.to_thread(agent.record_webhook, ok=False, count=20)
+    assert await wait_for(cp, lambda: len(cp.exchanges) == 2)
+    assert cp.exchanges[1].body["telemetry"]["webhook_failures"] == 20
+    await agent.stop()
+    assert len(cp.exchanges) == 2

@@ -54,6 +54,7 @@ from tests.test_healing import (
     commands,
     enable_autopatch,
     healing_loop,
+    healthy_again,
     incident_id,
     incident_status,
     loop_settings,
@@ -362,6 +363,9 @@ async def test_a_patch_that_does_not_heal_goes_back_to_the_known_good_version_wi
         got = await beat(loop, plugin, "1.3.1", FAILING_WEBHOOKS)
         assert [(c["type"], c["payload"]) for c in got] == [("rollback", {"version": "1.2.2"})]
         await ack(loop, plugin, got[0])
+        await loop.turn()
+        assert incident_status(db)[0] == "rolling_back"  # until proven healthy on 1.2.2
+        await healthy_again(loop, plugin, "1.2.2")
         await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
         reason = incident_status(db)[1]
         assert reason is not None and reason.startswith("rolled back to 1.2.2")
@@ -422,8 +426,9 @@ async def test_a_version_that_failed_on_an_installation_is_not_proposed_to_it_ag
         await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
         got = await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
         await ack(loop, plugin, got[0])
+        await healthy_again(loop, plugin, "1.2.2")
         await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
-        # Still sick on 1.2.2: a new incident, and 1.2.3 is not offered again.
+        # Sick on 1.2.2 again later: a new incident, and 1.2.3 is not offered again.
         await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
         await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
         await loop.until(
@@ -535,3 +540,28 @@ def completed_jobs(health: bytes | None) -> int:
         if part.startswith("j_complete="):
             return int(part.split("=", 1)[1])
     return 0
+
+
+async def test_a_rollback_that_does_not_heal_escalates_as_critical(
+    loop_settings, plugin, db, sira, runner, tmp_path
+):
+    for version in ("1.2.2", "1.2.3"):
+        await add_release(loop_settings, tmp_path, plugin.name, version)
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+        await detect_once(loop.healer.maker, loop.settings)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+        for _ in range(loop.settings.recovery_heartbeats + 1):
+            await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
+        await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
+        for _ in range(loop.settings.recovery_heartbeats + 1):
+            await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    assert incident_status(db)[1] == (
+        "rolled back to 1.2.2, but webhook_fail_rate is still present there"
+    )
+    assert db.execute("SELECT severity FROM plugin_incidents").fetchone() == ("critical",)
+    assert [a[3] for a in attempts(db)] == ["rolled_back"]

@@ -31,6 +31,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -812,28 +813,7 @@ class Healer:
                 state, attempt, "the rollback command is missing", critical=True
             )
         if command.status == "acked":
-            async with self._locked(state) as session:
-                if not await repo.move_attempt(
-                    session,
-                    attempt.id,
-                    expected="verifying",
-                    status="rolled_back",
-                    rolled_back=True,
-                    finished=True,
-                ):
-                    return WAIT
-                await repo.move_incident(
-                    session,
-                    state.id,
-                    expected="rolling_back",
-                    status="rolled_back",
-                    reason=f"rolled back to {command.version or attempt.from_version}:"
-                    f" {attempt.rollback_reason}",
-                )
-                await self._record_feedback(session, state, attempt, "rolled_back")
-                await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
-                await self._maybe_quarantine(session, state, attempt)
-            return WAIT
+            return await self._verify_rollback(state, attempt, command)
         if command.status in ("failed", "expired", "cancelled") or _undeliverable(state, command):
             if command.status == "cancelled":
                 detail = (
@@ -872,6 +852,79 @@ class Healer:
         if action == "rollback":
             return {"version": version, **(release or {})}
         return release
+
+    async def _verify_rollback(
+        self, state: IncidentState, attempt: AttemptRow, command: repo.CommandRow
+    ) -> StepResult:
+        """The plugin is back on the target version: the rollback counts as done (the attempt
+        ends rolled_back) once it is proven healthy there, as a patch is, and the incident
+        stays open meanwhile (so the plugin keeps the short heartbeat interval). Still sick
+        there, or silent for the whole health window: the rollback did not heal it, and a
+        human has to look (escalated, critical)."""
+        assert state.installation_id is not None and command.acked_at is not None
+        target = command.version or attempt.from_version or ""
+        needed = self.settings.recovery_heartbeats
+        async with self.maker() as session:
+            rows = await repo.samples_since(
+                session,
+                state.installation_id,
+                since=command.acked_at,
+                version=target,
+                limit=needed + 1,
+            )
+        samples = [Sample.of(r) for r in rows]
+        on_target = state.current_version == target
+        healed = on_target and _healthy(state.type, samples, needed, self.settings)
+        sick = on_target and _still_sick(state.type, samples, needed, self.settings)
+        deadline = command.acked_at + timedelta(seconds=self.settings.health_window_s)
+        if not (healed or sick or state.now >= deadline):
+            async with self._locked(state) as session:
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="rolling_back",
+                    next_check_in_s=min(
+                        self.settings.heal_poll_s, (deadline - state.now).total_seconds()
+                    ),
+                )
+            return WAIT
+        if healed:
+            status, reason = "rolled_back", f"rolled back to {target}: {attempt.rollback_reason}"
+        elif sick:
+            status = "escalated"
+            reason = f"rolled back to {target}, but {state.type} is still present there"
+        else:
+            status = "escalated"
+            reason = (
+                f"rolled back to {target}, but no healthy heartbeats on it within"
+                f" {self.settings.health_window_s} s"
+            )
+        async with self._locked(state) as session:
+            if not await repo.move_attempt(
+                session,
+                attempt.id,
+                expected="verifying",
+                status="rolled_back",
+                rolled_back=True,
+                finished=True,
+            ):
+                return WAIT
+            await repo.move_incident(
+                session,
+                state.id,
+                expected="rolling_back",
+                status=status,
+                reason=reason,
+                fields={} if healed else {"severity": "critical"},
+            )
+            await self._record_feedback(session, state, attempt, "rolled_back")
+            await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
+            if not healed:
+                await self._notify(
+                    session, "escalated", state, "escalated", reason, severity="critical"
+                )
+            await self._maybe_quarantine(session, state, attempt)
+        return WAIT
 
     # -- endings --------------------------------------------------------------------------
 
