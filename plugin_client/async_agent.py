@@ -344,6 +344,35 @@ class AsyncAgent(AgentBase):
     def _stopping(self) -> bool:
         return self._stopped is not None and self._stopped.done()
 
+    async def _custom_pause(self, delay: float) -> bool:
+        """The host's own `wait` (a simulator's clock, a test's schedule), which the
+        early-report alarm still interrupts: the host's pause is cancelled and the heartbeat
+        goes out as soon as the spacing allows."""
+        assert self._custom_wait is not None
+        if self._woken is None or self._stopped is None or self._core.early_report is None:
+            return await self._custom_wait(delay) or self._stopping()
+        loop = asyncio.get_running_loop()
+        pause = asyncio.ensure_future(self._custom_wait(delay))
+        try:
+            done, _ = await asyncio.wait(
+                (pause, self._woken, self._stopped), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not pause.done():
+                pause.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pause
+        if pause in done and not pause.cancelled():
+            return pause.result() or self._stopping()
+        if self._stopping():
+            return True
+        self._woken = loop.create_future()
+        spacing = self._core.early_beat_at() - time.monotonic()
+        if spacing > 0:
+            stopped, _ = await asyncio.wait((self._stopped,), timeout=spacing)
+            return bool(stopped)
+        return False
+
     def _ring(self) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -366,7 +395,7 @@ class AsyncAgent(AgentBase):
         trouble (the early-report alarm) end the pause early, though never sooner than the
         spacing after the last heartbeat."""
         if self._custom_wait is not None:
-            return await self._custom_wait(delay) or self._stopping()
+            return await self._custom_pause(delay)
         if self._stopped is None or self._woken is None:
             await asyncio.sleep(delay)
             return False

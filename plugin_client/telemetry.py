@@ -151,7 +151,9 @@ class Counters:
             )
 
     def delivered(self, snapshot: Snapshot) -> None:
-        """The control plane accepted `snapshot`: what it carried is no longer owed."""
+        """The control plane accepted `snapshot`: what it carried is no longer owed. What was
+        counted while that heartbeat was on its way may already look like trouble: it rings
+        the alarm now rather than at the next count."""
         with self._lock:
             self._requests -= snapshot.requests
             self._errors -= snapshot.errors
@@ -160,6 +162,9 @@ class Counters:
             del self._latencies[: snapshot.latency_samples]
             self._latencies_seen = len(self._latencies)
             self._alarm_raised = False
+            alarm = self._newly_alarming()
+        if alarm:
+            self._raise_alarm()
 
 
 def p95(samples: list[float]) -> float | None:

@@ -332,3 +332,39 @@ async def test_tenant_floor_applies_after_the_regression_step(settings, client, 
     await beat(client, plugin, version="1.3.0", webhook_attempts=50, webhook_failures=30)
     assert (await tick(settings)).opened == 1
     assert open_incidents(db) == [("regression", "high", 1)]
+
+
+def test_a_few_requests_say_nothing_about_an_error_rate():
+    from datetime import UTC, datetime
+
+    from app.incidents.rules import Sample, Thresholds, error_spiking, looks_unhealthy
+
+    now = datetime.now(UTC)
+    t = Thresholds()
+    assert t.error_min_requests == 20
+    one_in_seventeen = Sample(now, 17, 1, 0, 0, 100)
+    assert error_spiking([one_in_seventeen], t) is None
+    assert not looks_unhealthy(t, requests=17, errors=1, webhook_attempts=0, webhook_failures=0)
+    enough = Sample(now, 20, 2, 0, 0, 100)
+    assert error_spiking([enough], t) is not None
+    assert looks_unhealthy(t, requests=20, errors=2, webhook_attempts=0, webhook_failures=0)
+
+
+def test_restarts_count_on_the_running_version_only():
+    """An update restarts the plugin, and a crash loop a patch healed is not the new
+    version's: the restarts on the version before do not count."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.incidents.rules import Sample, Thresholds, crash_looping
+
+    t0 = datetime.now(UTC)
+
+    def sample(n: int, uptime: int, version: str) -> Sample:
+        return Sample(t0 - timedelta(seconds=10 * n), 100, 0, 0, 0, uptime, version)
+
+    # Newest first: two samples on 1.2.3 (no restart), then a crash loop on 1.2.2.
+    samples = [sample(0, 20, "1.2.3"), sample(1, 10, "1.2.3")] + [
+        sample(n, 5 if n % 2 else 50, "1.2.2") for n in range(2, 10)
+    ]
+    assert crash_looping(samples, Thresholds()) is None
+    assert crash_looping(samples[2:], Thresholds()) is not None

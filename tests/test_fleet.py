@@ -355,3 +355,25 @@ async def test_ops_api_shows_the_fleet_incident_with_its_members(settings, clien
         await client.get("/api/ops/plugin-incidents", params={"limit": 10}, headers=viewer.auth)
     ).json()["items"]
     assert len(listed) == 6
+
+
+async def test_incidents_of_disabled_installations_neither_make_nor_hold_a_fleet_incident(
+    settings, db
+):
+    fleet = installations(db, 10)
+    go_silent(db, fleet[:4])
+    assert (await tick(settings)).opened == 4
+    # Three of them are disabled (an operator's decision; their incidents stay as they are).
+    db.execute(
+        "UPDATE merchant_plugins SET status = 'disabled' WHERE id = ANY(%s::uuid[])", (fleet[:3],)
+    )
+    go_silent(db, fleet[4:6])
+    result = await tick(settings)
+    # 3 open incidents of active installations out of 7 active: no fleet incident (5 needed).
+    assert (result.opened, result.fleet_opened) == (2, 0)
+    go_silent(db, fleet[6:8])
+    result = await tick(settings)
+    assert (result.opened, result.fleet_opened, result.fleet_linked) == (2, 1, 5)
+    [incident] = fleets(db)
+    assert incident["telemetry_snapshot"]["members"] == 5
+    assert incident["telemetry_snapshot"]["active_installations"] == 7

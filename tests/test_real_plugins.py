@@ -165,6 +165,11 @@ async def test_next_heartbeat_s_is_short_while_something_is_going_on(settings, p
     assert await next_s(HEALTHY) == fast  # delivered, not yet acknowledged
     db.execute("UPDATE plugin_agent_commands SET status = 'acked'")
     assert await next_s(HEALTHY) == interval
+    # A restart (uptime went down): a crash loop shows in a few short intervals.
+    restarted = await send_heartbeat(client, plugin, heartbeat_body(uptime_s=3, telemetry=HEALTHY))
+    assert restarted.json()["next_heartbeat_s"] == fast
+    # Few requests with an error say nothing: 1 in 17 is not an error spike.
+    assert await next_s({"requests": 17, "errors": 1}) == interval
 
 
 # --- artifacts --------------------------------------------------------------------------------
@@ -208,7 +213,8 @@ async def test_artifacts_are_served_to_signed_requests_of_that_plugin_only(
         url = urlsplit(capabilities.url("http://x", "payments", "1.2.3", ttl_s=60))
         presigned = await client.get(f"{url.path}?{url.query}")
         assert presigned.status_code == 200 and presigned.content == bytes(content)
-        tampered = await client.get(f"{url.path}?{url.query[:-1]}0")
+        flipped = "1" if url.query[-1] == "0" else "0"
+        tampered = await client.get(f"{url.path}?{url.query[:-1]}{flipped}")
         expired_url = urlsplit(capabilities.url("http://x", "payments", "1.2.3", ttl_s=-1))
         expired = await client.get(f"{expired_url.path}?{expired_url.query}")
         other_path = ARTIFACT.format(plugin="payments", version="1.2.2")
@@ -565,3 +571,33 @@ async def test_a_rollback_that_does_not_heal_escalates_as_critical(
     )
     assert db.execute("SELECT severity FROM plugin_incidents").fetchone() == ("critical",)
     assert [a[3] for a in attempts(db)] == ["rolled_back"]
+
+
+async def test_a_fallback_decision_blocked_by_the_gate_is_asked_again_when_the_service_is_back(
+    loop_settings, plugin, db, sira, runner
+):
+    # A bad deploy while the decision service is down: the fallback rolls back (confidence
+    # 0.9), which this policy's minimum (0.95) blocks.
+    enable_autopatch(
+        db,
+        plugin.tenant,
+        autopatch_max_severity="high",
+        approval_min_severity="critical",
+        min_confidence=0.95,
+    )
+    sira.control(mode="error")
+    async with healing_loop(loop_settings) as loop:
+        await prove_known_good(loop, plugin, db, "1.2.2")
+        await beat(loop, plugin, "1.3.0", FAILING_WEBHOOKS)
+        await detect_once(loop.healer.maker, loop.settings)
+        await loop.until(db, lambda: incident_status(db)[0] == "blocked_by_policy")
+        assert decision_source(db) == "fallback"
+        # The service answers again: the blocked incident is decided again, by it.
+        sira.control(mode="normal")
+        await loop.until(db, lambda: decision_source(db) == "sira", timeout=30)
+    assert incident_status(db)[0] == "blocked_by_policy"  # 0.9 < 0.95 either way
+
+
+def decision_source(db: Any) -> str | None:
+    row = db.execute("SELECT sira_decision->>'source' FROM plugin_incidents").fetchone()
+    return row[0] if row else None

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     error_rate_threshold: float = Field(
         0.05, ge=0, le=1, validation_alias=_env("SELFHEAL_ERROR_RATE_THRESHOLD")
     )
+    error_min_requests: int = Field(
+        20, ge=1, le=1_000_000, validation_alias=_env("SELFHEAL_ERROR_MIN_REQUESTS")
+    )
     error_spike_factor: float = Field(
         3.0, ge=1, le=1000, validation_alias=_env("SELFHEAL_ERROR_SPIKE_FACTOR")
     )

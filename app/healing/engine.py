@@ -303,6 +303,28 @@ class Healer:
         action = state.pending_action
         if not action:
             return await self._escalate(state, state.status, "no action is waiting for the gate")
+        if (
+            state.status == "blocked_by_policy"
+            and action.get("automatic")
+            and action.get("source") == "fallback"
+            and self.decisions.configured
+            and self.decisions.breaker.state != "open"
+        ):
+            # Decided by our fallback while the decision service was away, and blocked (the
+            # fallback is rarely confident enough): the service may answer again, so ask it
+            # rather than wait for ops. While it stays down its breaker opens and stops this.
+            async with self._locked(state) as session:
+                await repo.move_incident(
+                    session,
+                    state.id,
+                    expected="blocked_by_policy",
+                    status="deciding",
+                    reason="decided by the fallback while the decision service was away;"
+                    " asking it again",
+                    next_check_in_s=self.settings.heal_lease_s,
+                    fields={"pending_action": None},
+                )
+            return CONTINUE
         if action.get("from_version") != state.current_version:
             # The installation changed version while the action waited: it was decided for
             # another situation.

@@ -52,6 +52,7 @@ def thresholds(settings: Settings) -> Thresholds:
         webhook_fail_rate=settings.webhook_fail_rate_threshold,
         webhook_min_attempts=settings.webhook_min_attempts,
         error_rate=settings.error_rate_threshold,
+        error_min_requests=settings.error_min_requests,
         error_spike_factor=settings.error_spike_factor,
         crash_loop_resets=settings.crash_loop_restarts,
         regression_window=timedelta(seconds=settings.regression_window_s),

@@ -54,8 +54,16 @@ def open_fleet(alias: str = "") -> str:
 
 
 def open_member(alias: str) -> str:
-    """The predicate of ix_plugin_incidents_open_members (an open installation incident)."""
-    return f"{alias}.installation_id IS NOT NULL AND {alias}.status NOT IN {CLOSED}"
+    """An open incident of an active installation: the predicate of
+    ix_plugin_incidents_open_members (which the planner needs to see), and the installation
+    still active, since shares are taken over active installations and a disabled one's
+    incidents, which nothing closes any more, must neither make nor hold a fleet incident."""
+    return (
+        f"{alias}.installation_id IS NOT NULL AND {alias}.status NOT IN {CLOSED}"
+        f" AND EXISTS (SELECT 1 FROM merchant_plugins active_{alias}"
+        f" WHERE active_{alias}.id = {alias}.installation_id"
+        f" AND active_{alias}.status = 'active')"
+    )
 
 
 @dataclass(frozen=True, slots=True)

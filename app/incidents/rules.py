@@ -20,6 +20,7 @@ class Sample:
     webhook_attempts: int
     webhook_failures: int
     uptime_s: int | None
+    plugin_version: str | None = None
 
     @classmethod
     def of(cls, row: Any) -> Sample:
@@ -31,6 +32,7 @@ class Sample:
             row.webhook_attempts,
             row.webhook_failures,
             row.uptime_s,
+            getattr(row, "sample_version", None),
         )
 
     @property
@@ -48,6 +50,7 @@ class Thresholds:
     webhook_fail_rate: float = 0.5
     webhook_min_attempts: int = 10
     error_rate: float = 0.05
+    error_min_requests: int = 20  # fewer requests in a heartbeat say nothing about errors
     error_spike_factor: float = 3.0  # and k times the installation's own baseline
     baseline_samples: int = 10  # the samples before the N newest
     crash_loop_resets: int = 3  # uptime went down this often...
@@ -89,7 +92,7 @@ def error_spiking(samples: list[Sample], t: Thresholds) -> Finding | None:
     requests = sum(s.requests for s in history)
     baseline = sum(s.errors for s in history) / requests if requests else 0.0
     if not all(
-        s.requests > 0
+        s.requests >= max(1, t.error_min_requests)
         and s.error_ratio > t.error_rate
         and s.error_ratio > t.error_spike_factor * baseline
         for s in window
@@ -106,7 +109,12 @@ def error_spiking(samples: list[Sample], t: Thresholds) -> Finding | None:
 
 
 def crash_looping(samples: list[Sample], t: Thresholds) -> Finding | None:
+    # Restarts on the version running now only: an update restarts the plugin, and the
+    # restarts of a crash loop a patch just healed are not this version's.
     window = samples[: t.crash_loop_samples]
+    if window and window[0].plugin_version is not None:
+        current = window[0].plugin_version
+        window = list(itertools.takewhile(lambda s: s.plugin_version == current, window))
     resets = [
         newer
         for newer, older in itertools.pairwise(window)
@@ -159,7 +167,7 @@ def looks_unhealthy(
         webhook_failures > t.webhook_fail_rate * webhook_attempts
     ):
         return True
-    return requests > 0 and errors > t.error_rate * requests
+    return requests >= max(1, t.error_min_requests) and errors > t.error_rate * requests
 
 
 RULES = (webhook_failing, error_spiking, crash_looping)
@@ -199,6 +207,7 @@ def healthy_for(incident_type: str, samples: list[Sample], t: Thresholds, count:
         webhook_fail_rate=t.webhook_fail_rate,
         webhook_min_attempts=t.webhook_min_attempts,
         error_rate=t.error_rate,
+        error_min_requests=1,  # recovered means errors under the rate, whatever the traffic
         error_spike_factor=0.0,  # recovered means under the absolute threshold
         baseline_samples=0,
         crash_loop_resets=1,

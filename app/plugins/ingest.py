@@ -114,7 +114,12 @@ handed_out AS (
 -- Both lookups are index ranges on partial indexes of open rows.
 urgent AS (
     SELECT l.installation_id FROM latest l
-    WHERE EXISTS (SELECT 1 FROM plugin_incidents i
+    -- Every part of the statement reads the same snapshot: m is the row before this
+    -- heartbeat's update, so a lower uptime is a restart (a crash loop shows in a few
+    -- heartbeats at the short interval, not in a few intervals).
+    JOIN merchant_plugins m ON m.id = l.installation_id
+    WHERE l.uptime_s < m.uptime_s
+       OR EXISTS (SELECT 1 FROM plugin_incidents i
                   WHERE i.installation_id = l.installation_id AND i.status NOT IN {closed})
        OR EXISTS (SELECT 1 FROM plugin_agent_commands c
                   WHERE c.installation_id = l.installation_id

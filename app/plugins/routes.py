@@ -114,12 +114,13 @@ async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[N
 
 @functools.cache
 def _thresholds(
-    webhook_fail_rate: float, webhook_min_attempts: int, error_rate: float
+    webhook_fail_rate: float, webhook_min_attempts: int, error_rate: float, error_min_requests: int
 ) -> Thresholds:
     return Thresholds(
         webhook_fail_rate=webhook_fail_rate,
         webhook_min_attempts=webhook_min_attempts,
         error_rate=error_rate,
+        error_min_requests=error_min_requests,
     )
 
 
@@ -138,6 +139,7 @@ def next_heartbeat_s(settings: Settings, heartbeat: Heartbeat, urgent: bool) -> 
             settings.webhook_fail_rate_threshold,
             settings.webhook_min_attempts,
             settings.error_rate_threshold,
+            settings.error_min_requests,
         ),
         requests=t.requests,
         errors=t.errors,

@@ -21,6 +21,8 @@ from sim.fleet.scenario import PROBLEM_KINDS, PlannedFault, RunPlan
 from sim.fleet.timeline import Cause, FaultRecord, InstallationTruth
 from sim.fleet.truth import Truth
 
+SICK_TRAFFIC_EVERY_S = 1.0
+
 log = logging.getLogger("sim.fleet")
 
 # Agents are created (state_dir files) this many at a time.
@@ -152,6 +154,7 @@ class Fleet:
         self._scheduler = asyncio.create_task(self._schedule())
         self._tasks.add(self._scheduler)
         self._scheduler.add_done_callback(self._tasks.discard)
+        self._spawn(self._count_sick_traffic())
 
     def stop_faults(self) -> None:
         """No new fault from now on (the run's --duration is over); faults already injected
@@ -183,6 +186,22 @@ class Fleet:
             done, _ = await asyncio.wait((self._stopped,), timeout=delay)
             return bool(done)
         return self._stopped.done()
+
+    async def _count_sick_traffic(self) -> None:
+        """A real plugin counts as its requests happen, and plugin_client reports trouble as
+        soon as the counts cross the detection thresholds (its early report). Installations
+        with a problem therefore get their traffic counted every second, not only just before
+        their scheduled heartbeat; healthy ones (most of a big fleet) are counted then, which
+        costs nothing in realism: their counts cross no threshold."""
+        while not await self._sleep_until(self.clock() + SICK_TRAFFIC_EVERY_S):
+            now = self.clock()
+            for plugin in self.plugins:
+                if plugin.agent is None or plugin.silent_until(now) is not None:
+                    continue
+                if plugin.record.faults or self.truth.introduces(plugin.version):
+                    problems = plugin.record.problems_at(now, self.truth)
+                    if problems:
+                        plugin.account(now)
 
     # -- the schedule ---------------------------------------------------------------------
 

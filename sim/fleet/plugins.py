@@ -3,10 +3,11 @@ identity and state_dir, whose handlers change the version the simulated plugin r
 that version does (which problems it has) is decided by the truth table, never by the agent.
 
 Traffic is not simulated request by request: just before each heartbeat (the agent's `wait`
-hook), the counts for the time elapsed since the previous one are drawn at random around the
-scenario's rates, per stretch of constant fault state (a fault starting mid-interval splits
-it), and recorded in bulk with record_request(count) / record_error(count=) /
-record_webhook(ok=, count=)."""
+hook), and every second while the installation has a problem (the fleet's ticker, so that
+plugin_client's early report sees trouble as a real plugin's would), the counts for the time
+elapsed since they were last recorded are drawn at random around the scenario's rates, per
+stretch of constant fault state (a fault starting mid-interval splits it), and recorded in
+bulk with record_request(count) / record_error(count=) / record_webhook(ok=, count=)."""
 
 from __future__ import annotations
 
