@@ -274,6 +274,7 @@ def incident_statuses(db: Any, plugin: Plugin) -> list[tuple[str, str]]:
 # --- the tests -------------------------------------------------------------------------------
 
 
+@pytest.mark.long_e2e
 async def test_at_default_settings_a_fixing_update_heals_and_a_bad_deploy_is_rolled_back(
     defaults, control_plane, db, tmp_path
 ):

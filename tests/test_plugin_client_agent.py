@@ -23,6 +23,8 @@ from tests.test_plugin_client_fakes import (
     running,
 )
 
+pytestmark = pytest.mark.no_services
+
 DATA = b"the bytes of erp_crm 1.2.3"
 
 

@@ -25,6 +25,8 @@ from tests.test_plugin_client_fakes import (
     running,
 )
 
+pytestmark = pytest.mark.no_services
+
 DATA = b"async release bytes"
 
 

@@ -23,6 +23,8 @@ from tests.test_plugin_client_fakes import (
     running,
 )
 
+pytestmark = pytest.mark.no_services
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "plugin_client" / "examples" / "erp_crm"
 
 

@@ -21,6 +21,8 @@ from plugin_client.signing import (
     verify_release,
 )
 
+pytestmark = pytest.mark.no_services
+
 REPO = Path(__file__).resolve().parent.parent
 
 

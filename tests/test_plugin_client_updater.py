@@ -31,6 +31,8 @@ from tests.test_plugin_client_fakes import (
     zip_bytes,
 )
 
+pytestmark = pytest.mark.no_services
+
 
 @pytest.fixture
 def cp() -> Iterator[FakeControlPlane]:

@@ -78,6 +78,7 @@ SHORT_SCENARIO = {
 # --- a real run ------------------------------------------------------------------------------
 
 
+@pytest.mark.long_e2e
 @pytest.mark.timeout(170)
 def test_simulate_detects_and_heals_injected_webhook_failures(settings, tmp_path):
     scenario = tmp_path / "webhooks.yaml"

@@ -38,6 +38,7 @@ def wait_for_output(
         time.sleep(0.2)
 
 
+@pytest.mark.long_e2e
 @pytest.mark.timeout(170)
 def test_up_demo_heals_a_plugin_and_stops_cleanly_on_sigint(settings, tmp_path):
     port = free_port()
