@@ -296,6 +296,14 @@ def simulate(
             help="Data folder (embedded services, run folders); default ./.selfheal-sim, or SELFHEAL_DATA_DIR with --url"
         ),
     ] = None,
+    early_report: Annotated[
+        bool,
+        typer.Option(
+            "--early-report/--no-early-report",
+            help="Simulated plugins report trouble at once (plugin_client's default), or only"
+            " on their heartbeat schedule",
+        ),
+    ] = True,
 ) -> None:
     """Run a simulated fleet of plugins against the control plane and report how it healed
     them (docs/simulator.md)."""
@@ -315,6 +323,7 @@ def simulate(
                 url=url,
                 seed=seed,
                 data_dir=data_dir,
+                early_report=early_report,
             )
         )
     )

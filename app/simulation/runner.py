@@ -78,6 +78,7 @@ class SimulateOptions:
     url: str | None = None
     seed: int | None = None
     data_dir: Path | None = None
+    early_report: bool = True
 
 
 def _say(console: Console, text: str) -> None:
@@ -441,6 +442,7 @@ class SimulateRun:
                 seed=self.seed,
                 decision_service=switch,
                 meta={"simulator_run": self.run_id},
+                early_report=self.options.early_report,
             )
             running = True
             watcher = asyncio.create_task(session.watch_children())
@@ -562,6 +564,7 @@ class SimulateRun:
                 "scenario": plan.scenario.name,
                 "scenario_file": str(self.scenario_path),
                 "seed": self.seed,
+                "early_report": self.options.early_report,
                 "started_at": _iso(started_at),
                 "finished_at": _iso(horizon),
                 "control_plane": {

@@ -91,6 +91,9 @@ class Fleet:
     on_event: Callable[[FleetEvent], None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    # plugin_client's early report (False: plugins that report on schedule only, as a
+    # client without it would: the baseline of bench/fleet.py).
+    early_report: bool = True
 
     plugins: list[SimPlugin] = field(default_factory=list, init=False)
     injections: list[Injection] = field(default_factory=list, init=False)
@@ -130,6 +133,7 @@ class Fleet:
             on_version=self._version_changed,
             meta=self.meta,
             clock=self.clock,
+            early_report=self.early_report,
         )
         self.plugins = [
             SimPlugin(ctx, index, identity, random.Random(f"{self.seed}:{index}"))

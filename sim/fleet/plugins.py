@@ -65,6 +65,7 @@ class FleetContext:
     on_version: Callable[[SimPlugin, str, Cause, float], None]
     meta: dict[str, Any]
     clock: Callable[[], float] = time.time
+    early_report: bool = True
 
 
 def poisson(lam: float, rng: random.Random) -> int:
@@ -160,6 +161,7 @@ class SimPlugin:
             interval_s=ctx.interval_s,
             rng=self.rng,
             wait=self._wait,
+            early_report=ctx.early_report,
         )
         agent.on_update(self._on_update)
         agent.on_rollback(self._on_rollback)
