@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ from sim.fleet.timeline import Cause, FaultRecord, InstallationTruth
 from sim.fleet.truth import Truth
 
 SICK_TRAFFIC_EVERY_S = 1.0
+AGENTS_PER_CLIENT = 200
+CONNECTIONS_PER_CLIENT = 32
 
 log = logging.getLogger("sim.fleet")
 
@@ -77,6 +80,51 @@ class DecisionServiceWindow:
     end: float | None = None
 
 
+class QueueOutsideThePool(httpx.AsyncBaseTransport):
+    """httpx's transport with at most `limit` requests in its connection pool at a time (as
+    many as it has connections); the others wait in an asyncio.Semaphore, whose queue costs
+    nothing per step. A slot is held until the response is closed."""
+
+    def __init__(self, limit: int) -> None:
+        self._inner = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        )
+        self._slots = asyncio.Semaphore(limit)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self._slots.acquire()
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        response.stream = _ReleasingStream(stream, self._slots)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, slots: asyncio.Semaphore) -> None:
+        self._inner = inner
+        self._slots: asyncio.Semaphore | None = slots
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+                self._slots = None
+
+
 @dataclass
 class Fleet:
     plan: RunPlan
@@ -104,7 +152,7 @@ class Fleet:
         self._rng = random.Random(f"{self.seed}:faults")
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._http: httpx.AsyncClient | None = None
+        self._http: list[httpx.AsyncClient] = []
         self._stopped: asyncio.Future[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._ds_mode = "normal" if self.decision_service is not None else "not controlled"
@@ -114,12 +162,22 @@ class Fleet:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        size = max(64, min(len(self.identities), 1000))
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, connect=5.0),
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            trust_env=False,
-        )
+        # Several small connection pools rather than one big one: httpcore's pool re-scans
+        # every connection for every queued request (encode/httpcore#1035, O(N*M)); with
+        # thousands of agents on one pool of a thousand connections the simulator spent its
+        # CPU there and could not send a tenth of a 10,000-plugin fleet's heartbeats.
+        # Requests also wait in a semaphore in front of each pool, never inside it: a pool
+        # with a queue costs O(connections * queued) per step, so a simulator that fell
+        # behind would spend its CPU there and fall further behind.
+        shards = max(1, math.ceil(len(self.identities) / AGENTS_PER_CLIENT))
+        self._http = [
+            httpx.AsyncClient(
+                transport=QueueOutsideThePool(CONNECTIONS_PER_CLIENT),
+                timeout=httpx.Timeout(10.0, connect=5.0),
+                trust_env=False,
+            )
+            for _ in range(shards)
+        ]
         ctx = FleetContext(
             base_url=self.base_url,
             public_key=self.public_key,
@@ -174,8 +232,8 @@ class Fleet:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(p.stop(wait_s=5.0) for p in self.plugins), return_exceptions=True)
         await self._restore_decision_service()
-        if self._http is not None:
-            await self._http.aclose()
+        for client in self._http:
+            await client.aclose()
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)

@@ -54,7 +54,7 @@ class FleetContext:
 
     base_url: str
     public_key: str
-    http: httpx.AsyncClient
+    http: list[httpx.AsyncClient]  # shared: installation i uses http[i % len(http)]
     truth: Truth
     traffic: Traffic
     state_root: Path
@@ -154,7 +154,7 @@ class SimPlugin:
             public_keys=[ctx.public_key],
             state_dir=ctx.state_root / self.identity.installation_id,
             env="prod",
-            http=ctx.http,
+            http=ctx.http[self.index % len(ctx.http)],
             uptime=self.uptime,
             meta=ctx.meta,
             installed_sha256=ctx.sha256.get(version),

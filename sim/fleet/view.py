@@ -133,7 +133,10 @@ class Progress:
         try:
             while not stop.is_set():
                 now = self.clock()
-                if now - last_poll >= POLL_EVERY_S:
+                # Judging every incident against the truth runs in the agents' event loop:
+                # a big fleet is judged less often, so it never starves the agents.
+                poll_every = max(POLL_EVERY_S, len(self.fleet.plugins) / 500)
+                if now - last_poll >= poll_every:
                     last_poll = now
                     await self._poll()
                 self._sample()
