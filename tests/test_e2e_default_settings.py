@@ -37,14 +37,12 @@ import orjson
 import pytest
 from redis import Redis as SyncRedis
 
-from app.core.db import create_engine, create_sessionmaker
 from app.core.redis import health_check_key
 from app.core.settings import Settings
-from app.releases import service as release_service
-from app.releases.signing import generate_key, load_signer
+from app.releases.signing import generate_key
 from plugin_client import AsyncAgent
-from sim.artifacts import build_plugin_artifact
 from tests.conftest import REPO, Plugin, free_port, register, settings_env
+from tests.test_healing import add_release
 from tests.test_notifications import Receiver
 from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server
 
@@ -150,25 +148,6 @@ def control_plane(defaults: Settings) -> Iterator[ControlPlane]:
             plane.stop(name)
         sira.stop()
         runner.stop()
-
-
-async def release(settings: Settings, tmp_path: Path, plugin: str, version: str) -> None:
-    artifact = build_plugin_artifact(
-        tmp_path / f"{plugin}-{version}.tar.gz", name=plugin, version=version, simulated=True
-    )
-    engine = create_engine(settings, role="test")
-    try:
-        async with create_sessionmaker(engine)() as session, session.begin():
-            await release_service.add_release(
-                session,
-                load_signer(settings.data_dir / "keys" / "release-signing.pem"),
-                plugin=plugin,
-                version=version,
-                artifact=artifact,
-                valid_days=30,
-            )
-    finally:
-        await engine.dispose()
 
 
 def allow_autopatch(db: Any, *tenants: str) -> None:
@@ -282,8 +261,8 @@ async def test_at_default_settings_a_fixing_update_heals_and_a_bad_deploy_is_rol
     sick_webhooks = await register(defaults, tenant="merchant-42", name="erp_crm")
     deployer = await register(defaults, tenant="merchant-7", name="payments")
     # 1.2.2 and 1.3.0 are never released through selfheal.
-    await release(defaults, tmp_path, "erp_crm", "1.2.3")
-    await release(defaults, tmp_path, "payments", "1.3.1")
+    await add_release(defaults, tmp_path, "erp_crm", "1.2.3")
+    await add_release(defaults, tmp_path, "payments", "1.3.1")
     allow_autopatch(db, "merchant-42", "merchant-7")
     plane.sira.control(regression_strategy="forward")
     receiver = Receiver()

@@ -65,6 +65,7 @@ from tests.test_healing import (
 )
 
 pytestmark = pytest.mark.timeout(120)
+SELFHEAL = [sys.executable, "-m", "app.cli"]
 # Fixtures of tests/test_healing.py, used here by name.
 _FIXTURES = (loop_settings, runner, runner_server, sira, sira_server)
 
@@ -231,28 +232,23 @@ async def test_register_with_artifact_records_and_signs_the_installed_version(
     generate_key(release_settings.data_dir / "keys" / "release-signing.pem")
     artifact = build_plugin_artifact(tmp_path / "crm.tar.gz", name="erp_crm", version="2.0.1")
     env = settings_env(release_settings) | {"SELFHEAL_DATA_DIR": str(release_settings.data_dir)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "plugin",
-            "register",
-            "--tenant",
-            "merchant-9",
-            "--name",
-            "erp_crm",
-            "--version",
-            "2.0.1",
-            "--artifact",
-            str(artifact),
-            "--json",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=60,
-    )
+
+    def register_with(path: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [
+                *SELFHEAL,
+                *("plugin register --tenant merchant-9 --name erp_crm".split()),
+                *("--version 2.0.1 --artifact".split()),
+                str(path),
+                *extra,
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
+
+    run = register_with(artifact, "--json")
     assert run.returncode == 0, run.stderr.decode()
     out = orjson.loads(run.stdout)
     assert out["release"] == "added"
@@ -266,27 +262,7 @@ async def test_register_with_artifact_records_and_signs_the_installed_version(
     other = build_plugin_artifact(
         tmp_path / "other.tar.gz", name="erp_crm", version="2.0.1", source="X = 1\n"
     )
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "plugin",
-            "register",
-            "--tenant",
-            "merchant-9",
-            "--name",
-            "erp_crm",
-            "--version",
-            "2.0.1",
-            "--artifact",
-            str(other),
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=60,
-    )
+    refused = register_with(other)
     assert refused.returncode == 1
     assert b"already released with sha256" in refused.stderr
     assert db.execute("SELECT count(*) FROM merchant_plugins").fetchone() == (1,)
