@@ -19,6 +19,7 @@ from tests.test_plugin_client_fakes import (
     PLUGIN,
     FakeControlPlane,
     ReleaseSigner,
+    agent_options,
     command,
     running,
 )
@@ -84,16 +85,7 @@ def make_agent(
     agents: list[Agent] = []
 
     def make(**overrides: Any) -> Agent:
-        options: dict[str, Any] = {
-            "base_url": cp.url,
-            "plugin_id": cp.plugin_id,
-            "secret": cp.secret,
-            "plugin": PLUGIN,
-            "version": "1.2.2",
-            "public_keys": [signer.public_b64],
-            "state_dir": tmp_path / "state",
-        }
-        options.update(overrides)
+        options = agent_options(cp, signer, tmp_path, **overrides)
         agent = Agent(**options)
         agents.append(agent)
         return agent

@@ -21,6 +21,7 @@ from tests.test_plugin_client_fakes import (
     PLUGIN,
     FakeControlPlane,
     ReleaseSigner,
+    agent_options,
     command,
     running,
 )
@@ -53,16 +54,7 @@ async def make_agent(
     agents: list[AsyncAgent] = []
 
     def make(**overrides: Any) -> AsyncAgent:
-        options: dict[str, Any] = {
-            "base_url": cp.url,
-            "plugin_id": cp.plugin_id,
-            "secret": cp.secret,
-            "plugin": PLUGIN,
-            "version": "1.2.2",
-            "public_keys": [signer.public_b64],
-            "state_dir": tmp_path / "state",
-        }
-        options.update(overrides)
+        options = agent_options(cp, signer, tmp_path, **overrides)
         agent = AsyncAgent(**options)
         agents.append(agent)
         return agent

@@ -18,6 +18,7 @@ from tests.test_plugin_client_fakes import (
     PLUGIN,
     FakeControlPlane,
     ReleaseSigner,
+    agent_options,
     canonical,
     command,
     running,
@@ -59,16 +60,7 @@ def make_agent(cp: FakeControlPlane, signer: ReleaseSigner, tmp_path: Path) -> I
 
     def make(*, handlers: tuple[str, ...] = ("update", "rollback", "config"), **overrides: Any):
         calls = Calls()
-        options: dict[str, Any] = {
-            "base_url": cp.url,
-            "plugin_id": cp.plugin_id,
-            "secret": cp.secret,
-            "plugin": PLUGIN,
-            "version": "1.2.2",
-            "public_keys": [signer.public_b64],
-            "state_dir": tmp_path / "state",
-        }
-        options.update(overrides)
+        options = agent_options(cp, signer, tmp_path, **overrides)
         agent = Agent(**options)
         if "update" in handlers:
             agent.on_update(lambda version, path: calls.update.append((version, path.read_bytes())))

@@ -416,3 +416,21 @@ def release_folder(root: Path, version: str) -> Path:
         target.write_bytes(data)
     (root / "current").symlink_to(f"versions/{version}")
     return folder
+
+
+def agent_options(
+    cp: FakeControlPlane, signer: ReleaseSigner, tmp_path: Path, **overrides: Any
+) -> dict[str, Any]:
+    """The arguments of an agent of the fake control plane's installation, on 1.2.2, pinning
+    `signer`'s key, with its state under `tmp_path`."""
+    options: dict[str, Any] = {
+        "base_url": cp.url,
+        "plugin_id": cp.plugin_id,
+        "secret": cp.secret,
+        "plugin": PLUGIN,
+        "version": "1.2.2",
+        "public_keys": [signer.public_b64],
+        "state_dir": tmp_path / "state",
+    }
+    options.update(overrides)
+    return options

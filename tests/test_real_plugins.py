@@ -391,6 +391,17 @@ async def test_a_proven_sick_update_is_rolled_back_before_the_window_ends(
     ]
 
 
+async def patch_that_does_not_heal(loop: Loop, plugin: Plugin, db: Any) -> None:
+    """1.2.2 fails its webhooks, is patched to 1.2.3, which fails them too: rolling back."""
+    await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
+    await detect_once(loop.healer.maker, loop.settings)
+    await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+    for _ in range(loop.settings.recovery_heartbeats + 1):
+        await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
+    await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
+
+
 async def test_a_version_that_failed_on_an_installation_is_not_proposed_to_it_again(
     loop_settings, plugin, db, sira, runner, tmp_path
 ):
@@ -398,14 +409,7 @@ async def test_a_version_that_failed_on_an_installation_is_not_proposed_to_it_ag
         await add_release(loop_settings, tmp_path, plugin.name, version)
     enable_autopatch(db, plugin.tenant)
     async with healing_loop(loop_settings) as loop:
-        await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
-        await detect_once(loop.healer.maker, loop.settings)
-        await loop.until(db, lambda: incident_status(db)[0] == "applying")
-        got = await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
-        await ack(loop, plugin, got[0])
-        for _ in range(loop.settings.recovery_heartbeats + 1):
-            await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
-        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
+        await patch_that_does_not_heal(loop, plugin, db)
         got = await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
         await ack(loop, plugin, got[0])
         await healthy_again(loop, plugin, "1.2.2")
@@ -531,13 +535,7 @@ async def test_a_rollback_that_does_not_heal_escalates_as_critical(
         await add_release(loop_settings, tmp_path, plugin.name, version)
     enable_autopatch(db, plugin.tenant)
     async with healing_loop(loop_settings) as loop:
-        await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)
-        await detect_once(loop.healer.maker, loop.settings)
-        await loop.until(db, lambda: incident_status(db)[0] == "applying")
-        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
-        for _ in range(loop.settings.recovery_heartbeats + 1):
-            await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS)
-        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back")
+        await patch_that_does_not_heal(loop, plugin, db)
         await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
         for _ in range(loop.settings.recovery_heartbeats + 1):
             await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS)

@@ -9,11 +9,21 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
-POLICY_COLUMNS = (
-    "autopatch_enabled, autopatch_whitelist, autopatch_max_severity, min_confidence,"
-    " canary_percent, approvals_required, approval_min_severity, approval_ttl_s,"
-    " max_concurrent_actions, max_concurrent_actions_per_tenant, cooldown_s, updated_at, updated_by"
+# The columns ops set (the API's PUT, the simulator, psql).
+POLICY_FIELDS = (
+    "autopatch_enabled",
+    "autopatch_whitelist",
+    "autopatch_max_severity",
+    "min_confidence",
+    "canary_percent",
+    "approvals_required",
+    "approval_min_severity",
+    "approval_ttl_s",
+    "max_concurrent_actions",
+    "max_concurrent_actions_per_tenant",
+    "cooldown_s",
 )
+POLICY_COLUMNS = ", ".join((*POLICY_FIELDS, "updated_at", "updated_by"))
 
 
 async def read_policy(session: AsyncSession) -> Row[Any]:

@@ -255,6 +255,12 @@ async def fail(command_id: str, request: Request) -> Response:
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 
 
+@functools.cache
+def _capabilities(secret_key: str) -> ArtifactCapabilities:
+    """One key derivation per process, not one per download."""
+    return ArtifactCapabilities(secret_key)
+
+
 @router.get("/releases/{plugin}/{version}/artifact", response_model=None)
 async def artifact(plugin: str, version: str, request: Request) -> Response:
     """The stored bytes of a release, for a signed request of an installation of that plugin,
@@ -264,8 +270,9 @@ async def artifact(plugin: str, version: str, request: Request) -> Response:
     svc = services(request)
     expires, token = request.query_params.get("expires"), request.query_params.get("token")
     if expires is not None or token is not None:
-        capabilities = ArtifactCapabilities(svc.settings.secret_key)
-        if not capabilities.allows(plugin, version, expires=expires or "", token=token or ""):
+        if not _capabilities(svc.settings.secret_key).allows(
+            plugin, version, expires=expires or "", token=token or ""
+        ):
             raise ApiError(403, "forbidden", "this artifact URL is not valid or has expired")
     else:
         verified = await authenticate(svc, request.headers, request.method, request.url.path, b"")

@@ -14,12 +14,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.crypto import SecretBox, new_api_token, token_digest
 from app.core.db import set_actor
+from app.ops import repository as ops_repository
+from app.ops.repository import POLICY_FIELDS
 from app.ops.security import NewUser, add_user, hash_password
 from app.plugins.service import register_installation
 from app.releases.service import add_release
@@ -28,19 +29,6 @@ from sim.fleet.metrics import AttemptRow, IncidentRow, ReleaseState
 from sim.fleet.plugins import Identity
 
 ACTOR = "simulator"
-POLICY_COLUMNS = (
-    "autopatch_enabled",
-    "autopatch_whitelist",
-    "autopatch_max_severity",
-    "min_confidence",
-    "canary_percent",
-    "approvals_required",
-    "approval_min_severity",
-    "approval_ttl_s",
-    "max_concurrent_actions",
-    "max_concurrent_actions_per_tenant",
-    "cooldown_s",
-)
 REGISTER_BATCH = 50
 REGISTER_CONCURRENCY = 4
 CLOSED = "('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
@@ -174,49 +162,18 @@ def policy_for(*, tenants: Sequence[str], installations: int, **changes: Any) ->
 
 async def read_policy(maker: Maker) -> dict[str, Any]:
     async with maker() as session:
-        row = (
-            (
-                await session.execute(
-                    text(
-                        f"SELECT {', '.join(POLICY_COLUMNS)}, updated_at, updated_by FROM ops_policy WHERE id = 1"
-                    )
-                )
-            )
-            .mappings()
-            .one()
-        )
-    return _policy_json(dict(row))
+        row = await ops_repository.read_policy(session)
+    return _policy_json(dict(row._mapping))
 
 
 async def set_policy(maker: Maker, values: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(values) - set(POLICY_COLUMNS)
+    unknown = set(values) - set(POLICY_FIELDS)
     if unknown:
         raise ValueError(f"not policy columns: {sorted(unknown)}")
-    sets = []
-    params: dict[str, Any] = {}
-    for name, value in values.items():
-        if name == "autopatch_whitelist":
-            sets.append(f"{name} = CAST(:{name} AS jsonb)")
-            params[name] = orjson.dumps(value).decode()
-        else:
-            sets.append(f"{name} = :{name}")
-            params[name] = value
     async with maker() as session, session.begin():
         await set_actor(session, ACTOR)
-        row = (
-            (
-                await session.execute(
-                    text(
-                        f"UPDATE ops_policy SET {', '.join(sets)}, updated_by = :actor WHERE id = 1"
-                        f" RETURNING {', '.join(POLICY_COLUMNS)}, updated_at, updated_by"
-                    ),
-                    {**params, "actor": ACTOR},
-                )
-            )
-            .mappings()
-            .one()
-        )
-    return _policy_json(dict(row))
+        row = await ops_repository.update_policy(session, {**values, "updated_by": ACTOR})
+    return _policy_json(dict(row._mapping))
 
 
 def _policy_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +189,7 @@ def _policy_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def restorable(policy: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in policy.items() if k in POLICY_COLUMNS}
+    return {k: v for k, v in policy.items() if k in POLICY_FIELDS}
 
 
 # --- the demo operator -----------------------------------------------------------------------
