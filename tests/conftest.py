@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import psycopg
 import pytest
 from fastapi import FastAPI
@@ -337,6 +338,25 @@ async def operator(settings: Settings) -> Persona:
 @pytest.fixture
 async def admin(settings: Settings) -> Persona:
     return await make_user(settings, "ada", "admin")
+
+
+def descendants(pid: int) -> list[tuple[psutil.Process, str]]:
+    """The processes `pid` started, directly or not, with their command lines.
+
+    A process that exits while we look (gone, or a zombie not yet reaped) is skipped:
+    the tree of a running supervisor changes under us.
+    """
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            found.append((child, " ".join(child.cmdline())))
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            continue
+    return found
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

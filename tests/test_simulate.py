@@ -34,7 +34,7 @@ from sim.fleet.scenario import (
 )
 from sim.fleet.timeline import FaultRecord, InstallationTruth, VersionChange
 from sim.fleet.truth import Truth
-from tests.conftest import settings_env
+from tests.conftest import descendants, settings_env
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 
@@ -105,7 +105,7 @@ def test_simulate_detects_and_heals_injected_webhook_failures(settings, tmp_path
         "--data-dir",
         str(tmp_path / "data"),
     ]
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[psutil.Process, str]] = {}
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=out, stderr=out)
         try:
@@ -114,8 +114,8 @@ def test_simulate_detects_and_heals_injected_webhook_failures(settings, tmp_path
                 assert time.monotonic() < deadline, f"simulate still running:\n{log.read_text()}"
                 # Every process it starts (reference services, API, worker), to check at the
                 # end that none outlives it.
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    seen.setdefault(child.pid, " ".join(child.cmdline()[1:4]))
+                for child, cmdline in descendants(proc.pid):
+                    seen.setdefault(child.pid, (child, " ".join(cmdline.split()[1:4])))
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:
@@ -124,12 +124,10 @@ def test_simulate_detects_and_heals_injected_webhook_failures(settings, tmp_path
     output = log.read_text()
     assert proc.returncode == 0, output
     assert {"decision-service", "staging-runner", "api", "worker"} <= {
-        word for cmdline in seen.values() for word in cmdline.split()
+        word for _child, cmdline in seen.values() for word in cmdline.split()
     }, seen
-    _gone, alive = psutil.wait_procs(
-        [psutil.Process(pid) for pid in seen if psutil.pid_exists(pid)], timeout=5
-    )
-    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    _gone, alive = psutil.wait_procs([child for child, _cmdline in seen.values()], timeout=5)
+    assert alive == [], f"left running: {[seen[p.pid][1] for p in alive]}"
 
     report = json.loads(report_file.read_text())
     assert REPORT_KEYS <= set(report), sorted(REPORT_KEYS - set(report))

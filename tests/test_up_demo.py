@@ -4,6 +4,7 @@ healed; SIGINT stops everything, with no process left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import free_port, settings_env
+from tests.conftest import descendants, free_port, settings_env
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 DEMO_TENANTS = ["demo-acme", "demo-globex", "demo-initech"]
@@ -84,8 +85,9 @@ def test_up_demo_heals_a_plugin_and_stops_cleanly_on_sigint(settings, tmp_path):
                 time.sleep(1)
         wait_for_output(proc, log, r"healed: ", 30)
 
-        children = psutil.Process(proc.pid).children(recursive=True)
-        names = " ".join(" ".join(c.cmdline()) for c in children)
+        tree = descendants(proc.pid)
+        children = [child for child, _cmdline in tree]
+        names = " ".join(cmdline for _child, cmdline in tree)
         for part in ("decision-service", "staging-runner", "app.cli api", "app.cli worker"):
             assert part in names, names
         started = time.monotonic()
@@ -93,7 +95,7 @@ def test_up_demo_heals_a_plugin_and_stops_cleanly_on_sigint(settings, tmp_path):
         assert proc.wait(30) == 0, log.read_text()
         assert time.monotonic() - started < 30
         _gone, alive = psutil.wait_procs(children, timeout=5)
-        assert alive == [], f"left running after SIGINT: {[p.cmdline() for p in alive]}"
+        assert alive == [], f"left running after SIGINT: {[str(p) for p in alive]}"
         assert "selfheal stopped" in log.read_text()
         with psycopg.connect(env["DATABASE_URL"]) as conn:
             # The demo's installations are disabled and the policy is back as it was.
@@ -107,8 +109,9 @@ def test_up_demo_heals_a_plugin_and_stops_cleanly_on_sigint(settings, tmp_path):
             ).fetchone() == (False,)
     finally:
         if proc.poll() is None:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
+            for child, _cmdline in descendants(proc.pid):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             proc.kill()
             proc.wait()
 

@@ -19,7 +19,7 @@ import psycopg
 
 from app.core.embedded import EmbeddedServices
 from app.plugins.auth import sign
-from tests.conftest import HEARTBEAT, heartbeat_body
+from tests.conftest import HEARTBEAT, descendants, heartbeat_body
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 
@@ -62,11 +62,11 @@ def wait_healthy(
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    children = psutil.Process(proc.pid).children(recursive=True)
+    children = [child for child, _cmdline in descendants(proc.pid)]
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(30)
     _gone, alive = psutil.wait_procs(children, timeout=15)
-    assert alive == [], f"left running after SIGTERM: {[p.cmdline() for p in alive]}"
+    assert alive == [], f"left running after SIGTERM: {[str(p) for p in alive]}"
     return code
 
 
