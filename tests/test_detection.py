@@ -368,3 +368,30 @@ def test_restarts_count_on_the_running_version_only():
     ]
     assert crash_looping(samples, Thresholds()) is None
     assert crash_looping(samples[2:], Thresholds()) is not None
+
+
+def test_a_plugin_crashing_on_start_shows_restarts_in_its_startup_heartbeats():
+    """A crash-looping plugin's agent beats as it starts: every heartbeat says an uptime of
+    about 0 s, sometimes a little more than the one before. The plugin's own clock (sent_at)
+    shows that it started again in between; a plugin that ran on never looks restarted."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.incidents.rules import Sample, Thresholds, crash_looping, restarted
+
+    t0 = datetime.now(UTC)
+
+    def sample(at_s: float, uptime: int, *, sent: bool = True) -> Sample:
+        at = t0 + timedelta(seconds=at_s)
+        return Sample(at, 10, 0, 0, 0, uptime, "1.2.2", at if sent else None)
+
+    # Starts 4 s apart, uptime 0 or 1 each time: only one of them has a lower uptime.
+    startups = [sample(12, 1), sample(8, 0), sample(4, 1), sample(0, 0)]
+    assert crash_looping(startups, Thresholds()) is not None
+    unsent = [sample(12, 1, sent=False), sample(8, 0, sent=False), sample(4, 1, sent=False)]
+    assert crash_looping([*unsent, sample(0, 0, sent=False)], Thresholds()) is None
+    # Running on: uptime grows with the clock (whole seconds, truncated), even when the
+    # heartbeats come in late or early.
+    assert not restarted(sample(10, 3609), sample(0, 3600))
+    assert not restarted(sample(10.9, 10), sample(0, 0))
+    assert restarted(sample(10, 7), sample(0, 3600))
+    assert restarted(sample(10, 5), sample(0, 0))

@@ -487,7 +487,8 @@ async def samples_since(
     rows = await session.execute(
         text(
             """
-            SELECT received_at, requests, errors, webhook_attempts, webhook_failures, uptime_s
+            SELECT received_at, requests, errors, webhook_attempts, webhook_failures, uptime_s,
+                   sent_at
             FROM plugin_heartbeats
             WHERE installation_id = :installation AND received_at > :since
               AND plugin_version = :version

@@ -194,12 +194,13 @@ async def recent_samples_of_active_installations(
             SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version,
                    {ROLLBACK_TARGET_SQL} AS rollback_target, m.version_changed_at, m.telemetry,
                    s.received_at, s.requests, s.errors, s.webhook_attempts, s.webhook_failures,
-                   s.uptime_s, s.sample_version
+                   s.uptime_s, s.sample_version, s.sent_at
             FROM touched t
             JOIN merchant_plugins m ON m.id = t.installation_id AND m.status = 'active'
             CROSS JOIN LATERAL (
                 SELECT h.received_at, h.requests, h.errors, h.webhook_attempts,
-                       h.webhook_failures, h.uptime_s, h.plugin_version AS sample_version
+                       h.webhook_failures, h.uptime_s, h.plugin_version AS sample_version,
+                       h.sent_at
                 FROM plugin_heartbeats h
                 WHERE h.installation_id = m.id
                 ORDER BY h.received_at DESC

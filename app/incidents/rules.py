@@ -21,6 +21,7 @@ class Sample:
     webhook_failures: int
     uptime_s: int | None
     plugin_version: str | None = None
+    sent_at: datetime | None = None  # the plugin's own clock, when it said
 
     @classmethod
     def of(cls, row: Any) -> Sample:
@@ -33,6 +34,7 @@ class Sample:
             row.webhook_failures,
             row.uptime_s,
             getattr(row, "sample_version", None),
+            getattr(row, "sent_at", None),
         )
 
     @property
@@ -108,6 +110,26 @@ def error_spiking(samples: list[Sample], t: Thresholds) -> Finding | None:
     )
 
 
+# uptime_s is whole seconds (truncated), so a plugin that ran on has
+# uptime(newer) >= uptime(older) + elapsed - 1; one more second for clock resolution.
+RESTART_SLACK_S = 2.0
+
+
+def restarted(newer: Sample, older: Sample) -> bool:
+    """Whether the plugin started again between two of its heartbeats: its uptime went down,
+    or (with both `sent_at`) it is shorter than the time between them. The second catches
+    what the first misses: the heartbeats a crash-looping plugin sends as it starts all say
+    an uptime of about 0 s, and the later of two may say more than the earlier one."""
+    if newer.uptime_s is None or older.uptime_s is None:
+        return False
+    if newer.uptime_s < older.uptime_s:
+        return True
+    if newer.sent_at is None or older.sent_at is None:
+        return False
+    between = (newer.sent_at - older.sent_at).total_seconds()
+    return newer.uptime_s < between - RESTART_SLACK_S
+
+
 def crash_looping(samples: list[Sample], t: Thresholds) -> Finding | None:
     # Restarts on the version running now only: an update restarts the plugin, and the
     # restarts of a crash loop a patch just healed are not this version's.
@@ -115,13 +137,7 @@ def crash_looping(samples: list[Sample], t: Thresholds) -> Finding | None:
     if window and window[0].plugin_version is not None:
         current = window[0].plugin_version
         window = list(itertools.takewhile(lambda s: s.plugin_version == current, window))
-    resets = [
-        newer
-        for newer, older in itertools.pairwise(window)
-        if newer.uptime_s is not None
-        and older.uptime_s is not None
-        and newer.uptime_s < older.uptime_s
-    ]
+    resets = [newer for newer, older in itertools.pairwise(window) if restarted(newer, older)]
     if len(resets) < t.crash_loop_resets:
         return None
     return Finding("crash_loop", "high", resets[-1].received_at, {"restarts": len(resets)})

@@ -115,10 +115,12 @@ handed_out AS (
 urgent AS (
     SELECT l.installation_id FROM latest l
     -- Every part of the statement reads the same snapshot: m is the row before this
-    -- heartbeat's update, so a lower uptime is a restart (a crash loop shows in a few
-    -- heartbeats at the short interval, not in a few intervals).
+    -- heartbeat's update, so an uptime lower than before, or shorter than the time since the
+    -- last heartbeat, is a restart (a crash loop shows in a few heartbeats at the short
+    -- interval, not in a few intervals; rules.restarted judges it on the plugin's clock).
     JOIN merchant_plugins m ON m.id = l.installation_id
     WHERE l.uptime_s < m.uptime_s
+       OR l.uptime_s + 2 < extract(epoch FROM now() - m.last_heartbeat_at)
        OR EXISTS (SELECT 1 FROM plugin_incidents i
                   WHERE i.installation_id = l.installation_id AND i.status NOT IN {closed})
        OR EXISTS (SELECT 1 FROM plugin_agent_commands c

@@ -264,6 +264,7 @@ class Fleet:
                     problems = plugin.record.problems_at(now, self.truth)
                     if problems:
                         plugin.account(now)
+                    plugin.crash_tick(now, "crash_loop" in problems)
 
     # -- the schedule ---------------------------------------------------------------------
 

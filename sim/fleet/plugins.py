@@ -32,6 +32,11 @@ from sim.fleet.scenario import Traffic
 from sim.fleet.timeline import Cause, InstallationTruth, VersionChange
 from sim.fleet.truth import Truth
 
+# A plugin that crashes on start dies this long after it starts, and a supervisor (systemd,
+# a container runtime) starts it again after RESTART_GAP_S.
+CRASH_AFTER_S = (1.0, 3.0)
+RESTART_GAP_S = 1.0
+
 STAT_FIELDS = (
     "heartbeats_sent",
     "heartbeats_failed",
@@ -129,7 +134,10 @@ class SimPlugin:
         self.last_fault_at = -math.inf
         self.agent: AsyncAgent | None = None
         self._halt: asyncio.Future[None] | None = None
-        self._crash_small = False
+        # A crash loop: when the running process dies (None: it is not crashing), and what
+        # ends the agent's pause so that the restarted process beats as it starts.
+        self._crash_at: float | None = None
+        self._started: asyncio.Future[None] | None = None
         self._carried: Counter[str] = Counter()
 
     @property
@@ -190,7 +198,7 @@ class SimPlugin:
         now = self.ctx.clock()
         self.accounted_until = now  # the old process's uncounted traffic went with it
         self.boot = now
-        self._crash_small = False
+        self._crash_at = None
         self._changed(version, "deploy", now, account=False)
         self.agent = await asyncio.to_thread(self.make_agent, version)
         await self.start(0.0)
@@ -212,25 +220,32 @@ class SimPlugin:
     def uptime(self) -> float:
         return max(0.0, self.ctx.clock() - self.boot)
 
-    async def _sleep(self, seconds: float) -> bool:
-        """Pause; True when the fleet or this installation is stopping."""
+    async def _sleep(self, seconds: float, *, restart_ends_it: bool = False) -> bool:
+        """Pause; True when the fleet or this installation is stopping. With
+        `restart_ends_it`, a restart of the crash-looping plugin ends the pause too."""
         assert self._halt is not None
-        done, _ = await asyncio.wait(
-            (self.ctx.stopped, self._halt),
-            timeout=max(0.0, seconds),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        return bool(done)
+        waiting: tuple[asyncio.Future[None], ...] = (self.ctx.stopped, self._halt)
+        if restart_ends_it:
+            self._started = asyncio.get_running_loop().create_future()
+            waiting += (self._started,)
+        try:
+            await asyncio.wait(
+                waiting, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            self._started = None
+        return self.ctx.stopped.done() or self._halt.done()
 
     async def _wait(self, delay: float) -> bool:
-        """The agent's pause between heartbeats: a silence stretches it; then the traffic
-        since the last heartbeat is recorded, just before the next one goes out."""
-        if await self._sleep(delay):
+        """The agent's pause between heartbeats: a silence stretches it, a restart (crash
+        loop) cuts it short, since a plugin's agent beats as the plugin starts; then the
+        traffic since the last heartbeat is recorded, just before the next one goes out."""
+        if await self._sleep(delay, restart_ends_it=True):
             return True
         while (until := self.silent_until(self.ctx.clock())) is not None:
             if await self._sleep(until - self.ctx.clock()):
                 return True
-        self.before_heartbeat(self.ctx.clock())
+        self.account(self.ctx.clock())
         return False
 
     def silent_until(self, now: float) -> float | None:
@@ -241,19 +256,23 @@ class SimPlugin:
         ]
         return max(ends) if ends else None
 
-    def before_heartbeat(self, now: float) -> None:
-        self.account(now)
-        if "crash_loop" in self.record.problems_at(now, self.ctx.truth):
-            # The plugin restarts at least once per interval: right before this heartbeat
-            # (uptime ~0, lower than the last one) or right after the previous one (uptime
-            # ~ the interval), in turn, so that every other heartbeat shows a restart.
-            if self._crash_small:
-                self.boot = now - max(2.0, min(self.ctx.interval_s, 30.0))
-            else:
-                self.boot = now - self.rng.uniform(0.0, 0.9)
-            self._crash_small = not self._crash_small
-        else:
-            self._crash_small = False
+    def crash_tick(self, now: float, crashing: bool) -> None:
+        """Called about every second while the installation has a problem. A crash-looping
+        plugin dies CRASH_AFTER_S after it starts (the first time: that long after the fault
+        began) and its supervisor starts it again RESTART_GAP_S later; the new process's
+        agent beats at once, with an uptime of about 0 s."""
+        if not crashing:
+            self._crash_at = None
+            return
+        if self._crash_at is None:
+            self._crash_at = now + self.rng.uniform(*CRASH_AFTER_S)
+            return
+        if now < self._crash_at + RESTART_GAP_S:
+            return
+        self.boot = now
+        self._crash_at = now + self.rng.uniform(*CRASH_AFTER_S)
+        if self._started is not None and not self._started.done():
+            self._started.set_result(None)
 
     def account(self, until: float) -> None:
         """Record the traffic of [accounted_until, until) in the agent's counters."""
