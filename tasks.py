@@ -2,7 +2,8 @@
 """Developer entry points; standard library only, so it runs before anything is installed.
 
     python3 tasks.py up [args...]      set up .venv, then run `selfheal up [args...]`
-    python3 tasks.py check [args...]   set up .venv, then ruff, ruff format --check, mypy, pytest
+    python3 tasks.py check [args...]   set up .venv, then ruff, ruff format --check, mypy,
+                                       lint-imports (the layer contracts in pyproject), pytest
                                        (args go to pytest); stops at the first failure
     python3 tasks.py fmt               set up .venv, then ruff format and ruff check --fix
 
@@ -89,6 +90,7 @@ def check(pytest_args: list[str]) -> int:
         [_tool("ruff"), "check", "."],
         [_tool("ruff"), "format", "--check", "."],
         *([[_tool("mypy"), *packages]] if packages else []),
+        [_tool("lint-imports")],
         [_tool("pytest"), *pytest_args],
     ]
     for cmd in steps:

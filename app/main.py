@@ -17,7 +17,7 @@ from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.redis import create_redis
 from app.core.settings import Settings, get_settings, libpq_url
-from app.core.state import Services
+from app.healing.routes import router as healing_router
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.incidents.routes import router as incidents_router
@@ -27,6 +27,7 @@ from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_crede
 from app.plugins.fastpath import HeartbeatFastPath
 from app.plugins.ingest import HeartbeatBatcher
 from app.plugins.routes import router as plugins_router
+from app.services import Services
 
 _POOL_GAUGE_EVERY_S = 5.0
 
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plugins_router)
     app.include_router(ops_router)
     app.include_router(incidents_router)
+    app.include_router(healing_router)
     app.include_router(maintenance_router)
     return app
 

@@ -27,18 +27,25 @@ import argparse
 import asyncio
 import resource
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-import psycopg
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # tests.support, when run as `python bench/detection.py`
+    sys.path.insert(0, str(REPO))
 
-from app.cli import run_migrations
-from app.core.db import create_engine, create_sessionmaker
-from app.core.settings import Settings, libpq_url
-from app.incidents.detection import TICK_LIMIT, detect_once
-from app.incidents.fleet import FleetResult, group_fleets
-from app.incidents.repository import Group
+import psycopg  # noqa: E402
+
+from app.cli import run_migrations  # noqa: E402
+from app.core.db import create_engine, create_sessionmaker  # noqa: E402
+from app.core.settings import Settings, libpq_url  # noqa: E402
+from app.incidents.detection import TICK_LIMIT, detect_once  # noqa: E402
+from app.incidents.fleet import FleetResult, group_fleets  # noqa: E402
+from app.incidents.repository import Group  # noqa: E402
+from tests.support.databases import create_database, drop_database  # noqa: E402
 
 TARGETS = {
     "idle_ms_100k": 5.0,
@@ -47,20 +54,6 @@ TARGETS = {
     "threshold_s": 1.0,
     "rss_mb": 200.0,
 }
-
-
-def create_database(admin: str) -> str:
-    name = f"selfheal_detbench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = admin.rsplit("/", 1)[0]
-    return f"{base}/{name}"
-
-
-def drop_database(admin: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def fill(url: str, fleet: int) -> None:
@@ -221,7 +214,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for fleet in args.fleet:
-        url = create_database(args.pg_url)
+        name = f"selfheal_detbench_{uuid.uuid4().hex[:8]}"
+        url = create_database(args.pg_url, name)
         try:
             run_migrations(Settings(database_url=url, redis_url="redis://127.0.0.1:6379/0"))
             started = time.perf_counter()
@@ -232,7 +226,7 @@ def main() -> None:
             )
             rows.append(asyncio.run(measure(url, fleet)))
         finally:
-            drop_database(args.pg_url, url)
+            drop_database(args.pg_url, name)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print(

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,33 +50,37 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-import orjson
-import psutil
-import psycopg
-import uvicorn
-from redis import Redis
-
-from app.cli import run_migrations
-from app.core.crypto import SecretBox
-from app.core.db import create_engine, create_sessionmaker
-from app.core.redis import health_check_key
-from app.core.settings import Settings, libpq_url
-from app.main import create_app
-from app.plugins.auth import sign
-from app.plugins.service import register_installation
-from app.releases import service as release_service
-from app.releases.signing import generate_key, load_signer
-from sim.artifacts import build_plugin_artifact
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # tests.support, when run as `python bench/healing.py`
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+import psycopg  # noqa: E402
+import uvicorn  # noqa: E402
+from redis import Redis  # noqa: E402
+
+from app.cli import run_migrations  # noqa: E402
+from app.core.crypto import SecretBox  # noqa: E402
+from app.core.db import create_engine, create_sessionmaker  # noqa: E402
+from app.core.redis import health_check_key  # noqa: E402
+from app.core.settings import Settings, libpq_url  # noqa: E402
+from app.main import create_app  # noqa: E402
+from app.plugins.service import register_installation  # noqa: E402
+from app.releases import service as release_service  # noqa: E402
+from app.releases.signing import generate_key, load_signer  # noqa: E402
+from sim.artifacts import build_plugin_artifact  # noqa: E402
+from tests.support.databases import clean_redis, create_database, drop_database  # noqa: E402
+from tests.support.plugins import HEARTBEAT, heartbeat_body, signed_headers  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.services import Server  # noqa: E402
+
 RESULTS_DIR = REPO / "bench" / "results"
 BENCH_SECRET_KEY = "selfheal-bench-secret-key-not-for-production-0123456789"
 SIRA_TOKEN = "bench-sira-token"
 RUNNER_TOKEN = "bench-runner-token"
 PLUGIN = "payments"
 OLD, NEW = "1.2.2", "1.2.3"
-HEARTBEAT = "/api/plugins/heartbeat"
 STAGING_DELAY_S = 0.1
 RECOVERY_HEARTBEATS = int(Settings.model_fields["recovery_heartbeats"].default)
 FAILING = {"requests": 1000, "errors": 2, "webhook_attempts": 50, "webhook_failures": 30}
@@ -101,40 +104,6 @@ def say(message: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # database, Redis, processes
-
-
-def with_database(admin_url: str, name: str) -> str:
-    parts = urllib.parse.urlsplit(admin_url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def create_database(admin_url: str) -> tuple[str, str]:
-    name = f"selfheal_healbench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name, with_database(admin_url, name)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def clean_redis(url: str, prefix: str) -> None:
-    client = Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Process:
@@ -178,36 +147,6 @@ class Process:
                 self.proc.kill()
                 self.proc.wait(5)
         self._out.close()
-
-
-class Service(Process):
-    """A reference service (`python -m sim...`) on loopback, as tests/test_sim.py starts it."""
-
-    def __init__(self, name: str, module: list[str], token: str, log: Path) -> None:
-        self.port = free_port()
-        self.token = token
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", *module, "--port", str(self.port), "--token", token]
-        super().__init__(name, argv, log)
-
-    def wait_ready(self, timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.check_alive()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not answer within {timeout_s:g} s")
-            time.sleep(0.05)
-
-    def control(self, **changes: Any) -> None:
-        response = httpx.post(
-            f"{self.url}/_control",
-            json=changes,
-            headers={"Authorization": f"Bearer {self.token}"},
-        )
-        response.raise_for_status()
 
 
 def proc_status(pid: int, field_name: str) -> int | None:
@@ -408,13 +347,7 @@ class Traffic:
 
     async def post(self, plugin: Plugin, path: str, body: bytes) -> httpx.Response:
         async with self.in_flight:
-            ts = str(int(time.time()))
-            headers = {
-                "X-Plugin-Id": plugin.id,
-                "X-Timestamp": ts,
-                "X-Signature": sign(plugin.secret, ts, "POST", path, body),
-                "Content-Type": "application/json",
-            }
+            headers = signed_headers(plugin.id, plugin.secret, body, path)
             started = time.perf_counter()
             response = await self.client.post(path, content=body, headers=headers)
             self.round_trips_ms.append((time.perf_counter() - started) * 1000)
@@ -424,15 +357,11 @@ class Traffic:
         self, plugin: Plugin, version: str, telemetry: dict[str, int]
     ) -> list[dict[str, Any]] | None:
         """One signed heartbeat; the commands it brought back (None: refused, try again)."""
-        body = orjson.dumps(
-            {
-                "plugin_version": version,
-                "env": "prod",
-                "uptime_s": next(self.uptime),  # each body distinct: no replay
-                "sent_at": datetime.now(UTC).isoformat(),
-                "telemetry": telemetry,
-                "meta": {},
-            }
+        body = heartbeat_body(
+            plugin_version=version,
+            uptime_s=next(self.uptime),  # each body distinct: no replay
+            sent_at=datetime.now(UTC).isoformat(),
+            telemetry=telemetry,
         )
         response = await self.post(plugin, HEARTBEAT, body)
         self.heartbeats += 1
@@ -665,7 +594,7 @@ def database_figures(db_url: str) -> dict[str, Any]:
 
 
 def worker_env(
-    settings: Settings, sira: Service, runner: Service, loop: dict[str, str], log_level: str
+    settings: Settings, sira: Server, runner: Server, loop: dict[str, str], log_level: str
 ) -> dict[str, str]:
     own = ("SELFHEAL_", "SIRA_", "STAGING_RUNNER_")
     env = {
@@ -690,124 +619,205 @@ def worker_env(
     return env
 
 
-def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    load = os.getloadavg()[0]
-    probe_before = cpu_probe_ms()
-    workdir = Path(tempfile.mkdtemp(prefix="selfheal-healbench-"))
-    redis_prefix = f"selfheal-healbench-{uuid.uuid4().hex[:8]}:"
-    stack = contextlib.ExitStack()
-    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+@dataclass
+class Usage:
+    """What the scenario cost, measured around it."""
+
+    t0: float  # client clock when the plugins got sick
+    traffic: Traffic
+    machine_s: float  # CPU seconds of the whole machine
+    stolen_s: float  # taken by the hypervisor for other guests
+    bench_s: float  # this process: the API and the plugins
+    workers_s: float
+    services_s: float  # decision service and staging runner
+    worker_rss_kb: list[int]  # peak resident set of each worker
+    scenario_s: float
+
+
+def fresh_database(
+    args: argparse.Namespace, redis_prefix: str, stack: contextlib.ExitStack
+) -> tuple[str, str]:
+    """A new database on the machine's PostgreSQL, migrated; dropped (unless --keep-db), and
+    the run's Redis keys deleted, when the run ends. Its name and URL."""
+    name = f"selfheal_healbench_{uuid.uuid4().hex[:8]}"
+    db_url = create_database(args.pg_url, name)
+    if args.keep_db:
+        stack.callback(say, f"kept database {name}: {db_url}")
+    else:
+        stack.callback(say, f"dropped database {name}")
+        stack.callback(drop_database, args.pg_url, name)
+    stack.callback(clean_redis, args.redis_url, redis_prefix)
+    run_migrations(Settings(database_url=db_url, redis_url=args.redis_url))
+    return name, db_url
+
+
+def start_services(workdir: Path, stack: contextlib.ExitStack) -> tuple[Server, Server]:
+    """The reference decision service and staging runner (staging takes STAGING_DELAY_S),
+    started together, stopped when the run ends."""
+    sira = Server(["sim.decision_service"], SIRA_TOKEN, log=workdir / "sira.log")
+    sira.launch()
+    stack.callback(sira.stop)
+    runner = Server(["sim", "staging-runner"], RUNNER_TOKEN, log=workdir / "runner.log")
+    runner.launch()
+    stack.callback(runner.stop)
+    sira.wait_ready()
+    runner.wait_ready()
+    runner.control(delay_s=STAGING_DELAY_S)
+    return sira, runner
+
+
+def run_settings(
+    args: argparse.Namespace,
+    db_url: str,
+    redis_prefix: str,
+    workdir: Path,
+    sira: Server,
+    runner: Server,
+) -> Settings:
+    """The settings of the API in this process (the workers get the same through worker_env)."""
+    return Settings(
+        database_url=db_url,
+        redis_url=args.redis_url,
+        redis_prefix=redis_prefix,
+        secret_key=BENCH_SECRET_KEY,
+        data_dir=workdir / "data",
+        port=free_port(),
+        log_level="warning",
+        sira_api_url=sira.url,
+        sira_api_token=SIRA_TOKEN,
+        staging_runner_url=runner.url,
+        staging_runner_token=RUNNER_TOKEN,
+        heal_poll_s=float(args.loop["SELFHEAL_HEAL_POLL_S"]),
+        detect_every_s=float(args.loop["SELFHEAL_DETECT_EVERY_S"]),
+        health_window_s=int(args.loop["SELFHEAL_HEALTH_WINDOW_S"]),
+        fleet_min_installations=int(args.loop["SELFHEAL_FLEET_MIN_INSTALLATIONS"]),
+        recovery_heartbeats=RECOVERY_HEARTBEATS,
+    )
+
+
+def set_the_scene(
+    settings: Settings, args: argparse.Namespace, name: str, db_url: str, workdir: Path
+) -> list[Plugin]:
+    """The fleet registered, both releases signed, autopatch on for every tenant."""
+    started = time.perf_counter()
+    plugins = asyncio.run(prepare(settings, args.fleet, workdir))
+    enable_autopatch(db_url, [p.tenant for p in plugins])
+    say(
+        f"database {name}: {len(plugins):,} installations, releases {OLD} and {NEW},"
+        f" autopatch on ({time.perf_counter() - started:.1f} s)"
+    )
+    return plugins
+
+
+def start_workers(
+    settings: Settings,
+    args: argparse.Namespace,
+    workers: int,
+    services: tuple[Server, Server],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+) -> list[Process]:
+    """`workers` real worker processes, up and connected; stopped when the run ends."""
+    sira, runner = services
+    env = worker_env(settings, sira, runner, args.loop, "info" if args.job_stats else "warning")
+    procs: list[Process] = []
+    for n in range(workers):
+        proc = Process(
+            f"worker {n + 1}",
+            [sys.executable, "-m", "app.cli", "worker"],
+            workdir / f"worker-{n + 1}.log",
+            env,
+        )
+        procs.append(proc)
+        stack.callback(proc.stop)
+    wait_workers(procs, settings)
+    say(f"{workers} worker{'s' if workers > 1 else ''} up; {args.fleet:,} plugins get sick")
+    return procs
+
+
+def play_measured(
+    settings: Settings,
+    plugins: list[Plugin],
+    args: argparse.Namespace,
+    procs: list[Process],
+    services: list[Server],
+) -> Usage:
+    """The scenario, with the CPU each part of the machine spent on it."""
+    cpu_before = {p.pid: cpu_seconds(p.pid) or 0.0 for p in [*procs, *services]}
+    self_before = time.process_time()
+    machine_before = machine_cpu_seconds()
     try:
-        name, db_url = create_database(args.pg_url)
-        if args.keep_db:
-            stack.callback(say, f"kept database {name}: {db_url}")
-        else:
-            stack.callback(say, f"dropped database {name}")
-            stack.callback(drop_database, args.pg_url, name)
-        stack.callback(clean_redis, args.redis_url, redis_prefix)
-        base = Settings(database_url=db_url, redis_url=args.redis_url)
-        run_migrations(base)
-        sira = Service(
-            "decision service", ["sim.decision_service"], SIRA_TOKEN, workdir / "sira.log"
-        )
-        stack.callback(sira.stop, 5)
-        runner = Service(
-            "staging runner", ["sim", "staging-runner"], RUNNER_TOKEN, workdir / "runner.log"
-        )
-        stack.callback(runner.stop, 5)
-        sira.wait_ready()
-        runner.wait_ready()
-        runner.control(delay_s=STAGING_DELAY_S)
-        settings = Settings(
-            database_url=db_url,
-            redis_url=args.redis_url,
-            redis_prefix=redis_prefix,
-            secret_key=BENCH_SECRET_KEY,
-            data_dir=workdir / "data",
-            port=free_port(),
-            log_level="warning",
-            sira_api_url=sira.url,
-            sira_api_token=SIRA_TOKEN,
-            staging_runner_url=runner.url,
-            staging_runner_token=RUNNER_TOKEN,
-            heal_poll_s=float(args.loop["SELFHEAL_HEAL_POLL_S"]),
-            detect_every_s=float(args.loop["SELFHEAL_DETECT_EVERY_S"]),
-            health_window_s=int(args.loop["SELFHEAL_HEALTH_WINDOW_S"]),
-            fleet_min_installations=int(args.loop["SELFHEAL_FLEET_MIN_INSTALLATIONS"]),
-            recovery_heartbeats=RECOVERY_HEARTBEATS,
-        )
-        started = time.perf_counter()
-        plugins = asyncio.run(prepare(settings, args.fleet, workdir))
-        enable_autopatch(db_url, [p.tenant for p in plugins])
-        say(
-            f"database {name}: {len(plugins):,} installations, releases {OLD} and {NEW},"
-            f" autopatch on ({time.perf_counter() - started:.1f} s)"
-        )
-        env = worker_env(settings, sira, runner, args.loop, "info" if args.job_stats else "warning")
-        procs: list[Process] = []
-        for n in range(workers):
-            proc = Process(
-                f"worker {n + 1}",
-                [sys.executable, "-m", "app.cli", "worker"],
-                workdir / f"worker-{n + 1}.log",
-                env,
-            )
-            procs.append(proc)
-            stack.callback(proc.stop)
-        wait_workers(procs, settings)
-        say(f"{workers} worker{'s' if workers > 1 else ''} up; {args.fleet:,} plugins get sick")
-        services = [sira, runner]
-        cpu_before = {p.pid: cpu_seconds(p.pid) or 0.0 for p in [*procs, *services]}
-        self_before = time.process_time()
-        machine_before = machine_cpu_seconds()
-        try:
-            t0, traffic = asyncio.run(scenario(settings, plugins, args))
-        except RuntimeError:
-            for w in procs:
-                say(f"{w.name} log tail:\n{w.tail(1500)}")
-            raise
-        machine_after = machine_cpu_seconds()
-        machine_cpu = machine_after[0] - machine_before[0]
-        stolen = machine_after[1] - machine_before[1]
-        bench_cpu = time.process_time() - self_before
+        t0, traffic = asyncio.run(scenario(settings, plugins, args))
+    except RuntimeError:
         for w in procs:
-            w.check_alive()
-        rss_kb = [proc_status(w.pid, "VmHWM") or 0 for w in procs]
-        worker_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in procs)
-        services_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in services)
-        scenario_s = time.time() - t0
-        figures = database_figures(db_url)
-        for w in procs:
-            w.stop()  # their shutdown is part of what they log
-        logs = read_worker_logs([w.log for w in procs])
-        for w in procs:
-            if w.proc.returncode != 0:
-                logs.events[f"{w.name} exited with {w.proc.returncode}"] += 1
-    finally:
-        with signals_held():
-            stack.close()
-    probe_after = cpu_probe_ms()
+            say(f"{w.name} log tail:\n{w.tail(1500)}")
+        raise
+    machine_after = machine_cpu_seconds()
+    machine_cpu = machine_after[0] - machine_before[0]
+    stolen = machine_after[1] - machine_before[1]
+    bench_cpu = time.process_time() - self_before
+    for w in procs:
+        w.check_alive()
+    rss_kb = [proc_status(w.pid, "VmHWM") or 0 for w in procs]
+    worker_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in procs)
+    services_cpu = sum((cpu_seconds(p.pid) or 0.0) - cpu_before[p.pid] for p in services)
+    return Usage(
+        t0=t0,
+        traffic=traffic,
+        machine_s=machine_cpu,
+        stolen_s=stolen,
+        bench_s=bench_cpu,
+        workers_s=worker_cpu,
+        services_s=services_cpu,
+        worker_rss_kb=rss_kb,
+        scenario_s=time.time() - t0,
+    )
+
+
+def stop_workers(procs: list[Process]) -> WorkerLogs:
+    """Stop the workers (their shutdown is part of what they log) and read their logs."""
+    for w in procs:
+        w.stop()
+    logs = read_worker_logs([w.log for w in procs])
+    for w in procs:
+        if w.proc.returncode != 0:
+            logs.events[f"{w.name} exited with {w.proc.returncode}"] += 1
+    return logs
+
+
+def run_figures(
+    args: argparse.Namespace,
+    workers: int,
+    load: float,
+    probes: tuple[float, float],
+    figures: dict[str, Any],
+    plugins: list[Plugin],
+    usage: Usage,
+    logs: WorkerLogs,
+) -> dict[str, Any]:
+    """One run's row of the report."""
     in_hands = [p.command_at - p.sent_bad_at for p in plugins if p.command_at is not None]
-    wall = figures["last_resolved_at"] - t0
+    wall = figures["last_resolved_at"] - usage.t0
+    traffic = usage.traffic
     rtt = traffic.round_trips_ms
     return {
         "workers": workers,
         "fleet": args.fleet,
         "load_average_at_start": round(load, 2),
-        "cpu_probe_ms": (probe_before, probe_after),
+        "cpu_probe_ms": probes,
         **figures,
         "in_hands_s": (quantile(in_hands, 0.5), quantile(in_hands, 0.95)),
         "all_resolved_s": wall,
-        "worker_peak_rss_mb": [round(kb / 1024, 1) for kb in rss_kb],
+        "worker_peak_rss_mb": [round(kb / 1024, 1) for kb in usage.worker_rss_kb],
         "cpu_s": {
-            "workers": round(worker_cpu, 2),
-            "api_and_plugins": round(bench_cpu, 2),
-            "decision_and_staging": round(services_cpu, 2),
-            "rest": round(machine_cpu - worker_cpu - bench_cpu - services_cpu, 2),
-            "machine": round(machine_cpu, 2),
-            "stolen": round(stolen, 2),
+            "workers": round(usage.workers_s, 2),
+            "api_and_plugins": round(usage.bench_s, 2),
+            "decision_and_staging": round(usage.services_s, 2),
+            "rest": round(usage.machine_s - usage.workers_s - usage.bench_s - usage.services_s, 2),
+            "machine": round(usage.machine_s, 2),
+            "stolen": round(usage.stolen_s, 2),
         },
-        "scenario_s": round(scenario_s, 2),
+        "scenario_s": round(usage.scenario_s, 2),
         "heartbeats": traffic.heartbeats,
         "polls_p50": quantile([float(p.polls) for p in plugins], 0.5),
         "acks": traffic.acks,
@@ -828,6 +838,32 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             for job, runs in sorted(logs.runs.items())
         },
     }
+
+
+def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """One run with `workers` workers: everything it starts is stopped and dropped after."""
+    load = os.getloadavg()[0]
+    probe_before = cpu_probe_ms()
+    workdir = Path(tempfile.mkdtemp(prefix="selfheal-healbench-"))
+    redis_prefix = f"selfheal-healbench-{uuid.uuid4().hex[:8]}:"
+    stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    try:
+        name, db_url = fresh_database(args, redis_prefix, stack)
+        sira, runner = start_services(workdir, stack)
+        settings = run_settings(args, db_url, redis_prefix, workdir, sira, runner)
+        plugins = set_the_scene(settings, args, name, db_url, workdir)
+        procs = start_workers(settings, args, workers, (sira, runner), workdir, stack)
+        usage = play_measured(settings, plugins, args, procs, [sira, runner])
+        figures = database_figures(db_url)
+        logs = stop_workers(procs)
+    finally:
+        with signals_held():
+            stack.close()
+    probe_after = cpu_probe_ms()
+    return run_figures(
+        args, workers, load, (probe_before, probe_after), figures, plugins, usage, logs
+    )
 
 
 # --------------------------------------------------------------------------------------------

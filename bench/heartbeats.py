@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,8 +47,15 @@ import psycopg  # noqa: E402
 
 from app.cli import run_migrations  # noqa: E402
 from app.core.crypto import SecretBox, new_plugin_secret  # noqa: E402
-from app.core.settings import Settings  # noqa: E402
+from app.core.settings import Settings, libpq_url  # noqa: E402
 from app.plugins.auth import sign  # noqa: E402
+from tests.support.databases import (  # noqa: E402
+    clean_redis,
+    create_database,
+    drop_database,
+    with_database,
+)
+from tests.support.ports import free_port  # noqa: E402
 
 BENCH_DIR = REPO / "bench"
 LUA_SCRIPT = BENCH_DIR / "heartbeat.lua"
@@ -97,28 +103,6 @@ def ensure_wrk() -> str:
 
 # --------------------------------------------------------------------------------------------
 # database
-
-
-def libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def with_database(url: str, dbname: str) -> str:
-    """The same server URL pointing at another database."""
-    head, _, tail = url.partition("://")
-    rest, _, query = tail.partition("?")
-    hostpart = rest.split("/", 1)[0]
-    return f"{head}://{hostpart}/{dbname}" + (f"?{query}" if query else "")
-
-
-def create_database(admin_url: str, dbname: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-
-
-def drop_database(admin_url: str, dbname: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +258,6 @@ def self_check(plugins: list[Plugin], path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def descendants(root: int) -> list[int]:
@@ -838,258 +815,370 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    args = parse_args()
-    bench_started = time.monotonic()
+@dataclass
+class BenchRun:
+    """One run of the benchmark: its names, its scratch folder and what it started."""
+
+    args: argparse.Namespace
+    wrk: str
+    run_id: str
+    workdir: Path
+    started: float  # time.monotonic()
+    started_at: str
+    servers: list[Server] = field(default_factory=list)
+    db_created: bool = False
+    pg: dict[str, str] = field(default_factory=dict)  # the PostgreSQL server's settings
+    postmaster: int | None = None
+    redis_port: str = "6379"
+
+    @property
+    def dbname(self) -> str:
+        return f"selfheal_bench_{self.run_id}"
+
+    @property
+    def redis_prefix(self) -> str:
+        return f"selfheal-bench-{self.run_id}:"
+
+    @property
+    def admin_url(self) -> str:
+        return str(self.args.pg_url)
+
+    @property
+    def db_url(self) -> str:
+        return with_database(self.admin_url, self.dbname)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFiles:
+    warm: Path
+    main: Path
+    warm_count: int
+    main_count: int
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the server and the database had counted at one moment."""
+
+    rows: int  # stored samples
+    metrics: dict[str, float]  # /metrics
+    database: dict[str, int]  # pg_stat_database
+
+
+@dataclass(slots=True)
+class SelfhealResult:
+    wrk: WrkResult
+    summary: dict[str, Any]  # the report's "selfheal" entry
+    durability: dict[str, Any]
+    auth_cache_ttl_s: float
+
+
+def new_run(args: argparse.Namespace) -> BenchRun:
+    started = time.monotonic()
     started_at = datetime.now(UTC).isoformat()
     wrk = ensure_wrk()
-    nproc = len(os.sched_getaffinity(0))
     run_id = secrets.token_hex(4)
-    dbname = f"selfheal_bench_{run_id}"
-    redis_prefix = f"selfheal-bench-{run_id}:"
-    admin_url = args.pg_url
-    db_url = with_database(admin_url, dbname)
     workdir = Path(tempfile.mkdtemp(prefix="selfheal-bench-"))
-    servers: list[Server] = []
-    report: dict[str, Any] = {}
-    db_created = False
-    try:
-        pg = pg_settings(admin_url)
-        postmaster = postmaster_pid(admin_url)
-        redis_port = str(urllib.parse.urlsplit(args.redis_url).port or 6379)
-        t0 = time.perf_counter()
-        create_database(admin_url, dbname)
-        db_created = True
-        settings = Settings(database_url=db_url, redis_url=args.redis_url)
-        run_migrations(settings)
-        say(f"database {dbname} created and migrated in {time.perf_counter() - t0:.1f} s")
-        t0 = time.perf_counter()
-        plugins = register_plugins(libpq(db_url), args.plugins, args.tenants)
-        say(
-            f"registered {len(plugins):,} installations of {args.tenants} tenants "
-            f"in {time.perf_counter() - t0:.1f} s"
-        )
+    return BenchRun(args, wrk, run_id, workdir, started, started_at)
 
-        warm_count = int(args.warmup * args.max_rate * 1.5)
-        main_count = int(args.duration * args.max_rate * 1.5)
-        warm_file = workdir / "warmup.tsv"
-        main_file = workdir / "requests.tsv"
 
-        # ---- selfheal
-        port = free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "REDIS_URL": args.redis_url,
-            "SELFHEAL_SECRET_KEY": BENCH_SECRET_KEY,
-            "SELFHEAL_REDIS_PREFIX": redis_prefix,
-            "SELFHEAL_DATA_DIR": str(workdir / "data"),
-            "SELFHEAL_ENV": "dev",
-            "LOG_LEVEL": "warning",
-        }
-        if args.auth_cache_ttl is not None:
-            env["SELFHEAL_AUTH_CACHE_TTL_S"] = str(args.auth_cache_ttl)
-        auth_ttl = float(
-            env.get("SELFHEAL_AUTH_CACHE_TTL_S", Settings.model_fields["auth_cache_ttl_s"].default)
-        )
-        server = Server(
-            "selfheal api",
-            [
-                str(VENV_BIN / "selfheal"),
-                "api",
-                "--port",
-                str(port),
-                "--workers",
-                str(args.workers),
-            ],
-            env,
-            workdir / "selfheal-api.log",
-        )
-        servers.append(server)
-        # Sign right before the run: timestamps must stay inside the signature window.
-        secs = generate_requests(plugins, warm_file, 0, warm_count)
-        secs += generate_requests(plugins, main_file, warm_count, main_count)
-        self_check(plugins, main_file)
-        size_mb = (warm_file.stat().st_size + main_file.stat().st_size) / 1e6
-        say(
-            f"signed {warm_count + main_count:,} unique requests ({size_mb:.0f} MB) "
-            f"in {secs:.1f} s with {nproc} processes"
-        )
-        server.wait_healthy(f"http://127.0.0.1:{port}/health")
-        say(f"selfheal api up on port {port} with {args.workers} workers")
+def look_at_the_machine(run: BenchRun) -> None:
+    """PostgreSQL's settings and postmaster, Redis's port: for the report and CPU accounting."""
+    run.pg = pg_settings(run.admin_url)
+    run.postmaster = postmaster_pid(run.admin_url)
+    run.redis_port = str(urllib.parse.urlsplit(run.args.redis_url).port or 6379)
 
-        run_kw: dict[str, Any] = {
-            "threads": args.threads,
+
+def create_bench_database(run: BenchRun) -> list[Plugin]:
+    """The run's database, migrated, with the installations registered."""
+    t0 = time.perf_counter()
+    create_database(run.admin_url, run.dbname)
+    run.db_created = True
+    run_migrations(Settings(database_url=run.db_url, redis_url=run.args.redis_url))
+    say(f"database {run.dbname} created and migrated in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    plugins = register_plugins(libpq_url(run.db_url), run.args.plugins, run.args.tenants)
+    say(
+        f"registered {len(plugins):,} installations of {run.args.tenants} tenants "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    return plugins
+
+
+def request_files(run: BenchRun) -> RequestFiles:
+    return RequestFiles(
+        warm=run.workdir / "warmup.tsv",
+        main=run.workdir / "requests.tsv",
+        warm_count=int(run.args.warmup * run.args.max_rate * 1.5),
+        main_count=int(run.args.duration * run.args.max_rate * 1.5),
+    )
+
+
+def start_selfheal_api(run: BenchRun, port: int) -> tuple[Server, float]:
+    """`selfheal api` starting (not waited for) on `port`; its auth cache TTL."""
+    args = run.args
+    env = {
+        **os.environ,
+        "DATABASE_URL": run.db_url,
+        "REDIS_URL": args.redis_url,
+        "SELFHEAL_SECRET_KEY": BENCH_SECRET_KEY,
+        "SELFHEAL_REDIS_PREFIX": run.redis_prefix,
+        "SELFHEAL_DATA_DIR": str(run.workdir / "data"),
+        "SELFHEAL_ENV": "dev",
+        "LOG_LEVEL": "warning",
+    }
+    if args.auth_cache_ttl is not None:
+        env["SELFHEAL_AUTH_CACHE_TTL_S"] = str(args.auth_cache_ttl)
+    auth_ttl = float(
+        env.get("SELFHEAL_AUTH_CACHE_TTL_S", Settings.model_fields["auth_cache_ttl_s"].default)
+    )
+    server = Server(
+        "selfheal api",
+        [
+            str(VENV_BIN / "selfheal"),
+            "api",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+        ],
+        env,
+        run.workdir / "selfheal-api.log",
+    )
+    run.servers.append(server)
+    return server, auth_ttl
+
+
+def sign_requests(plugins: list[Plugin], files: RequestFiles) -> None:
+    """Every request of the run signed into the request files, the first one checked."""
+    secs = generate_requests(plugins, files.warm, 0, files.warm_count)
+    secs += generate_requests(plugins, files.main, files.warm_count, files.main_count)
+    self_check(plugins, files.main)
+    size_mb = (files.warm.stat().st_size + files.main.stat().st_size) / 1e6
+    say(
+        f"signed {files.warm_count + files.main_count:,} unique requests ({size_mb:.0f} MB) "
+        f"in {secs:.1f} s with {len(os.sched_getaffinity(0))} processes"
+    )
+
+
+def wrk_options(run: BenchRun) -> dict[str, Any]:
+    return {
+        "threads": run.args.threads,
+        "connections": run.args.connections,
+        "workdir": run.workdir,
+    }
+
+
+def warm_up(run: BenchRun, port: int, files: RequestFiles, label: str) -> WrkResult:
+    return run_wrk(
+        run.wrk, port, files.warm, duration_s=run.args.warmup, label=label, **wrk_options(run)
+    )
+
+
+def measured_run(
+    run: BenchRun, server: Server, port: int, files: RequestFiles, label: str
+) -> WrkResult:
+    """The measured wrk run, with the CPU of each process group."""
+
+    def groups() -> dict[str, set[int]]:
+        return process_groups(server, run.admin_url, run.dbname, run.postmaster, run.redis_port)
+
+    return run_wrk(
+        run.wrk,
+        port,
+        files.main,
+        duration_s=run.args.duration,
+        label=label,
+        cpu_groups=groups,
+        **wrk_options(run),
+    )
+
+
+def counters(run: BenchRun, port: int) -> Counters:
+    rows = settled_count(libpq_url(run.db_url))
+    metrics = scrape_metrics(port)
+    time.sleep(1.1)  # backends flush their statistics at most once a second
+    return Counters(rows, metrics, database_stats(run.admin_url, run.dbname))
+
+
+def ingest_figures(
+    run: BenchRun, sh: WrkResult, warm: WrkResult, before: Counters, after: Counters
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The report's "selfheal" entry (rejections, batch sizes, database work) and whether
+    every accepted heartbeat was stored."""
+    dbstats = {k: v - before.database.get(k, 0) for k, v in after.database.items()}
+    rows_total = count_heartbeats(libpq_url(run.db_url))
+    delta = metric_delta(before.metrics, after.metrics)
+    rejected = {
+        k.split('reason="')[1].rstrip('"}'): int(v)
+        for k, v in delta.items()
+        if k.startswith("selfheal_heartbeats_rejected_total{")
+    }
+    batches = delta.get("selfheal_ingest_batch_size_count", 0.0)
+    mean_batch = delta.get("selfheal_ingest_batch_size_sum", 0.0) / batches if batches else None
+    server_accepted_total = int(after.metrics.get("selfheal_heartbeats_accepted_total", 0))
+    stored_in_run = after.rows - before.rows
+    durable_ok = stored_in_run >= sh.accepted and rows_total >= server_accepted_total
+    say(
+        f"selfheal: {sh.rate:,.0f} heartbeats/s, p99 {sh.latency_ms['p99']:.1f} ms, "
+        f"stored {stored_in_run:,} of {sh.accepted:,} accepted"
+    )
+    summary: dict[str, Any] = {
+        **asdict(sh),
+        "rejected": rejected,
+        "mean_batch": mean_batch,
+        "database": dbstats,
+        "warmup": asdict(warm),
+    }
+    durability = {
+        "ok": durable_ok,
+        "accepted_by_wrk": sh.accepted,
+        "stored_in_run": stored_in_run,
+        "server_accepted_total": server_accepted_total,
+        "rows_total": rows_total,
+    }
+    return summary, durability
+
+
+def measure_selfheal(run: BenchRun, plugins: list[Plugin], files: RequestFiles) -> SelfhealResult:
+    """`selfheal api` under the load: warm-up, the measured run, what was stored."""
+    port = free_port()
+    server, auth_ttl = start_selfheal_api(run, port)
+    # Sign right before the run: timestamps must stay inside the signature window.
+    sign_requests(plugins, files)
+    server.wait_healthy(f"http://127.0.0.1:{port}/health")
+    say(f"selfheal api up on port {port} with {run.args.workers} workers")
+    warm = warm_up(run, port, files, "selfheal-warmup")
+    say(
+        f"warm-up: {warm.accepted:,} accepted, {warm.non2xx} non-2xx, "
+        f"p99 {warm.latency_ms['p99']:.1f} ms"
+    )
+    before = counters(run, port)
+    sh = measured_run(run, server, port, files, "selfheal")
+    after = counters(run, port)
+    server.stop()
+    run.servers.remove(server)
+    summary, durability = ingest_figures(run, sh, warm, before, after)
+    return SelfhealResult(sh, summary, durability, auth_ttl)
+
+
+def measure_bare(run: BenchRun, files: RequestFiles) -> WrkResult | None:
+    """The bare endpoint, same load, same request file (None with --skip-bare)."""
+    if run.args.skip_bare:
+        return None
+    workers = run.args.workers
+    bport = free_port()
+    bare_server = Server(
+        "bare app",
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(bport),
+            "--workers",
+            str(workers),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        {**os.environ, "PYTHONPATH": str(REPO)},
+        run.workdir / "bare-app.log",
+    )
+    run.servers.append(bare_server)
+    bare_server.wait_healthy(f"http://127.0.0.1:{bport}/health")
+    say(f"bare app up on port {bport} with {workers} workers")
+    warm_up(run, bport, files, "bare-warmup")
+    bare = measured_run(run, bare_server, bport, files, "bare")
+    bare_server.stop()
+    run.servers.remove(bare_server)
+    say(f"bare: {bare.rate:,.0f} requests/s, p99 {bare.latency_ms['p99']:.1f} ms")
+    return bare
+
+
+def build_report(
+    run: BenchRun, files: RequestFiles, selfheal: SelfhealResult, bare: WrkResult | None
+) -> dict[str, Any]:
+    args, sh = run.args, selfheal.wrk
+    return {
+        "started_at": run.started_at,
+        "config": {
+            "plugins": args.plugins,
+            "tenants": args.tenants,
+            "duration_s": args.duration,
             "connections": args.connections,
-            "workdir": workdir,
-        }
-        warm = run_wrk(
-            wrk, port, warm_file, duration_s=args.warmup, label="selfheal-warmup", **run_kw
-        )
-        say(
-            f"warm-up: {warm.accepted:,} accepted, {warm.non2xx} non-2xx, "
-            f"p99 {warm.latency_ms['p99']:.1f} ms"
-        )
-        rows_before = settled_count(libpq(db_url))
-        metrics_before = scrape_metrics(port)
-        time.sleep(1.1)  # backends flush their statistics at most once a second
-        dbstats_before = database_stats(admin_url, dbname)
+            "threads": args.threads,
+            "workers": args.workers,
+            "max_rate": args.max_rate,
+            "warmup_s": args.warmup,
+            "requests_generated": files.warm_count + files.main_count,
+            "auth_cache_ttl_s": selfheal.auth_cache_ttl_s,
+            "nproc": len(os.sched_getaffinity(0)),
+            "cpu_model": _cpu_model(),
+            "git": _git_head(),
+        },
+        "postgres": run.pg,
+        "selfheal": selfheal.summary,
+        "bare": asdict(bare) if bare is not None else None,
+        "ratio": (sh.rate / bare.rate) if bare is not None and bare.rate else None,
+        "targets": targets(sh, bare),
+        "durability": selfheal.durability,
+        "bench_seconds": round(time.monotonic() - run.started, 1),
+    }
 
-        def selfheal_groups() -> dict[str, set[int]]:
-            return process_groups(server, admin_url, dbname, postmaster, redis_port)
 
-        sh = run_wrk(
-            wrk,
-            port,
-            main_file,
-            duration_s=args.duration,
-            label="selfheal",
-            cpu_groups=selfheal_groups,
-            **run_kw,
-        )
-        rows_after = settled_count(libpq(db_url))
-        metrics_after = scrape_metrics(port)
-        time.sleep(1.1)  # backends flush their statistics at most once a second
-        dbstats = {
-            k: v - dbstats_before.get(k, 0) for k, v in database_stats(admin_url, dbname).items()
-        }
-        server.stop()
-        servers.remove(server)
-        rows_total = count_heartbeats(libpq(db_url))
-        delta = metric_delta(metrics_before, metrics_after)
-        rejected = {
-            k.split('reason="')[1].rstrip('"}'): int(v)
-            for k, v in delta.items()
-            if k.startswith("selfheal_heartbeats_rejected_total{")
-        }
-        batches = delta.get("selfheal_ingest_batch_size_count", 0.0)
-        mean_batch = delta.get("selfheal_ingest_batch_size_sum", 0.0) / batches if batches else None
-        server_accepted_total = int(metrics_after.get("selfheal_heartbeats_accepted_total", 0))
-        stored_in_run = rows_after - rows_before
-        durable_ok = stored_in_run >= sh.accepted and rows_total >= server_accepted_total
-        say(
-            f"selfheal: {sh.rate:,.0f} heartbeats/s, p99 {sh.latency_ms['p99']:.1f} ms, "
-            f"stored {stored_in_run:,} of {sh.accepted:,} accepted"
-        )
+def publish(report: dict[str, Any]) -> None:
+    """The table on stdout, the JSON in bench/results/."""
+    print_report(report)
+    if not report["durability"]["ok"]:
+        say("!!! DURABILITY MISMATCH: fewer samples stored than heartbeats accepted !!!")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS_DIR / f"heartbeats-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    say(f"results written to {out.relative_to(REPO)}")
 
-        # ---- bare endpoint, same load, same request file
-        bare: WrkResult | None = None
-        if not args.skip_bare:
-            bport = free_port()
-            bare_server = Server(
-                "bare app",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "bench.bare_app:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(bport),
-                    "--workers",
-                    str(args.workers),
-                    "--loop",
-                    "uvloop",
-                    "--http",
-                    "httptools",
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                {**os.environ, "PYTHONPATH": str(REPO)},
-                workdir / "bare-app.log",
-            )
-            servers.append(bare_server)
-            bare_server.wait_healthy(f"http://127.0.0.1:{bport}/health")
-            say(f"bare app up on port {bport} with {args.workers} workers")
-            run_wrk(wrk, bport, warm_file, duration_s=args.warmup, label="bare-warmup", **run_kw)
 
-            def bare_groups() -> dict[str, set[int]]:
-                return process_groups(bare_server, admin_url, dbname, postmaster, redis_port)
+def clean_up(run: BenchRun) -> None:
+    """Stop what still runs, delete the Redis keys, drop (or keep) the database."""
+    for s in run.servers:
+        s.stop()
+    _cleanup_redis(run.args.redis_url, run.redis_prefix)
+    if run.db_created and not run.args.keep_db:
+        drop_database(run.admin_url, run.dbname)
+        say(f"dropped database {run.dbname}")
+    elif run.db_created:
+        say(f"kept database {run.dbname}: {libpq_url(run.db_url)}")
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    say(f"bench took {time.monotonic() - run.started:.0f} s")
 
-            bare = run_wrk(
-                wrk,
-                bport,
-                main_file,
-                duration_s=args.duration,
-                label="bare",
-                cpu_groups=bare_groups,
-                **run_kw,
-            )
-            bare_server.stop()
-            servers.remove(bare_server)
-            say(f"bare: {bare.rate:,.0f} requests/s, p99 {bare.latency_ms['p99']:.1f} ms")
 
-        sh_dict: dict[str, Any] = {
-            **asdict(sh),
-            "rejected": rejected,
-            "mean_batch": mean_batch,
-            "database": dbstats,
-            "warmup": asdict(warm),
-        }
-        report = {
-            "started_at": started_at,
-            "config": {
-                "plugins": args.plugins,
-                "tenants": args.tenants,
-                "duration_s": args.duration,
-                "connections": args.connections,
-                "threads": args.threads,
-                "workers": args.workers,
-                "max_rate": args.max_rate,
-                "warmup_s": args.warmup,
-                "requests_generated": warm_count + main_count,
-                "auth_cache_ttl_s": auth_ttl,
-                "nproc": nproc,
-                "cpu_model": _cpu_model(),
-                "git": _git_head(),
-            },
-            "postgres": pg,
-            "selfheal": sh_dict,
-            "bare": asdict(bare) if bare is not None else None,
-            "ratio": (sh.rate / bare.rate) if bare is not None and bare.rate else None,
-            "targets": targets(sh, bare),
-            "durability": {
-                "ok": durable_ok,
-                "accepted_by_wrk": sh.accepted,
-                "stored_in_run": stored_in_run,
-                "server_accepted_total": server_accepted_total,
-                "rows_total": rows_total,
-            },
-            "bench_seconds": round(time.monotonic() - bench_started, 1),
-        }
-        print_report(report)
-        if not durable_ok:
-            say("!!! DURABILITY MISMATCH: fewer samples stored than heartbeats accepted !!!")
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"heartbeats-{stamp}.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        say(f"results written to {out.relative_to(REPO)}")
+def main() -> int:
+    run = new_run(parse_args())
+    report: dict[str, Any] = {}
+    try:
+        look_at_the_machine(run)
+        plugins = create_bench_database(run)
+        files = request_files(run)
+        selfheal = measure_selfheal(run, plugins, files)
+        bare = measure_bare(run, files)
+        report = build_report(run, files, selfheal, bare)
+        publish(report)
     finally:
-        for s in servers:
-            s.stop()
-        _cleanup_redis(args.redis_url, redis_prefix)
-        if db_created and not args.keep_db:
-            drop_database(admin_url, dbname)
-            say(f"dropped database {dbname}")
-        elif db_created:
-            say(f"kept database {dbname}: {libpq(db_url)}")
-        shutil.rmtree(workdir, ignore_errors=True)
-        say(f"bench took {time.monotonic() - bench_started:.0f} s")
+        clean_up(run)
     return 0 if report.get("durability", {}).get("ok") else 1
 
 
 def _cleanup_redis(url: str, prefix: str) -> None:
     try:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        clean_redis(url, prefix)
     except Exception as exc:
         say(f"could not clean Redis keys {prefix}*: {exc}")
 

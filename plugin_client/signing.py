@@ -1,7 +1,7 @@
 """Everything the client signs or verifies.
 
 - Requests: `X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>`
-  (DESIGN.md, "Plugin authentication").
+  (docs/contracts.md, "Plugin authentication").
 - Responses: the control plane signs its 200 answers the same way with the status code in
   place of the method; a response that does not verify carries no command we run.
 - Releases: an update (or a rollback naming a signed release) carries a statement signed with

@@ -1,4 +1,4 @@
-"""A reference decision service ("SIRA", DESIGN.md "Decision service") that learns from the
+"""A reference decision service ("SIRA", docs/contracts.md "Decision service") that learns from the
 outcomes the control plane sends to /feedback.
 
 It keeps a Beta posterior of success per (incident type, plugin, version, action): each

@@ -1,4 +1,4 @@
-"""A reference staging runner (DESIGN.md "Staging runner"): it really smoke-tests artifacts.
+"""A reference staging runner (docs/contracts.md "Staging runner"): it really smoke-tests artifacts.
 
 `POST /runs {"plugin", "from_version", "to_version", "artifact"}` answers 202
 `{"id", "status": "running", "report"}` at once; the run goes on in the background and

@@ -4,21 +4,18 @@ the per-test database."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from app.cli import REPO_ROOT
-from tests.conftest import TEST_SECRET_KEY, Plugin, send_heartbeat, serve
-
-SELFHEAL = str(Path(sys.executable).parent / "selfheal")
+from tests.support.api import serve
+from tests.support.cli import one_json_object, runner
+from tests.support.databases import libpq
+from tests.support.plugins import Plugin, send_heartbeat
+from tests.support.settings import TEST_SECRET_KEY
 
 # Variables the settings read: none may leak in from the shell running the tests.
 _CLEARED = ("DATABASE_URL", "REDIS_URL", "PORT", "LOG_LEVEL", "SIRA_API_URL", "STAGING_RUNNER_URL")
@@ -52,30 +49,6 @@ def cli_env(base_env, settings) -> dict[str, str]:
     }
 
 
-def runner(env: dict[str, str], cwd: Path):
-    """Run `selfheal ARGS` in an empty directory (no stray .env) with `env`; keyword arguments
-    set (or, with None, remove) variables for one call."""
-
-    def run(*args: str, **changes: str | None) -> subprocess.CompletedProcess[str]:
-        full = dict(env)
-        for key, value in changes.items():
-            if value is None:
-                full.pop(key, None)
-            else:
-                full[key] = value
-        return subprocess.run(
-            [SELFHEAL, *args],
-            env=full,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    return run
-
-
 @pytest.fixture
 def run(cli_env, tmp_path):
     return runner(cli_env, tmp_path)
@@ -92,19 +65,6 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(config).get_current_head()
     assert head is not None
     return head
-
-
-def libpq(url: str) -> str:
-    assert url.startswith("postgresql+psycopg://")
-    return "postgresql://" + url.removeprefix("postgresql+psycopg://")
-
-
-def one_json_object(stdout: str) -> dict[str, Any]:
-    lines = stdout.splitlines()
-    assert len(lines) == 1, stdout
-    data = orjson.loads(lines[0])
-    assert isinstance(data, dict)
-    return data
 
 
 # --- plugin register / rotate-secret ----------------------------------------------------------

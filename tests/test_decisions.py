@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -21,16 +21,15 @@ from app.decisions import (
     FallbackRules,
     Feedback,
     FeedbackNotDelivered,
-    IncidentFacts,
     LocalEvidence,
     OutcomeStats,
     decide_without_service,
 )
 from app.decisions.fallback import wilson_lower_bound
+from tests.support.decisions import DETECTED, incident
 
 SIRA = "http://sira.test"
 TOKEN = "sira-token"
-DETECTED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CANDIDATES = ["1.2.3", "1.2.4"]
 
 
@@ -43,22 +42,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def incident(**overrides: Any) -> IncidentFacts:
-    values: dict[str, Any] = {
-        "id": "inc-1",
-        "type": "webhook_fail_rate",
-        "severity": "medium",
-        "tenant_id": "merchant-1",
-        "plugin": "payments",
-        "current_version": "1.2.2",
-        "previous_version": "1.2.1",
-        "telemetry_snapshot": {"webhook_attempts": 50, "webhook_failures": 30},
-        "detected_at": DETECTED,
-    }
-    values.update(overrides)
-    return IncidentFacts(**values)
 
 
 def answer(**overrides: Any) -> dict[str, Any]:

@@ -6,24 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from app.core.db import create_engine, create_sessionmaker
-from app.incidents.detection import detect_once
-from tests.conftest import (
-    heartbeat_body,
-    make_settings,
-    register,
-    running_worker,
-    send_heartbeat,
-    serve,
-)
-
-
-async def tick(settings):
-    engine = create_engine(settings, role="test")
-    try:
-        return await detect_once(create_sessionmaker(engine), settings)
-    finally:
-        await engine.dispose()
+from tests.support.api import serve
+from tests.support.detection import beat, tick
+from tests.support.plugins import register, send_heartbeat
+from tests.support.processes import running_worker
+from tests.support.settings import make_settings
 
 
 def incidents(db):
@@ -130,28 +117,6 @@ async def test_two_workers_detect_a_silent_plugin_once_on_their_own_schedule(
 
 
 # --- threshold rules -----------------------------------------------------------------------
-
-_uptime = iter(range(10_000, 10**9, 100))
-
-
-async def beat(client, plugin, *, version="1.2.2", uptime=None, **telemetry):
-    body = {
-        "requests": 1000,
-        "errors": 5,
-        "webhook_attempts": 50,
-        "webhook_failures": 0,
-        **telemetry,
-    }
-    response = await send_heartbeat(
-        client,
-        plugin,
-        heartbeat_body(
-            plugin_version=version,
-            uptime_s=next(_uptime) if uptime is None else uptime,
-            telemetry=body,
-        ),
-    )
-    assert response.status_code == 200, response.text
 
 
 def open_incidents(db):

@@ -41,10 +41,12 @@ from app.core.redis import health_check_key
 from app.core.settings import Settings
 from app.releases.signing import generate_key
 from plugin_client import AsyncAgent
-from tests.conftest import REPO, Plugin, free_port, register, settings_env
-from tests.test_healing import add_release
-from tests.test_notifications import Receiver
-from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server
+from tests.support.fakes import Receiver
+from tests.support.healing import add_release
+from tests.support.plugins import Plugin, register
+from tests.support.ports import free_port
+from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
+from tests.support.settings import REPO, settings_env
 
 pytestmark = pytest.mark.timeout(420)
 

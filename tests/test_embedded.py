@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import redis
 
-from app.core.embedded import EmbeddedServices, _pid_alive
+from app.embedded import EmbeddedServices
+from app.embedded.supervise import _pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,7 @@ def test_servers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         f"""
         import json, sys, time
         from pathlib import Path
-        from app.core.embedded import EmbeddedServices
+        from app.embedded import EmbeddedServices
         services = EmbeddedServices(Path({str(tmp_path)!r}))
         services.start()
         import psycopg, redis

@@ -27,8 +27,7 @@ from app.core.settings import Settings, libpq_url
 from app.healing import repository as repo
 from app.policy import repository as policy_repo
 from app.policy.gate import ProposedAction, evaluate
-from tests.conftest import REPO, Plugin, free_port, register, settings_env
-from tests.test_healing import (
+from tests.support.healing import (
     FAILING_WEBHOOKS,
     HEALTHY,
     ack,
@@ -37,23 +36,14 @@ from tests.test_healing import (
     enable_autopatch,
     healing_loop,
 )
-from tests.test_sim import RUNNER_TOKEN, SIRA_TOKEN, Server, running
+from tests.support.plugins import Plugin, register
+from tests.support.ports import free_port
+from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
+from tests.support.settings import REPO, settings_env
 
 # Waits allow for one lease takeover (SELFHEAL_HEAL_LEASE_S=5 here, plus queueing on a busy
 # machine): a step that times out on a lock is redone by the next claim, which is correct.
 pytestmark = pytest.mark.timeout(360)
-
-
-@pytest.fixture(scope="module")
-def sira_server() -> Iterator[Server]:
-    with running(["sim.decision_service"], SIRA_TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def runner_server() -> Iterator[Server]:
-    with running(["sim", "staging-runner"], RUNNER_TOKEN) as server:
-        yield server
 
 
 def worker_env(settings: Settings, sira: Server, runner: Server, **extra: str) -> dict[str, str]:

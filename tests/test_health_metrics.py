@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import make_settings, running_worker, send_heartbeat, serve
+from tests.support.api import serve
+from tests.support.plugins import send_heartbeat
+from tests.support.processes import running_worker
+from tests.support.settings import make_settings
 
 CLOSED_POSTGRES = "postgresql://postgres@127.0.0.1:1/selfheal"
 CLOSED_REDIS = "redis://127.0.0.1:1/0"

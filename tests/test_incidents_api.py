@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.conftest import register
+from tests.support.plugins import register
 
 
 async def make_incidents(settings, db, count: int) -> list[str]:

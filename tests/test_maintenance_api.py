@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.test_detection import beat, tick
+from tests.support.detection import beat, tick
 
 WINDOWS = "/api/ops/maintenance-windows"
 FIELDS = {

@@ -11,11 +11,9 @@ import hashlib
 import hmac
 import random
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +34,12 @@ from app.notifications.events import EVENTS, notify, summary_text
 from app.notifications.feedback import record_outcome
 from app.notifications.service import IssuedEndpoint, add_endpoint, disable_endpoint
 from app.notifications.signing import verify
-from tests.conftest import Plugin, register, settings_env
-from tests.test_sim import SIRA_TOKEN, Server, free_port, running
-
-SELFHEAL = str(Path(sys.executable).parent / "selfheal")
+from tests.support.cli import SELFHEAL
+from tests.support.fakes import Receiver
+from tests.support.plugins import Plugin, register
+from tests.support.ports import free_port
+from tests.support.services import SIRA_TOKEN, Server
+from tests.support.settings import settings_env
 
 INCIDENT = {
     "id": "6f1c7d1e-0000-4000-8000-000000000001",
@@ -66,79 +66,6 @@ ATTEMPT = {
 
 
 # --- a webhook receiver ----------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-    at: float
-
-    @property
-    def json(self) -> dict[str, Any]:
-        data: dict[str, Any] = orjson.loads(self.body)
-        return data
-
-
-@dataclass
-class Receiver:
-    """HTTP/1.1 on loopback, one request per connection. Each path answers 200 unless told
-    otherwise: `answer(path, 500, 500)` queues answers, `always[path] = 400` fixes one,
-    `delay_s[path]` holds the answer back."""
-
-    requests: list[Received] = field(default_factory=list)
-    plans: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
-    always: dict[str, int] = field(default_factory=dict)
-    delay_s: dict[str, float] = field(default_factory=dict)
-    port: int = 0
-    server: asyncio.Server | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def answer(self, path: str, *statuses: int, headers: dict[str, str] | None = None) -> None:
-        self.plans.setdefault(path, []).extend((status, headers or {}) for status in statuses)
-
-    def to(self, path: str) -> list[Received]:
-        return [request for request in self.requests if request.path == path]
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 2)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await reader.readline()
-            if not request_line:
-                return
-            _, path, _ = request_line.decode().split(" ", 2)
-            headers: dict[str, str] = {}
-            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.decode().partition(":")
-                headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            self.requests.append(Received(path, headers, body, time.time()))
-            if self.delay_s.get(path):
-                await asyncio.sleep(self.delay_s[path])
-            plan = self.plans.get(path)
-            status, extra = plan.pop(0) if plan else (self.always.get(path, 200), {})
-            reply = b"ok" if status < 300 else f"error {status} from receiver".encode()
-            head = f"HTTP/1.1 {status} Whatever\r\nContent-Length: {len(reply)}\r\n"
-            head += "Content-Type: text/plain\r\nConnection: close\r\n"
-            head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-            writer.write(head.encode() + b"\r\n" + reply)
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
 
 
 @pytest.fixture
@@ -640,18 +567,6 @@ async def test_a_worker_killed_mid_send_leaves_the_row_to_another_after_the_leas
 
 
 # --- feedback --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sira_server() -> Iterator[Server]:
-    with running(["sim.decision_service"], SIRA_TOKEN) as server:
-        yield server
-
-
-@pytest.fixture
-def sira(sira_server: Server) -> Server:
-    sira_server.control(mode="normal", slow_s=30)
-    return sira_server
 
 
 def sira_feedback(server: Server, attempt_id: str) -> list[dict[str, Any]]:

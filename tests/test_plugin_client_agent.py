@@ -15,14 +15,8 @@ import httpx
 import pytest
 
 from plugin_client import Agent, EarlyReport, HeartbeatFailed
-from tests.test_plugin_client_fakes import (
-    PLUGIN,
-    FakeControlPlane,
-    ReleaseSigner,
-    agent_options,
-    command,
-    running,
-)
+from tests.support.artifacts import PLUGIN, ReleaseSigner
+from tests.support.fakes import FakeControlPlane, agent_options, command, running
 
 pytestmark = pytest.mark.no_services
 

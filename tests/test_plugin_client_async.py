@@ -17,14 +17,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from plugin_client import Agent, AsyncAgent, EarlyReport, HeartbeatFailed, SelfhealMiddleware
-from tests.test_plugin_client_fakes import (
-    PLUGIN,
-    FakeControlPlane,
-    ReleaseSigner,
-    agent_options,
-    command,
-    running,
-)
+from tests.support.artifacts import PLUGIN, ReleaseSigner
+from tests.support.fakes import FakeControlPlane, agent_options, command, running
 
 pytestmark = pytest.mark.no_services
 

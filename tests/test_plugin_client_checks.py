@@ -1,4 +1,4 @@
-"""Every check a command passes before a handler runs (DESIGN.md, "Plugin client"): for each
+"""Every check a command passes before a handler runs (docs/contracts.md, "Plugin client"): for each
 tampered command, no handler is called and the control plane gets a `fail` for that command
 id with a reason naming the problem."""
 
@@ -14,15 +14,8 @@ from typing import Any
 import pytest
 
 from plugin_client import Agent, HeartbeatFailed
-from tests.test_plugin_client_fakes import (
-    PLUGIN,
-    FakeControlPlane,
-    ReleaseSigner,
-    agent_options,
-    canonical,
-    command,
-    running,
-)
+from tests.support.artifacts import PLUGIN, ReleaseSigner, canonical
+from tests.support.fakes import FakeControlPlane, agent_options, command, running
 
 pytestmark = pytest.mark.no_services
 

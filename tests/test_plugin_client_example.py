@@ -15,13 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_plugin_client_fakes import (
-    PLUGIN,
-    FakeControlPlane,
-    ReleaseSigner,
-    command,
-    running,
-)
+from tests.support.artifacts import PLUGIN, ReleaseSigner
+from tests.support.fakes import FakeControlPlane, command, running
 
 pytestmark = pytest.mark.no_services
 

@@ -18,19 +18,16 @@ import pytest
 
 from plugin_client import Agent, FolderUpdater, UnsafeArchive, UpdateFailed
 from plugin_client.archive import unpack
-from tests.test_plugin_client_fakes import (
+from tests.support.artifacts import (
     PLUGIN,
-    FakeControlPlane,
     ReleaseSigner,
-    agent_options,
-    command,
     plugin_files,
     release_folder,
-    running,
     tar_gz,
     tar_with,
     zip_bytes,
 )
+from tests.support.fakes import FakeControlPlane, agent_options, command, running
 
 pytestmark = pytest.mark.no_services
 

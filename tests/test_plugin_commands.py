@@ -1,4 +1,4 @@
-"""Commands a plugin polls (DESIGN.md, "Plugin API"): handed out in heartbeat responses under
+"""Commands a plugin polls (docs/contracts.md, "Plugin API"): handed out in heartbeat responses under
 a lease, redelivered when the lease runs out, never after expiry or max_deliveries, held back
 while autopatch is off when automatic; ack and fail are idempotent and a plugin can only
 touch its own commands."""
@@ -15,7 +15,9 @@ import orjson
 
 from app.core.db import create_engine, create_sessionmaker
 from app.plugins.repository import insert_command
-from tests.conftest import Plugin, make_settings, send_heartbeat, serve
+from tests.support.api import serve
+from tests.support.plugins import Plugin, send_heartbeat
+from tests.support.settings import make_settings
 
 PAYLOAD = {
     "version": "1.2.3",

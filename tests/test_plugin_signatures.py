@@ -1,4 +1,4 @@
-"""The plugin signature contract (DESIGN.md, "Plugin authentication"): every way a request
+"""The plugin signature contract (docs/contracts.md, "Plugin authentication"): every way a request
 can be unsigned, mis-signed, stale or replayed is a 401 with the JSON error shape, and nothing
 is stored. Also secret rotation, multi-signature headers and the rejection metrics."""
 
@@ -17,7 +17,8 @@ from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
 from app.plugins.auth import sign
 from app.plugins.service import rotate_secret
-from tests.conftest import HEARTBEAT, Plugin, heartbeat_body, serve
+from tests.support.api import serve
+from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body
 
 ACK_PATH = "/api/plugins/commands/00000000-0000-0000-0000-000000000000/ack"
 
@@ -481,7 +482,7 @@ async def test_secret_deleted_in_psql_stops_working_in_a_process_that_cached_it(
 
 
 async def test_first_heartbeats_of_many_plugins_at_once_are_all_accepted(settings, db):
-    from tests.conftest import register
+    from tests.support.plugins import register
 
     plugins = [await register(settings, tenant=f"m{i % 5}", name="payments") for i in range(40)]
     async with serve(settings) as (_, client):

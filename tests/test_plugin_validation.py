@@ -1,4 +1,4 @@
-"""Heartbeat body validation (DESIGN.md, "Plugin API"): every request here is correctly
+"""Heartbeat body validation (docs/contracts.md, "Plugin API"): every request here is correctly
 signed, so what is judged is the body alone. Malformed or unknown fields are a 422 naming the
 field, an oversized body a 413, and nothing of a rejected request is stored."""
 
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.conftest import HEARTBEAT, Plugin, heartbeat_body
+from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body
 
 _MISSING = object()
 

@@ -30,7 +30,8 @@ from app.policy import (
     record_approval,
     tenant_in_canary,
 )
-from tests.conftest import Plugin, make_user, register
+from tests.support.personas import make_user
+from tests.support.plugins import Plugin, register
 
 KILL_SWITCH = "autopatch is disabled (kill switch)"
 

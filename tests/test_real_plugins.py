@@ -4,9 +4,9 @@ pre-signed URL), a known-good version per installation that rollbacks and regres
 to, rollbacks without a signed release, an early rollback when the new version is proven sick,
 no proposal of a version that already failed on an installation, and quiet idle workers.
 
-The healing loop runs in this process (tests/test_healing.py's harness) against the real
-reference services; tests/test_e2e_default_settings.py drives the same with real processes,
-a real plugin_client and every setting at its default."""
+The healing loop runs in this process (tests/support/healing.py, the harness of
+tests/test_healing.py) against the real reference services; tests/test_e2e_default_settings.py
+drives the same with real processes, a real plugin_client and every setting at its default."""
 
 from __future__ import annotations
 
@@ -34,16 +34,8 @@ from app.healing.repository import load_state
 from app.incidents.detection import detect_once
 from app.plugins.service import rotate_secret
 from app.releases.artifacts import ArtifactCapabilities
-from tests.conftest import (
-    REPO,
-    Plugin,
-    heartbeat_body,
-    register,
-    send_heartbeat,
-    serve,
-    settings_env,
-)
-from tests.test_healing import (
+from tests.support.api import serve
+from tests.support.healing import (
     FAILING_WEBHOOKS,
     HEALTHY,
     Loop,
@@ -57,17 +49,12 @@ from tests.test_healing import (
     healthy_again,
     incident_id,
     incident_status,
-    loop_settings,
-    runner,
-    runner_server,
-    sira,
-    sira_server,
 )
+from tests.support.plugins import Plugin, heartbeat_body, register, send_heartbeat
+from tests.support.settings import REPO, settings_env
 
 pytestmark = pytest.mark.timeout(120)
 SELFHEAL = [sys.executable, "-m", "app.cli"]
-# Fixtures of tests/test_healing.py, used here by name.
-_FIXTURES = (loop_settings, runner, runner_server, sira, sira_server)
 
 ARTIFACT = "/api/plugins/releases/{plugin}/{version}/artifact"
 

@@ -39,8 +39,9 @@ from app.releases.signing import (
     sign_statement,
     verify_payload,
 )
-from tests.conftest import TEST_SECRET_KEY
-from tests.test_cli import libpq, one_json_object, runner
+from tests.support.cli import one_json_object, runner
+from tests.support.databases import libpq
+from tests.support.settings import TEST_SECRET_KEY
 
 T = TypeVar("T")
 

@@ -16,7 +16,10 @@ from psycopg import errors as pg_errors
 
 from app.core.crypto import SecretBox
 from app.core.settings import libpq_url
-from tests.conftest import make_settings, register, running_worker, send_heartbeat, serve
+from tests.support.api import serve
+from tests.support.plugins import register, send_heartbeat
+from tests.support.processes import running_worker
+from tests.support.settings import make_settings
 
 
 async def test_secret_sealed_with_another_key_disables_only_that_key(settings, db):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.core.db import create_engine, create_sessionmaker
 from app.plugins.retention import prune_heartbeats
-from tests.conftest import send_heartbeat
+from tests.support.plugins import send_heartbeat
 
 
 async def test_old_samples_are_pruned_in_batches_unread_ones_are_kept(settings, client, plugin, db):

@@ -23,7 +23,8 @@ from psycopg import errors
 from app.cli import REPO_ROOT
 from app.core.models import Base
 from app.core.settings import libpq_url, normalize_database_url
-from tests.conftest import serve
+from tests.support.api import serve
+from tests.support.databases import create_database, drop_database
 
 # --- the brief's SQL, verbatim (trailing spaces included) -------------------------------------
 
@@ -180,17 +181,15 @@ def verify_chain(conn: psycopg.Connection[Any]) -> int | None:
 @contextlib.contextmanager
 def empty_database(admin_url: str, database_url: Any) -> Iterator[str]:
     name = f"selfheal_mig_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    create_database(admin_url, name)
     try:
         yield database_url(name)
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(admin_url, name)
 
 
 def alembic_config(url: str) -> Config:
-    """The Config app/cli.py:run_migrations builds."""
+    """The Config app/core/migrations.py:run_migrations builds."""
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", normalize_database_url(url).replace("%", "%%"))

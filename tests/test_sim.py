@@ -13,8 +13,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -45,101 +43,11 @@ from sim.artifacts import (
     unpack_artifact,
 )
 from sim.staging_runner import Run, RunnerConfig, RunnerState, RunRequest
-from tests.test_decisions import incident
+from tests.support.decisions import incident
+from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server, running
+from tests.support.settings import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-SIRA_TOKEN = "sim-sira-token"
-RUNNER_TOKEN = "sim-runner-token"
 CANDIDATES = ["1.2.3", "1.10.0", "1.9.0"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Server:
-    """A reference service in its own process, started with `python -m <module>`."""
-
-    def __init__(
-        self,
-        module: list[str],
-        token: str,
-        port: int | None = None,
-        args: Sequence[str] = (),
-    ) -> None:
-        self.module = module
-        self.token = token
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = list(args)  # the service's own options
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                *self.module,
-                "--port",
-                str(self.port),
-                "--token",
-                self.token,
-                *self.args,
-            ],
-            cwd=REPO,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.proc.poll() is None, f"{self.module} exited with {self.proc.returncode}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
-                    return
-            assert time.monotonic() < deadline, f"{self.module} did not answer within 15 s"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """Down hard, as a crashed host would be: no graceful close of anything."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def control(self, **changes: Any) -> dict[str, Any]:
-        response = httpx.post(f"{self.url}/_control", json=changes, headers=self.auth)
-        response.raise_for_status()
-        state: dict[str, Any] = response.json()
-        return state
-
-    def decide_calls(self) -> int:
-        response = httpx.get(f"{self.url}/_control", headers=self.auth)
-        calls: int = response.json()["calls"].get("/api/sira/decide", 0)
-        return calls
-
-
-@contextlib.contextmanager
-def running(module: list[str], token: str, *args: str) -> Iterator[Server]:
-    server = Server(module, token, args=args)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ from sim.fleet.scenario import (
 )
 from sim.fleet.timeline import FaultRecord, InstallationTruth, VersionChange
 from sim.fleet.truth import Truth
-from tests.conftest import descendants, settings_env
+from tests.support.processes import descendants
+from tests.support.settings import settings_env
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 
@@ -574,7 +575,7 @@ def test_report_figures_on_synthetic_data():
 @pytest.mark.timeout(60)
 def test_simulate_says_what_could_not_start(settings, tmp_path):
     """--url pointing at nothing: a clear message and a non-zero exit, no traceback."""
-    from tests.conftest import free_port
+    from tests.support.ports import free_port
 
     done = subprocess.run(
         [

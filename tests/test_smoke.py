@@ -1,4 +1,4 @@
-from tests.conftest import send_heartbeat
+from tests.support.plugins import send_heartbeat
 
 
 async def test_heartbeat_roundtrip(client, plugin, db):

@@ -18,7 +18,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import descendants, free_port, settings_env
+from tests.support.ports import free_port
+from tests.support.processes import descendants
+from tests.support.settings import settings_env
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 DEMO_TENANTS = ["demo-acme", "demo-globex", "demo-initech"]

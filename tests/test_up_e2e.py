@@ -17,9 +17,10 @@ import orjson
 import psutil
 import psycopg
 
-from app.core.embedded import EmbeddedServices
+from app.embedded import EmbeddedServices
 from app.plugins.auth import sign
-from tests.conftest import HEARTBEAT, descendants, heartbeat_body
+from tests.support.plugins import HEARTBEAT, heartbeat_body
+from tests.support.processes import descendants
 
 SELFHEAL = str(Path(sys.executable).parent / "selfheal")
 

@@ -1,7 +1,10 @@
 """The data model. Table and column names the brief's SQL runbook uses are kept as they are
 (ops_policy, plugin_incidents, plugin_autopatch_attempts, ...). Invariants that must hold even
 for SQL typed in psql (append-only history, audit of policy changes) live in database
-triggers created by the migrations, not here."""
+triggers created by the migrations, not here.
+
+Over 600 lines: the whole schema, one class per table; Alembic compares it with the
+migrations as one metadata, and a reader looks up a table here rather than in a package."""
 
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.core.states import (
+    ATTEMPT_IN_FLIGHT_SQL,
+    CHANGES,
+    INCIDENT_CLOSED_SQL,
+    AttemptStatus,
+    IncidentStatus,
+    sql_list,
+)
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -47,27 +59,18 @@ INCIDENT_TYPES = (
     "crash_loop",
     "regression",
 )
-ATTEMPT_STATUSES = (
-    "pending",
-    "staging",
-    "applying",
-    "verifying",
-    "success",
-    "failed",
-    "rolled_back",
-    "cancelled",
-)
-# Statuses in which an incident is over; every other status is open.
-INCIDENT_CLOSED_STATUSES = ("resolved", "rolled_back", "failed", "cancelled", "ignored")
-# The same list as SQL, for raw statements: "('resolved', ...)".
-CLOSED_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in INCIDENT_CLOSED_STATUSES) + ")"
+ATTEMPT_STATUSES = tuple(AttemptStatus)
+INCIDENT_STATUSES = tuple(IncidentStatus)
+# Partial indexes of open incidents and in-flight attempts.
+_OPEN_INCIDENT = f"status NOT IN {INCIDENT_CLOSED_SQL}"
+_IN_FLIGHT_ATTEMPT = f"status IN {ATTEMPT_IN_FLIGHT_SQL}"
 COMMAND_TYPES = ("update", "rollback", "config")
 COMMAND_STATUSES = ("pending", "delivered", "acked", "failed", "expired", "cancelled")
 ROLES = ("viewer", "operator", "admin")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+    return f"{column} IN {sql_list(values)}"
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
@@ -271,6 +274,7 @@ class PluginIncident(Base):
     __table_args__ = (
         CheckConstraint(_in("severity", SEVERITIES), name="severity"),
         CheckConstraint(_in("type", INCIDENT_TYPES), name="type"),
+        CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
         Index("ix_plugin_incidents_detected_at", "detected_at"),
         Index("ix_plugin_incidents_status", "status"),
         # Deduplication: one open incident per (installation, type).
@@ -279,9 +283,7 @@ class PluginIncident(Base):
             "installation_id",
             "type",
             unique=True,
-            postgresql_where=text(
-                "status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
-            ),
+            postgresql_where=text(_OPEN_INCIDENT),
         ),
         Index(
             "uq_plugin_incidents_open_fleet",
@@ -289,10 +291,7 @@ class PluginIncident(Base):
             "plugin_version",
             "type",
             unique=True,
-            postgresql_where=text(
-                "installation_id IS NULL AND"
-                " status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
-            ),
+            postgresql_where=text(f"installation_id IS NULL AND {_OPEN_INCIDENT}"),
         ),
         Index(
             "ix_plugin_incidents_due",
@@ -313,10 +312,7 @@ class PluginIncident(Base):
             "plugin_version",
             "type",
             "fleet_incident_id",
-            postgresql_where=text(
-                "installation_id IS NOT NULL AND"
-                " status NOT IN ('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
-            ),
+            postgresql_where=text(f"installation_id IS NOT NULL AND {_OPEN_INCIDENT}"),
         ),
     )
 
@@ -350,7 +346,7 @@ class PluginAutopatchAttempt(Base):
     verify_deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(_in("status", ATTEMPT_STATUSES), name="status"),
-        CheckConstraint("action IN ('patch', 'rollback')", name="action"),
+        CheckConstraint(_in("action", tuple(CHANGES)), name="action"),
         CheckConstraint("confidence IS NULL OR confidence BETWEEN 0 AND 1", name="confidence"),
         Index("ix_plugin_autopatch_attempts_executed_at", "executed_at"),
         Index("ix_plugin_autopatch_attempts_incident_id", "incident_id"),
@@ -361,7 +357,7 @@ class PluginAutopatchAttempt(Base):
             "uq_plugin_autopatch_attempts_in_flight",
             "incident_id",
             unique=True,
-            postgresql_where=text("status IN ('pending', 'staging', 'applying', 'verifying')"),
+            postgresql_where=text(_IN_FLIGHT_ATTEMPT),
         ),
     )
 

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         90, ge=1, le=86400, validation_alias=_env("SELFHEAL_HEALTH_WINDOW_S")
     )
     # The interval plugins are told while they have an open incident, a command waiting or a
-    # change being verified (DESIGN.md, adaptive next_heartbeat_s).
+    # change being verified (docs/contracts.md, adaptive next_heartbeat_s).
     heartbeat_fast_s: int = Field(
         5, ge=1, le=3600, validation_alias=_env("SELFHEAL_HEARTBEAT_FAST_S")
     )

@@ -1,4 +1,4 @@
-"""The worker's client of the decision service (DESIGN.md, "Decision service").
+"""The worker's client of the decision service (docs/contracts.md, "Decision service").
 
 `DecisionClient.decide` always returns a decision and never raises for the service's sake:
 when the service is unconfigured, refused by the circuit breaker, unreachable, slow, failing
@@ -26,6 +26,7 @@ import httpx
 import orjson
 import structlog
 
+from app.core.states import Action
 from app.decisions.breaker import Admission, BreakerState, CircuitBreaker
 from app.decisions.fallback import FallbackRules, decide_without_service
 from app.decisions.schemas import (
@@ -126,7 +127,7 @@ class DecisionClient:
             reason = f"internal error: {type(error).__name__}: {error}"
         else:
             return Decision(
-                answer.action,
+                Action(answer.action),
                 answer.patch_version,
                 answer.confidence,
                 answer.explanation,

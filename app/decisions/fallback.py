@@ -26,6 +26,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from app.core.states import Action
 from app.decisions.schemas import Decision, OutcomeStats
 
 Z_95 = 1.96
@@ -60,7 +61,7 @@ def decide_without_service(
     preface = f"Decision service unavailable ({reason}); fallback rule"
     if incident_type == "heartbeat_missed":
         return Decision(
-            "escalate",
+            Action.ESCALATE,
             None,
             0.0,
             f"{preface} 'silent installation': commands are delivered in heartbeat "
@@ -81,7 +82,7 @@ def decide_without_service(
     if rollback is not None:
         confidence, why = rollback
         return Decision(
-            "rollback",
+            Action.ROLLBACK,
             previous_version,
             confidence,
             f"{preface} 'rollback after update': {why}",
@@ -100,7 +101,7 @@ def decide_without_service(
     if best is not None:
         version, confidence, why = best
         return Decision(
-            "patch",
+            Action.PATCH,
             version,
             confidence,
             f"{preface} 'best observed candidate': {why}",
@@ -109,7 +110,7 @@ def decide_without_service(
             fallback_reason=reason,
         )
     return Decision(
-        "escalate",
+        Action.ESCALATE,
         None,
         0.0,
         f"{preface} 'escalate': no recent version change to undo and no candidate with "

@@ -13,7 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Action = Literal["patch", "rollback", "ignore", "escalate"]
+from app.core.states import Action
+
+# What the decision service may answer (the contract): the actions of app/core/states.py a
+# decision can name (RESOLVE is for operators only).
+WireAction = Literal["patch", "rollback", "ignore", "escalate"]
+assert set(WireAction.__args__) == set(Action) - {Action.RESOLVE}  # type: ignore[attr-defined]
 Source = Literal["sira", "fallback"]
 ACTIONS_WITH_VERSION = frozenset({"patch", "rollback"})
 MAX_EXPLANATION_CHARS = 2000
@@ -21,7 +26,7 @@ MAX_EXPLANATION_CHARS = 2000
 
 @dataclass(frozen=True, slots=True)
 class IncidentFacts:
-    """The incident as the decision service contract describes it (DESIGN.md)."""
+    """The incident as the decision service contract describes it (docs/contracts.md)."""
 
     id: str
     type: str
@@ -130,7 +135,7 @@ class SiraAnswer(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    action: Action
+    action: WireAction
     patch_version: str | None = Field(default=None, max_length=128)
     confidence: float = Field(ge=0, le=1, allow_inf_nan=False)
     explanation: str = Field(max_length=MAX_EXPLANATION_CHARS)

@@ -15,7 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import app.releases.repository as releases
 from app.core.db import set_actor
+from app.core.states import Action, IncidentStatus
 from app.healing import repository as repo
+from app.healing.pending import PendingAction
 from app.incidents.repository import ROLLBACK_TARGET_SQL
 from app.policy import repository as policy_repo
 from app.policy.gate import (
@@ -77,23 +79,22 @@ def proposed_from_pending(
     tenant_id: str,
     plugin_name: str,
     severity: str,
-    pending: dict[str, Any],
+    pending: PendingAction,
     attempt_id: uuid.UUID | None = None,
 ) -> ProposedAction:
     """The gate's view of an incident's pending action (decided, or asked by an operator)."""
-    confidence = pending.get("confidence")
     return ProposedAction(
         incident_id=incident_id,
         installation_id=installation_id,
         tenant_id=tenant_id,
         plugin_name=plugin_name,
-        action="rollback" if pending.get("action") == "rollback" else "patch",
-        from_version=pending.get("from_version"),
-        to_version=str(pending.get("to_version")),
+        action=pending.action,
+        from_version=pending.from_version,
+        to_version=pending.to_version,
         severity=severity,
-        confidence=None if confidence is None else float(confidence),
-        automatic=bool(pending.get("automatic")),
-        requested_by=str(pending.get("requested_by") or "worker"),
+        confidence=pending.confidence,
+        automatic=pending.automatic,
+        requested_by=pending.requested_by,
         attempt_id=attempt_id,
     )
 
@@ -104,8 +105,12 @@ async def approve(
     """One vote of `user` for the exact action the incident waits to take."""
     await set_actor(session, user.actor)
     incident = await _incident(session, incident_id)
-    pending = incident.pending_action
-    if incident.status not in _APPROVABLE or not pending:
+    pending = (
+        None
+        if incident.pending_action is None
+        else PendingAction.from_json(incident.pending_action)
+    )
+    if incident.status not in _APPROVABLE or pending is None:
         raise ActionRefused(
             409, f"incident is {incident.status}; there is no action waiting for approval"
         )
@@ -139,7 +144,7 @@ async def approve(
     await repo.move_incident(session, incident.id, expected=incident.status, next_check_in_s=0)
     return {
         "incident_id": str(incident.id),
-        "action": pending,
+        "action": pending.as_json(),
         "approvals": have,
         "approvals_required": policy.approvals_required if policy else None,
         "status": incident.status,
@@ -162,7 +167,13 @@ async def manual_action(
             f"incident is {incident.status}; "
             + (
                 "an attempt is under way (cancel it first)"
-                if incident.status in ("staging", "applying", "verifying", "rolling_back")
+                if incident.status
+                in (
+                    IncidentStatus.STAGING,
+                    IncidentStatus.APPLYING,
+                    IncidentStatus.VERIFYING,
+                    IncidentStatus.ROLLING_BACK,
+                )
                 else "it is closed"
             ),
         )
@@ -206,23 +217,26 @@ async def manual_action(
             " (add it with `selfheal release add`)",
             field="patch_version",
         )
-    pending = {
-        "action": action,
-        "to_version": version,
-        "from_version": incident.current_version,
-        "automatic": False,
-        "requested_by": user.actor,
-        "source": "manual",
-        "confidence": None,
-        "comment": comment,
-    }
+    pending = PendingAction(
+        action=Action(action),
+        to_version=version,
+        from_version=incident.current_version,
+        automatic=False,
+        requested_by=user.actor,
+        source="manual",
+        comment=comment,
+    )
     await repo.move_incident(
         session,
         incident.id,
         expected=incident.status,
-        status="blocked_by_policy",
+        status=IncidentStatus.BLOCKED_BY_POLICY,
         reason=f"{action} to {version} asked by {user.actor}{note}; waiting for the policy gate",
         next_check_in_s=0,
-        fields={"pending_action": pending},
+        pending_action=pending,
     )
-    return {"incident_id": str(incident.id), "status": "blocked_by_policy", "action": pending}
+    return {
+        "incident_id": str(incident.id),
+        "status": IncidentStatus.BLOCKED_BY_POLICY,
+        "action": pending.as_json(),
+    }

@@ -23,7 +23,11 @@ Why every step is safe to run twice or concurrently:
   before (and the step sees it) or waits until the step's transaction has committed.
 
 HTTP calls (decision service, staging runner) happen outside transactions, each under its
-own total deadline, so a slow service never holds a row lock."""
+own total deadline, so a slow service never holds a row lock.
+
+Over 600 lines: one class, one step per incident status, and the steps share the incident
+lock, the guarded moves and the notification and feedback calls; split across modules the
+transaction boundaries (the point of this file) would no longer read in one place."""
 
 from __future__ import annotations
 
@@ -38,10 +42,12 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.settings import Settings
+from app.core.states import Action, AttemptStatus, IncidentStatus
 from app.decisions.client import DecisionClient
 from app.decisions.schemas import Decision, Feedback, IncidentFacts, LocalEvidence
 from app.healing import repository as repo
 from app.healing.actions import proposed_from_pending
+from app.healing.pending import PendingAction
 from app.healing.repository import AttemptRow, IncidentState
 from app.healing.staging import RunLost, StagingClient, StagingUnavailable
 from app.incidents.detection import thresholds
@@ -207,7 +213,7 @@ class Healer:
                     await repo.move_incident(
                         session,
                         state.id,
-                        expected="detected",
+                        expected=IncidentStatus.DETECTED,
                         next_check_in_s=self.settings.missed_decide_after_s - waited,
                     )
                 return WAIT
@@ -215,8 +221,8 @@ class Healer:
             moved = await repo.move_incident(
                 session,
                 state.id,
-                expected="detected",
-                status="deciding",
+                expected=IncidentStatus.DETECTED,
+                status=IncidentStatus.DECIDING,
                 next_check_in_s=self.settings.heal_lease_s,
             )
         return CONTINUE if moved else WAIT
@@ -256,45 +262,49 @@ class Healer:
 
     async def _record_decision(self, state: IncidentState, decision: Decision) -> StepResult:
         record = decision.as_record()
-        if decision.action == "ignore":
+        if decision.action == Action.IGNORE:
             async with self._locked(state) as session:
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="deciding",
-                    status="ignored",
+                    expected=IncidentStatus.DECIDING,
+                    status=IncidentStatus.IGNORED,
                     reason=f"decision ({decision.source}): ignore. {decision.explanation}",
-                    fields={"sira_decision": record, "decided_at": True},
+                    sira_decision=record,
+                    decided=True,
                 )
             return WAIT
-        if decision.action == "escalate" or decision.patch_version is None:
+        if decision.action == Action.ESCALATE or decision.patch_version is None:
             async with self._locked(state) as session:
                 moved = await repo.move_incident(
                     session,
                     state.id,
-                    expected="deciding",
-                    status="escalated",
+                    expected=IncidentStatus.DECIDING,
+                    status=IncidentStatus.ESCALATED,
                     reason=f"decision ({decision.source}): escalate. {decision.explanation}",
-                    fields={"sira_decision": record, "decided_at": True},
+                    sira_decision=record,
+                    decided=True,
                 )
                 if moved:
                     await self._notify(session, "escalated", state, "escalated")
             return WAIT
-        action = {
-            "action": decision.action,
-            "to_version": decision.patch_version,
-            "from_version": state.current_version,
-            "automatic": True,
-            "requested_by": "worker",
-            "source": decision.source,
-            "confidence": decision.confidence,
-        }
+        action = PendingAction(
+            action=decision.action,
+            to_version=decision.patch_version,
+            from_version=state.current_version,
+            automatic=True,
+            requested_by="worker",
+            source=decision.source,
+            confidence=decision.confidence,
+        )
         async with self._locked(state) as session:
             await repo.move_incident(
                 session,
                 state.id,
-                expected="deciding",
-                fields={"sira_decision": record, "decided_at": True, "pending_action": action},
+                expected=IncidentStatus.DECIDING,
+                sira_decision=record,
+                decided=True,
+                pending_action=action,
                 next_check_in_s=self.settings.heal_lease_s,
             )
             return await self._gate_and_start(session, state, "deciding", action)
@@ -304,9 +314,9 @@ class Healer:
         if not action:
             return await self._escalate(state, state.status, "no action is waiting for the gate")
         if (
-            state.status == "blocked_by_policy"
-            and action.get("automatic")
-            and action.get("source") == "fallback"
+            state.status == IncidentStatus.BLOCKED_BY_POLICY
+            and action.automatic
+            and action.source == "fallback"
             and self.decisions.configured
             and self.decisions.breaker.state != "open"
         ):
@@ -317,35 +327,35 @@ class Healer:
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="blocked_by_policy",
-                    status="deciding",
+                    expected=IncidentStatus.BLOCKED_BY_POLICY,
+                    status=IncidentStatus.DECIDING,
                     reason="decided by the fallback while the decision service was away;"
                     " asking it again",
                     next_check_in_s=self.settings.heal_lease_s,
-                    fields={"pending_action": None},
+                    pending_action=None,
                 )
             return CONTINUE
-        if action.get("from_version") != state.current_version:
+        if action.from_version != state.current_version:
             # The installation changed version while the action waited: it was decided for
             # another situation.
-            if action.get("automatic"):
+            if action.automatic:
                 async with self._locked(state) as session:
                     await repo.move_incident(
                         session,
                         state.id,
                         expected=state.status,
-                        status="deciding",
+                        status=IncidentStatus.DECIDING,
                         reason=f"the installation now runs {state.current_version}; deciding again",
                         next_check_in_s=self.settings.heal_lease_s,
-                        fields={"pending_action": None},
+                        pending_action=None,
                     )
                 return CONTINUE
             return await self._escalate(
                 state,
                 state.status,
                 f"the installation now runs {state.current_version}, not"
-                f" {action.get('from_version')}: the {action.get('action')} asked by"
-                f" {action.get('requested_by')} no longer applies",
+                f" {action.from_version}: the {action.action} asked by"
+                f" {action.requested_by} no longer applies",
             )
         async with self._locked(state) as session:
             return await self._gate_and_start(session, state, state.status, action)
@@ -355,34 +365,34 @@ class Healer:
         session: AsyncSession,
         state: IncidentState,
         expected: str,
-        action: dict[str, Any],
+        action: PendingAction,
     ) -> StepResult:
         """In the caller's transaction (incident row locked): gate the action and start an
         attempt, or record why the incident waits."""
         assert state.installation_id is not None and state.tenant_id is not None
-        to_version = str(action["to_version"])
+        to_version = action.to_version
         if (
-            await self._command_payload(session, state.plugin_name, action["action"], to_version)
+            await self._command_payload(session, state.plugin_name, action.action, to_version)
             is None
         ):
             await repo.move_incident(
                 session,
                 state.id,
                 expected=expected,
-                status="escalated",
+                status=IncidentStatus.ESCALATED,
                 reason=f"no signed release of {state.plugin_name} {to_version} to"
-                f" {action['action']} to (add one with `selfheal release add`)",
+                f" {action.action} to (add one with `selfheal release add`)",
             )
             await self._notify(session, "escalated", state, "escalated")
             return WAIT
         if to_version in await releases.quarantined_versions(session, state.plugin_name) and bool(
-            action.get("automatic")
+            action.automatic
         ):
             await repo.move_incident(
                 session,
                 state.id,
                 expected=expected,
-                status="escalated",
+                status=IncidentStatus.ESCALATED,
                 reason=f"{state.plugin_name} {to_version} is quarantined; not applied automatically",
             )
             await self._notify(session, "escalated", state, "escalated")
@@ -399,7 +409,7 @@ class Healer:
                 reason=f"waiting: {gate.summary}",
                 next_check_in_s=self.settings.blocked_recheck_s,
             )
-            if status == "awaiting_approval" and state.status != "awaiting_approval":
+            if status == "awaiting_approval" and state.status != IncidentStatus.AWAITING_APPROVAL:
                 await self._notify(session, "approval_needed", state, status, gate.summary)
             return WAIT
         attempt_id = await repo.insert_attempt(
@@ -410,7 +420,7 @@ class Healer:
             from_version=proposed.from_version,
             to_version=to_version,
             automatic=proposed.automatic,
-            decision_source=str(action.get("source") or "manual"),
+            decision_source=action.source,
             confidence=proposed.confidence,
             requested_by=proposed.requested_by,
         )
@@ -420,7 +430,7 @@ class Healer:
             session,
             state.id,
             expected=expected,
-            status="staging",
+            status=IncidentStatus.STAGING,
             reason=f"{proposed.action} to {to_version}: allowed by the policy gate",
             next_check_in_s=self.settings.heal_lease_s,
         )
@@ -428,15 +438,15 @@ class Healer:
 
     async def _staging(self, state: IncidentState) -> StepResult:
         attempt = state.attempt
-        if attempt is None or attempt.status not in ("pending", "staging"):
+        if attempt is None or attempt.status not in (AttemptStatus.PENDING, AttemptStatus.STAGING):
             return await self._attempt_gone(state)
-        if attempt.automatic and attempt.status == "pending":
+        if attempt.automatic and attempt.status == AttemptStatus.PENDING:
             cancelled = await self._cancel_if_kill_switch(state, attempt)
             if cancelled is not None:
                 return cancelled
         if attempt.staging_passed:
             return await self._apply(state, attempt)
-        if attempt.action == "rollback":
+        if attempt.action == Action.ROLLBACK:
             # Back to a version that ran in production before this incident: staging would
             # only delay the fix.
             async with self._locked(state) as session:
@@ -444,7 +454,7 @@ class Healer:
                     session,
                     attempt.id,
                     expected=attempt.status,
-                    status="staging",
+                    status=AttemptStatus.STAGING,
                     staging_report={
                         "status": "passed",
                         "skipped": "rollback to a version that ran in production before",
@@ -494,7 +504,7 @@ class Healer:
                 session,
                 attempt.id,
                 expected=attempt.status,
-                status="staging",
+                status=AttemptStatus.STAGING,
                 staging_run_id=run.id,
                 staging_tries_add=1,
                 staging_report={"status": run.status, "run_id": run.id, "report": run.report},
@@ -502,7 +512,7 @@ class Healer:
             await repo.move_incident(
                 session,
                 state.id,
-                expected="staging",
+                expected=IncidentStatus.STAGING,
                 reason=f"staging {attempt.to_version}: run {run.id}",
                 next_check_in_s=self.settings.heal_poll_s,
             )
@@ -524,7 +534,7 @@ class Healer:
                 await repo.move_attempt(
                     session,
                     attempt.id,
-                    expected="staging",
+                    expected=AttemptStatus.STAGING,
                     clear_run_id=True,
                     staging_report={"status": "lost", "detail": error.reason},
                 )
@@ -537,7 +547,7 @@ class Healer:
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="staging",
+                    expected=IncidentStatus.STAGING,
                     next_check_in_s=self.settings.heal_poll_s,
                 )
             return WAIT
@@ -550,7 +560,7 @@ class Healer:
             )
         async with self._locked(state) as session:
             moved = await repo.move_attempt(
-                session, attempt.id, expected="staging", staging_report=report
+                session, attempt.id, expected=AttemptStatus.STAGING, staging_report=report
             )
         return CONTINUE if moved else WAIT
 
@@ -572,7 +582,7 @@ class Healer:
             await repo.move_incident(
                 session,
                 state.id,
-                expected="staging",
+                expected=IncidentStatus.STAGING,
                 reason=f"staging runner unusable ({reason}); try {tries} of"
                 f" {self.settings.staging_max_tries}",
                 next_check_in_s=min(60.0, 2.0**tries),
@@ -583,14 +593,15 @@ class Healer:
         """Queue the command, in the transaction whose policy read allows it."""
         assert state.installation_id is not None
         async with self._locked(state) as session:
-            action = {
-                "action": attempt.action,
-                "to_version": attempt.to_version,
-                "from_version": attempt.from_version,
-                "automatic": attempt.automatic,
-                "requested_by": attempt.requested_by or "worker",
-                "confidence": None if attempt.confidence is None else float(attempt.confidence),
-            }
+            action = PendingAction(
+                action=Action(attempt.action),
+                to_version=attempt.to_version or "",
+                from_version=attempt.from_version,
+                automatic=attempt.automatic,
+                requested_by=attempt.requested_by or "worker",
+                source=attempt.decision_source or "manual",
+                confidence=None if attempt.confidence is None else float(attempt.confidence),
+            )
             gate = await evaluate(session, _proposed(state, action, attempt_id=attempt.id))
             if not gate.allowed:
                 return await self._held_before_apply(session, state, attempt, gate)
@@ -602,15 +613,15 @@ class Healer:
                     session,
                     attempt.id,
                     expected=attempt.status,
-                    status="failed",
+                    status=AttemptStatus.FAILED,
                     failure_reason=f"no signed release of {attempt.to_version} to apply",
                     finished=True,
                 )
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="staging",
-                    status="escalated",
+                    expected=IncidentStatus.STAGING,
+                    status=IncidentStatus.ESCALATED,
                     reason=f"no signed release of {attempt.to_version} to apply",
                 )
                 return WAIT
@@ -618,20 +629,24 @@ class Healer:
                 session,
                 installation_id=state.installation_id,
                 attempt_id=attempt.id,
-                type="update" if attempt.action == "patch" else "rollback",
+                type="update" if attempt.action == Action.PATCH else "rollback",
                 payload=payload,
                 automatic=attempt.automatic,
                 ttl_s=self.settings.command_ttl_s,
                 max_deliveries=self.settings.command_max_deliveries,
             )
             await repo.move_attempt(
-                session, attempt.id, expected=attempt.status, status="applying", executed=True
+                session,
+                attempt.id,
+                expected=attempt.status,
+                status=AttemptStatus.APPLYING,
+                executed=True,
             )
             await repo.move_incident(
                 session,
                 state.id,
-                expected="staging",
-                status="applying",
+                expected=IncidentStatus.STAGING,
+                status=IncidentStatus.APPLYING,
                 reason=f"{attempt.action} to {attempt.to_version} queued for the plugin",
                 next_check_in_s=self.settings.heal_poll_s,
             )
@@ -648,7 +663,7 @@ class Healer:
             session,
             attempt.id,
             expected=attempt.status,
-            status="cancelled",
+            status=AttemptStatus.CANCELLED,
             failure_reason=f"held by the policy gate before it was applied: {gate.summary}",
             finished=True,
         )
@@ -656,7 +671,7 @@ class Healer:
         await repo.move_incident(
             session,
             state.id,
-            expected="staging",
+            expected=IncidentStatus.STAGING,
             status=status,
             reason=f"attempt cancelled before applying: {gate.summary}",
             next_check_in_s=self.settings.blocked_recheck_s,
@@ -667,9 +682,9 @@ class Healer:
 
     async def _applying(self, state: IncidentState) -> StepResult:
         attempt = state.attempt
-        if attempt is None or attempt.status != "applying":
+        if attempt is None or attempt.status != AttemptStatus.APPLYING:
             return await self._attempt_gone(state)
-        command = state.commands.get("update" if attempt.action == "patch" else "rollback")
+        command = state.commands.get("update" if attempt.action == Action.PATCH else "rollback")
         if command is None:
             return await self._fail_attempt(state, attempt, "the attempt's command is missing")
         if command.status == "acked":
@@ -677,15 +692,15 @@ class Healer:
                 await repo.move_attempt(
                     session,
                     attempt.id,
-                    expected="applying",
-                    status="verifying",
+                    expected=AttemptStatus.APPLYING,
+                    status=AttemptStatus.VERIFYING,
                     verify_for_s=self.settings.health_window_s,
                 )
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="applying",
-                    status="verifying",
+                    expected=IncidentStatus.APPLYING,
+                    status=IncidentStatus.VERIFYING,
                     reason=f"{attempt.to_version} applied; verifying health for"
                     f" {self.settings.health_window_s} s",
                     next_check_in_s=self.settings.heal_poll_s,
@@ -713,16 +728,19 @@ class Healer:
             )
         async with self._locked(state) as session:
             await repo.move_incident(
-                session, state.id, expected="applying", next_check_in_s=self.settings.heal_poll_s
+                session,
+                state.id,
+                expected=IncidentStatus.APPLYING,
+                next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
 
     async def _verifying(self, state: IncidentState) -> StepResult:
         attempt = state.attempt
-        if attempt is None or attempt.status != "verifying":
+        if attempt is None or attempt.status != AttemptStatus.VERIFYING:
             return await self._attempt_gone(state)
         assert state.installation_id is not None and attempt.to_version is not None
-        command = state.commands.get("update" if attempt.action == "patch" else "rollback")
+        command = state.commands.get("update" if attempt.action == Action.PATCH else "rollback")
         since = command.acked_at if command and command.acked_at else attempt.executed_at
         assert since is not None
         needed = self.settings.recovery_heartbeats
@@ -754,7 +772,10 @@ class Healer:
             wait = min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
             async with self._locked(state) as session:
                 await repo.move_incident(
-                    session, state.id, expected="verifying", next_check_in_s=max(0.05, wait)
+                    session,
+                    state.id,
+                    expected=IncidentStatus.VERIFYING,
+                    next_check_in_s=max(0.05, wait),
                 )
             return WAIT
         if not samples:
@@ -775,7 +796,7 @@ class Healer:
         target = state.previous_version
         if target is None or target == attempt.to_version:
             target = attempt.from_version
-        if attempt.action == "rollback" or target is None or target == attempt.to_version:
+        if attempt.action == Action.ROLLBACK or target is None or target == attempt.to_version:
             return await self._fail_attempt(
                 state,
                 attempt,
@@ -812,14 +833,14 @@ class Healer:
             await repo.move_attempt(
                 session,
                 attempt.id,
-                expected="verifying",
+                expected=AttemptStatus.VERIFYING,
                 rollback_reason=f"health check: {why}; back to {target}",
             )
             await repo.move_incident(
                 session,
                 state.id,
-                expected="verifying",
-                status="rolling_back",
+                expected=IncidentStatus.VERIFYING,
+                status=IncidentStatus.ROLLING_BACK,
                 reason=f"health check failed ({why}); rolling back to {target}",
                 next_check_in_s=self.settings.heal_poll_s,
             )
@@ -827,7 +848,7 @@ class Healer:
 
     async def _rolling_back(self, state: IncidentState) -> StepResult:
         attempt = state.attempt
-        if attempt is None or attempt.status != "verifying":
+        if attempt is None or attempt.status != AttemptStatus.VERIFYING:
             return await self._attempt_gone(state)
         command = state.commands.get("rollback")
         if command is None:
@@ -857,7 +878,7 @@ class Healer:
             await repo.move_incident(
                 session,
                 state.id,
-                expected="rolling_back",
+                expected=IncidentStatus.ROLLING_BACK,
                 next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
@@ -865,7 +886,7 @@ class Healer:
     async def _command_payload(
         self, session: AsyncSession, plugin: str, action: str, version: str
     ) -> dict[str, Any] | None:
-        """The payload of the command that takes the plugin to `version` (DESIGN.md): an
+        """The payload of the command that takes the plugin to `version` (docs/contracts.md): an
         update needs a signed, unexpired release (None without one); a rollback is
         `{"version"}`, plus the release's fields when a signed release of it exists."""
         release = await releases.command_payload(
@@ -904,7 +925,7 @@ class Healer:
                 await repo.move_incident(
                     session,
                     state.id,
-                    expected="rolling_back",
+                    expected=IncidentStatus.ROLLING_BACK,
                     next_check_in_s=min(
                         self.settings.heal_poll_s, (deadline - state.now).total_seconds()
                     ),
@@ -925,8 +946,8 @@ class Healer:
             if not await repo.move_attempt(
                 session,
                 attempt.id,
-                expected="verifying",
-                status="rolled_back",
+                expected=AttemptStatus.VERIFYING,
+                status=AttemptStatus.ROLLED_BACK,
                 rolled_back=True,
                 finished=True,
             ):
@@ -934,10 +955,10 @@ class Healer:
             await repo.move_incident(
                 session,
                 state.id,
-                expected="rolling_back",
+                expected=IncidentStatus.ROLLING_BACK,
                 status=status,
                 reason=reason,
-                fields={} if healed else {"severity": "critical"},
+                severity=None if healed else "critical",
             )
             await self._record_feedback(session, state, attempt, "rolled_back")
             await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
@@ -953,19 +974,23 @@ class Healer:
     async def _succeed(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
         async with self._locked(state) as session:
             if not await repo.move_attempt(
-                session, attempt.id, expected="verifying", status="success", finished=True
+                session,
+                attempt.id,
+                expected=AttemptStatus.VERIFYING,
+                status=AttemptStatus.SUCCESS,
+                finished=True,
             ):
                 return WAIT
             await repo.move_incident(
                 session,
                 state.id,
-                expected="verifying",
-                status="resolved",
+                expected=IncidentStatus.VERIFYING,
+                status=IncidentStatus.RESOLVED,
                 reason=f"{attempt.action} to {attempt.to_version} verified healthy",
             )
             await self._record_feedback(session, state, attempt, "success")
             await self._notify(session, "patch_succeeded", state, "resolved", attempt=attempt)
-            if attempt.action == "rollback":
+            if attempt.action == Action.ROLLBACK:
                 # Going back healed it: the version it left is a bad release here.
                 await self._maybe_quarantine(session, state, attempt)
         return WAIT
@@ -996,20 +1021,19 @@ class Healer:
                 session,
                 attempt.id,
                 expected=attempt.status,
-                status="failed",
+                status=AttemptStatus.FAILED,
                 failure_reason=reason,
                 staging_report=staging_report,
                 finished=True,
             ):
                 return WAIT
-            fields: dict[str, Any] = {"severity": "critical"} if critical else {}
             await repo.move_incident(
                 session,
                 state.id,
                 expected=state.status,
-                status="escalated",
+                status=IncidentStatus.ESCALATED,
                 reason=reason,
-                fields=fields,
+                severity="critical" if critical else None,
             )
             await self._record_feedback(session, state, attempt, "failed")
             await self._notify(
@@ -1027,7 +1051,7 @@ class Healer:
     async def _escalate(self, state: IncidentState, expected: str, reason: str) -> StepResult:
         async with self._locked(state) as session:
             if await repo.move_incident(
-                session, state.id, expected=expected, status="escalated", reason=reason
+                session, state.id, expected=expected, status=IncidentStatus.ESCALATED, reason=reason
             ):
                 await self._notify(session, "escalated", state, "escalated", reason)
         return WAIT
@@ -1036,11 +1060,11 @@ class Healer:
         """The incident says an attempt is under way but it is not: cancelled (the runbook's
         SQL, or the kill switch) or ended elsewhere. The incident follows the attempt."""
         attempt = state.attempt
-        if attempt is not None and attempt.status == "cancelled":
+        if attempt is not None and attempt.status == AttemptStatus.CANCELLED:
             status, reason = "cancelled", f"attempt {attempt.id} was cancelled"
-        elif attempt is not None and attempt.status == "success":
+        elif attempt is not None and attempt.status == AttemptStatus.SUCCESS:
             status, reason = "resolved", f"attempt {attempt.id} succeeded"
-        elif attempt is not None and attempt.status == "rolled_back":
+        elif attempt is not None and attempt.status == AttemptStatus.ROLLED_BACK:
             status, reason = "rolled_back", f"attempt {attempt.id} was rolled back"
         else:
             status = "escalated"
@@ -1068,7 +1092,7 @@ class Healer:
                 session,
                 attempt.id,
                 expected=attempt.status,
-                status="cancelled",
+                status=AttemptStatus.CANCELLED,
                 failure_reason="kill switch engaged before the change was applied",
                 finished=True,
             ):
@@ -1077,7 +1101,7 @@ class Healer:
                 session,
                 state.id,
                 expected=state.status,
-                status="blocked_by_policy",
+                status=IncidentStatus.BLOCKED_BY_POLICY,
                 reason="autopatch is disabled (kill switch): attempt cancelled before applying",
                 next_check_in_s=self.settings.blocked_recheck_s,
             )
@@ -1090,7 +1114,7 @@ class Healer:
         """The bad version of a rollback (the patch's target, or the version a rollback left)
         is quarantined once it has been rolled back from SELFHEAL_QUARANTINE_AFTER_ROLLBACKS
         times across the fleet: no automatic choice proposes it again."""
-        bad = attempt.to_version if attempt.action == "patch" else attempt.from_version
+        bad = attempt.to_version if attempt.action == Action.PATCH else attempt.from_version
         if bad is None:
             return
         count = await repo.rollbacks_of_version(session, plugin_name=state.plugin_name, version=bad)
@@ -1145,7 +1169,7 @@ class Healer:
 
 
 def _proposed(
-    state: IncidentState, action: dict[str, Any], *, attempt_id: uuid.UUID | None = None
+    state: IncidentState, action: PendingAction, *, attempt_id: uuid.UUID | None = None
 ) -> ProposedAction:
     assert state.installation_id is not None and state.tenant_id is not None
     return proposed_from_pending(

@@ -1,10 +1,14 @@
 """SQL of the healing loop. Every change of an incident or an attempt is guarded by the
 status the caller expects (`... WHERE status = :expected`): when two workers race, or a
 worker resumes one that died, exactly one UPDATE matches and the other learns it lost by
-getting no row back."""
+getting no row back.
+
+Over 600 lines: every statement of the healing loop (incidents, attempts, commands, outcomes)
+sits together so that the guarded-update pattern above is applied and reviewed in one place."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,24 +19,23 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.models import INCIDENT_CLOSED_STATUSES
+from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED, INCIDENT_OPEN, IncidentStatus
 from app.decisions.schemas import OutcomeStats
+from app.healing.pending import PendingAction
 from app.incidents.repository import ROLLBACK_TARGET_SQL
 from app.policy.repository import serialize_gate_decisions
 
+
+class Keep(enum.Enum):
+    """move_incident's "leave this column as it is" (None means: set it to NULL)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
 # Incident statuses the loop moves on by itself. `escalated` is open but waits for a human.
-LOOP_STATUSES = (
-    "detected",
-    "deciding",
-    "awaiting_approval",
-    "blocked_by_policy",
-    "staging",
-    "applying",
-    "verifying",
-    "rolling_back",
-)
-CLOSED_STATUSES = INCIDENT_CLOSED_STATUSES
-IN_FLIGHT = ("pending", "staging", "applying", "verifying")
+LOOP_STATUSES = tuple(s for s in INCIDENT_OPEN if s != IncidentStatus.ESCALATED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,7 @@ class IncidentState:
     detected_at: datetime
     telemetry_snapshot: dict[str, Any]
     sira_decision: dict[str, Any] | None
-    pending_action: dict[str, Any] | None
+    pending_action: PendingAction | None
     # The installation as it is now.
     current_version: str | None
     # The version to go back to: known-good, else the one before, never one that just failed
@@ -190,13 +193,13 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
         (
             await session.execute(
                 text(
-                    """
+                    f"""
                     SELECT id, action, from_version, to_version, status, automatic,
                            decision_source, confidence, requested_by, created_at, executed_at,
                            staging_run_id, staging_report, staging_tries, verify_deadline_at,
                            rollback_reason, failure_reason
                     FROM plugin_autopatch_attempts WHERE incident_id = :id
-                    ORDER BY (status IN ('pending', 'staging', 'applying', 'verifying')) DESC,
+                    ORDER BY (status IN {ATTEMPT_IN_FLIGHT_SQL}) DESC,
                              created_at DESC
                     LIMIT 1
                     """
@@ -221,7 +224,12 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
             )
         ).mappings():
             commands[command["type"]] = CommandRow(**command)
-    return IncidentState(**row, attempt=attempt, commands=commands)
+    pending = row["pending_action"]
+    return IncidentState(
+        **{**row, "pending_action": None if pending is None else PendingAction.from_json(pending)},
+        attempt=attempt,
+        commands=commands,
+    )
 
 
 async def move_incident(
@@ -232,19 +240,23 @@ async def move_incident(
     status: str | None = None,
     reason: str | None = None,
     next_check_in_s: float | None = None,
-    fields: dict[str, Any] | None = None,
+    sira_decision: dict[str, Any] | None = None,
+    decided: bool = False,
+    pending_action: PendingAction | Keep | None = KEEP,
+    severity: str | None = None,
 ) -> bool:
     """Guarded change of one incident; False when it is no longer in `expected`.
 
     next_check_in_s: when the loop should look again (None: never, the incident is closed or
-    waits for a human). Closing statuses also set resolved_at."""
+    waits for a human). Closing statuses also set resolved_at. sira_decision, severity: set
+    when given; decided: stamp decided_at; pending_action: set (None clears it) unless KEEP."""
     expected_tuple = (expected,) if isinstance(expected, str) else expected
     sets = ["updated_at = now()"]
     params: dict[str, Any] = {"id": incident_id, "expected": list(expected_tuple)}
     if status is not None:
         sets.append("status = :status")
         params["status"] = status
-        if status in CLOSED_STATUSES:
+        if status in INCIDENT_CLOSED:
             sets.append("resolved_at = coalesce(resolved_at, clock_timestamp())")
         if status == "escalated":
             sets.append("escalated_at = coalesce(escalated_at, clock_timestamp())")
@@ -256,17 +268,19 @@ async def move_incident(
     else:
         sets.append("next_check_at = now() + make_interval(secs => :next_in)")
         params["next_in"] = next_check_in_s
-    for name, value in (fields or {}).items():
-        if name in ("sira_decision", "pending_action", "telemetry_snapshot"):
-            sets.append(f"{name} = CAST(:f_{name} AS jsonb)")
-            params[f"f_{name}"] = None if value is None else _json(value)
-        elif name == "decided_at":
-            sets.append("decided_at = now()")
-        elif name == "severity":
-            sets.append("severity = :f_severity")
-            params["f_severity"] = value
-        else:
-            raise ValueError(f"move_incident cannot set {name}")
+    if sira_decision is not None:
+        sets.append("sira_decision = CAST(:sira_decision AS jsonb)")
+        params["sira_decision"] = _json(sira_decision)
+    if decided:
+        sets.append("decided_at = now()")
+    if not isinstance(pending_action, Keep):
+        sets.append("pending_action = CAST(:pending_action AS jsonb)")
+        params["pending_action"] = (
+            None if pending_action is None else _json(pending_action.as_json())
+        )
+    if severity is not None:
+        sets.append("severity = :severity")
+        params["severity"] = severity
     result = await session.execute(
         text(
             f"UPDATE plugin_incidents SET {', '.join(sets)}"
@@ -308,14 +322,14 @@ async def insert_attempt(
     unique index: a job run twice cannot start two)."""
     result = await session.execute(
         text(
-            """
+            f"""
             INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, action,
                 from_version, to_version, status, automatic, decision_source, confidence,
                 requested_by)
             VALUES (:incident, :installation, :action, :from_version, :to_version, 'pending',
                     :automatic, :source, :confidence, :requested_by)
             ON CONFLICT (incident_id)
-                WHERE status IN ('pending', 'staging', 'applying', 'verifying')
+                WHERE status IN {ATTEMPT_IN_FLIGHT_SQL}
             DO NOTHING
             RETURNING id
             """

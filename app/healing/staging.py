@@ -1,4 +1,4 @@
-"""The worker's client of the staging runner (DESIGN.md, "Staging runner").
+"""The worker's client of the staging runner (docs/contracts.md, "Staging runner").
 
 Each call has one total deadline covering its retries (connect errors, timeouts and 5xx are
 retried with a short exponential backoff; 4xx is not). What the healing loop needs to tell

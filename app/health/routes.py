@@ -21,7 +21,8 @@ from app.core.metrics import (
     render_metrics,
 )
 from app.core.redis import decision_breaker_key, health_check_key
-from app.core.state import Services, services
+from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_OPEN_SQL
+from app.services import Services, services
 
 router = APIRouter(tags=["operations"])
 log = structlog.get_logger("selfheal.health")
@@ -155,10 +156,6 @@ async def metrics(request: Request) -> Response:
     return Response(payload, media_type=content_type)
 
 
-_OPEN = "('detected', 'deciding', 'awaiting_approval', 'blocked_by_policy', 'staging',"
-_OPEN += " 'applying', 'verifying', 'rolling_back', 'escalated')"
-
-
 async def update_healing_gauges(svc: Services) -> None:
     """What Prometheus alerts on (incidents waiting for ops, attempts under way, undelivered
     notifications), read at scrape time through indexed statuses: the workers keep no
@@ -167,13 +164,13 @@ async def update_healing_gauges(svc: Services) -> None:
         incidents = await conn.execute(
             text(
                 "SELECT status, severity, count(*) FROM plugin_incidents"
-                f" WHERE status IN {_OPEN} GROUP BY status, severity"
+                f" WHERE status IN {INCIDENT_OPEN_SQL} GROUP BY status, severity"
             )
         )
         attempts = await conn.execute(
             text(
                 "SELECT status, count(*) FROM plugin_autopatch_attempts"
-                " WHERE status IN ('pending', 'staging', 'applying', 'verifying') GROUP BY status"
+                f" WHERE status IN {ATTEMPT_IN_FLIGHT_SQL} GROUP BY status"
             )
         )
         outbox = await conn.execute(

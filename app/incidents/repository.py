@@ -17,10 +17,10 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.models import CLOSED_STATUSES_SQL
+from app.core.states import INCIDENT_CLOSED_SQL
 
 # Statuses in which an incident is over; any other status is open (see the partial index).
-CLOSED = CLOSED_STATUSES_SQL
+CLOSED = INCIDENT_CLOSED_SQL
 
 # The version to go back to for the installation `m` (a merchant_plugins row alias): its
 # known-good version (the last one healthy for a whole health window), else the version it ran

@@ -1,4 +1,4 @@
-"""Ops read API over incidents, attempts and KPIs (DESIGN.md, "Ops API")."""
+"""Ops read API over incidents, attempts and KPIs (docs/contracts.md, "Ops API")."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.errors import ApiError
 from app.core.models import INCIDENT_TYPES, SEVERITIES
-from app.core.state import services
-from app.healing import actions
 from app.incidents import queries
 from app.ops.security import OpsUser, require_role
+from app.services import services
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 
@@ -76,78 +74,6 @@ async def incident_detail(
     if incident is None:
         raise ApiError(404, "not_found", "no such incident")
     return incident
-
-
-class ApproveBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    comment: Annotated[str | None, Field(max_length=2000)] = None
-
-
-class ManualActionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    action: actions.ManualAction
-    patch_version: Annotated[
-        str | None, Field(max_length=128, pattern=r"^[0-9]+(\.[0-9]+){0,3}([-+.][0-9A-Za-z.+-]*)?$")
-    ] = None
-    comment: Annotated[str | None, Field(max_length=2000)] = None
-
-
-def _incident_key(incident_id: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(incident_id)
-    except ValueError:
-        raise ApiError(404, "not_found", "no such incident") from None
-
-
-def _refused(refused: actions.ActionRefused) -> ApiError:
-    code = {403: "forbidden", 404: "not_found", 409: "conflict"}.get(
-        refused.status, "validation_error"
-    )
-    return ApiError(refused.status, code, refused.message, field=refused.field)
-
-
-@router.post("/plugin-incidents/{incident_id}/approve")
-async def approve(
-    incident_id: str,
-    body: ApproveBody,
-    request: Request,
-    user: Annotated[OpsUser, Depends(require_role("operator"))],
-) -> dict[str, Any]:
-    """One vote for the exact action the incident waits to take (one per user; the user who
-    asked for the action cannot approve it). The healing loop re-checks the gate at once."""
-    key = _incident_key(incident_id)
-    try:
-        async with services(request).sessionmaker() as session, session.begin():
-            return await actions.approve(
-                session, key, actions.Operator(user.id, user.username), body.comment
-            )
-    except actions.ActionRefused as refused:
-        raise _refused(refused) from None
-
-
-@router.post("/plugin-incidents/{incident_id}/manual-action")
-async def manual_action(
-    incident_id: str,
-    body: ManualActionBody,
-    request: Request,
-    user: Annotated[OpsUser, Depends(require_role("operator"))],
-) -> dict[str, Any]:
-    """patch or rollback: becomes the incident's pending action, taken by the healing loop
-    through the policy gate, staging, apply and verification like any other (logged with the
-    user). ignore, resolve and escalate take effect at once."""
-    key = _incident_key(incident_id)
-    try:
-        async with services(request).sessionmaker() as session, session.begin():
-            return await actions.manual_action(
-                session,
-                key,
-                actions.Operator(user.id, user.username),
-                body.action,
-                body.patch_version,
-                body.comment,
-            )
-    except actions.ActionRefused as refused:
-        raise _refused(refused) from None
 
 
 @router.get("/autopatch-attempts")

@@ -6,7 +6,7 @@ endpoint's secret as printed by `selfheal notify add` (its UTF-8 bytes) and the 
 later; the `v1=` prefix leaves room for another scheme, and several comma-separated values
 are accepted by `verify` so a future rotation can send two.
 
-The same construction as the plugin signatures (DESIGN.md), minus method and path: the
+The same construction as the plugin signatures (docs/contracts.md), minus method and path: the
 receiver chose its URL, and proxies in front of it may rewrite the path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Maintenance windows and snoozes over the ops API (DESIGN.md: "Maintenance windows and
+"""Maintenance windows and snoozes over the ops API (README, "Maintenance windows and
 snoozes per installation or tenant suppress new incidents and are recorded").
 
 While a window is open (starts_at <= now() < ends_at), detection opens no new incident for its
@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.db import set_actor
 from app.core.errors import ApiError
-from app.core.state import services
 from app.ops.security import OpsUser, require_role
+from app.services import services
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 

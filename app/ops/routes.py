@@ -1,4 +1,4 @@
-"""The ops JSON API (DESIGN.md, "Ops API"). Bearer tokens; viewer < operator < admin."""
+"""The ops JSON API (docs/contracts.md, "Ops API"). Bearer tokens; viewer < operator < admin."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from fastapi import APIRouter, Depends, Request
 
 from app.core.db import set_actor
 from app.core.errors import ApiError
-from app.core.state import services
 from app.ops import repository
 from app.ops.schemas import Policy, PolicyUpdate
 from app.ops.security import OpsUser, require_role
+from app.services import services
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.crypto import new_api_token, token_digest
 from app.core.errors import ApiError
 from app.core.models import ROLES
-from app.core.state import services
+from app.services import services
 
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters

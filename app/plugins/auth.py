@@ -1,4 +1,4 @@
-"""Plugin request signatures (DESIGN.md, "Plugin authentication"):
+"""Plugin request signatures (docs/contracts.md, "Plugin authentication"):
 
     X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>
 
@@ -94,7 +94,7 @@ def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> st
 def response_signature(
     secret: bytes, status: int, path: str, body: bytes, *, timestamp: int | None = None
 ) -> dict[str, str]:
-    """X-Timestamp and X-Signature of a response to a plugin (DESIGN.md, "Plugin API"):
+    """X-Timestamp and X-Signature of a response to a plugin (docs/contracts.md, "Plugin API"):
     v1=<hex HMAC-SHA256(secret, "{timestamp}.{status code}.{path}.{raw body}")>."""
     stamp = str(int(time.time()) if timestamp is None else timestamp)
     message = f"{stamp}.{status}.{path}.".encode() + body

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.errors import ApiError, error_body
-from app.core.state import Services
 from app.plugins.routes import accept_heartbeat
+from app.services import Services
 
 log = structlog.get_logger("selfheal.http")
 

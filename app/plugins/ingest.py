@@ -13,7 +13,7 @@ While one batch is in the database the next one fills up, so under load batches 
 cost per heartbeat falls; with a single plugin the batch is one heartbeat and no wait is added.
 The reply is sent only after the commit: every 200 is durable.
 
-Raw psycopg, not the ORM: this is the hot path (STYLE.md)."""
+Raw psycopg, not the ORM: this is the hot path (docs/decisions.md, "Heartbeat ingest")."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from psycopg import errors as pg_errors
 
 from app.core.db import bounded, connection_liveness
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
-from app.core.models import CLOSED_STATUSES_SQL
 from app.core.pgjson import UnstorableValue, json_for_postgres
+from app.core.states import INCIDENT_CLOSED_SQL
 from app.plugins.schemas import Heartbeat
 
 log = structlog.get_logger("selfheal.ingest")
@@ -109,7 +109,7 @@ handed_out AS (
       AND (NOT c.automatic OR (SELECT p.autopatch_enabled FROM ops_policy p WHERE p.id = 1))
     RETURNING c.installation_id, c.id, c.type, c.payload, c.expires_at, c.created_at
 ),
--- Installations that should come back soon (DESIGN.md, adaptive next_heartbeat_s): an open
+-- Installations that should come back soon (docs/contracts.md, adaptive next_heartbeat_s): an open
 -- incident (which includes a change being applied or verified) or a command waiting for them.
 -- Both lookups are index ranges on partial indexes of open rows.
 urgent AS (
@@ -134,7 +134,7 @@ UNION ALL
 SELECT 1, installation_id, NULL, id, type, payload, expires_at, created_at FROM handed_out
 UNION ALL
 SELECT 2, installation_id, NULL, NULL, NULL, NULL, NULL, NULL FROM urgent
-""".replace("{closed}", CLOSED_STATUSES_SQL)
+""".replace("{closed}", INCIDENT_CLOSED_SQL)
 
 # Transient conflicts between two batches touching the same installations in another order.
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)

@@ -1,4 +1,4 @@
-"""The plugin-facing API (DESIGN.md, "Plugin API"). Handlers read the raw body themselves:
+"""The plugin-facing API (docs/contracts.md, "Plugin API"). Handlers read the raw body themselves:
 the signature covers the exact bytes, and the size cap must hold before parsing."""
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from app.core.errors import ApiError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.settings import Settings
-from app.core.state import Services, services
 from app.incidents.rules import Thresholds, looks_unhealthy
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
@@ -30,6 +29,7 @@ from app.plugins.ingest import IngestRejected, IngestUnavailable, InstallationGo
 from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
 from app.releases import repository as releases
 from app.releases.artifacts import ArtifactCapabilities
+from app.services import Services, services
 
 router = APIRouter(prefix="/api/plugins", tags=["plugins"])
 
@@ -125,9 +125,9 @@ def _thresholds(
 
 
 def next_heartbeat_s(settings: Settings, heartbeat: Heartbeat, urgent: bool) -> int:
-    """DESIGN.md, adaptive next_heartbeat_s: the configured interval, or SELFHEAL_HEARTBEAT_FAST_S
-    while the installation has an open incident, a command waiting or a change being verified
-    (`urgent`, read by the ingest statement), and for a heartbeat that itself crosses a
+    """docs/contracts.md, adaptive next_heartbeat_s: the configured interval, or
+    SELFHEAL_HEARTBEAT_FAST_S while the installation has an open incident, a command waiting or
+    a change being verified (`urgent`, read by the ingest statement), and for a heartbeat that itself crosses a
     threshold: detection will open an incident on it within a tick, and the plugin should not
     wait a whole interval to hear what to do."""
     fast = min(settings.heartbeat_fast_s, settings.heartbeat_interval_s)

@@ -7,15 +7,17 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from app.core import names
+
 # Counters are bigint in the database; anything above 2**53 cannot come from a real plugin.
 Counter = Annotated[int, Field(ge=0, le=2**53)]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 # 1.2.3, 1.2.3-rc.1, 2.0.0+build.5, 10.4: digits first, then a conservative charset.
 Version = Annotated[
     str,
-    Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+){0,3}([-+.][0-9A-Za-z.+-]*)?$"),
+    Field(min_length=1, max_length=64, pattern=names.VERSION_PATTERN),
 ]
-EnvName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")]
+EnvName = Annotated[str, Field(min_length=1, max_length=32, pattern=names.ENV_PATTERN)]
 
 
 class StrictModel(BaseModel):

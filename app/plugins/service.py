@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core import names
 from app.core.crypto import SecretBox, new_plugin_secret
 from app.core.errors import ApiError
 from app.plugins import repository
-
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
-_PLUGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}([-+.][0-9A-Za-z.+-]*)?$")
-_ENV = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +22,10 @@ class IssuedSecret:
 
 def check_registration(tenant: str, name: str, version: str, env: str) -> None:
     for label, value, pattern in (
-        ("tenant", tenant, _TENANT),
-        ("name", name, _PLUGIN),
-        ("version", version, _VERSION),
-        ("env", env, _ENV),
+        ("tenant", tenant, names.TENANT),
+        ("name", name, names.PLUGIN),
+        ("version", version, names.VERSION),
+        ("env", env, names.ENV),
     ):
         if not pattern.match(value):
             raise ValueError(f"--{label} {value!r} is not valid (expected {pattern.pattern})")

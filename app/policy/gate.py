@@ -28,9 +28,9 @@ Rules, each adding one human-readable reason when it blocks (all are reported, n
     vote; an approver is an enabled operator or admin who is not the requester.
 
 Decisions:
-- The kill switch stops automatic actions only. Autopatch is off by default and DESIGN.md has
-  incidents wait "blocked, for ops" while it is off, so a manual action (an operator asked)
-  must still be possible with it off; it goes through the blast-radius caps and approvals.
+- The kill switch stops automatic actions only. Autopatch is off by default and
+  docs/contracts.md has incidents wait "blocked, for ops" while it is off, so a manual action
+  (an operator asked) must still be possible with it off; it goes through the blast-radius caps and approvals.
 - The time-based cooldown applies to automatic actions only: it stands in for the human who
   would notice a plugin flapping between versions. An operator may roll back a patch that
   went out ten minutes ago; they may not start a second action on an installation that still
@@ -63,7 +63,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
 
 import orjson
 import structlog
@@ -71,12 +70,12 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.models import SEVERITIES
+from app.core.states import Action
 from app.policy import repository
 from app.policy.repository import PolicySnapshot
 
 log = structlog.get_logger("selfheal.policy")
 
-ActionKind = Literal["patch", "rollback"]
 APPROVER_ROLES = ("operator", "admin")
 _SEVERITY_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 _MAJOR = re.compile(r"^\s*[vV]?(\d+)")
@@ -88,7 +87,7 @@ class ProposedAction:
     installation_id: uuid.UUID
     tenant_id: str
     plugin_name: str
-    action: ActionKind
+    action: Action  # PATCH or ROLLBACK (states.CHANGES)
     from_version: str | None
     to_version: str
     severity: str

@@ -11,9 +11,7 @@ from decimal import Decimal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# Attempts that may still change production. Everything else is an outcome.
-IN_FLIGHT_STATUSES = ("pending", "staging", "applying", "verifying")
-_IN_FLIGHT = "('pending', 'staging', 'applying', 'verifying')"
+from app.core.states import ATTEMPT_IN_FLIGHT_SQL
 
 # One key for every gate evaluation (advisory locks are per database).
 _GATE_LOCK_KEY = "selfheal.policy_gate"
@@ -122,7 +120,7 @@ async def count_in_flight_attempts(
             "SELECT count(*) AS fleet, count(*) FILTER (WHERE mp.tenant_id = :tenant) AS tenant"
             " FROM plugin_autopatch_attempts a"
             " LEFT JOIN merchant_plugins mp ON mp.id = a.installation_id"
-            f" WHERE a.status IN {_IN_FLIGHT}"
+            f" WHERE a.status IN {ATTEMPT_IN_FLIGHT_SQL}"
             "  AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid))"
         ),
         {"tenant": tenant_id, "excluding": excluding},
@@ -137,7 +135,7 @@ async def installation_has_attempt_in_flight(
     result = await session.execute(
         text(
             "SELECT EXISTS (SELECT 1 FROM plugin_autopatch_attempts a"
-            f"  WHERE a.installation_id = :installation AND a.status IN {_IN_FLIGHT}"
+            f"  WHERE a.installation_id = :installation AND a.status IN {ATTEMPT_IN_FLIGHT_SQL}"
             "   AND (CAST(:excluding AS uuid) IS NULL OR a.id <> CAST(:excluding AS uuid)))"
         ),
         {"installation": installation_id, "excluding": excluding},

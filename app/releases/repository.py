@@ -54,7 +54,7 @@ class ReleaseRow:
         return expires_at is not None and now < expires_at
 
     def payload(self, base_url: str | None = None) -> dict[str, str]:
-        """The update/rollback command payload of DESIGN.md, exactly these keys. An artifact
+        """The update/rollback command payload of docs/contracts.md, exactly these keys. An artifact
         the control plane serves itself is stored as a path (`served_path`); `base_url` (the
         API as plugins reach it) makes it absolute."""
         url = self.artifact_url

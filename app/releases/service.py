@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.plugins.service import _PLUGIN, _VERSION
+from app.core import names
 from app.releases import repository
 from app.releases.repository import (
     ReleaseRow,
@@ -68,7 +68,10 @@ class AddedRelease:
 def check_release(plugin: str, version: str) -> None:
     """The plugin name and version rules of registration: a release must be nameable by the
     installations that will run it. ValueError names the option."""
-    for label, value, pattern in (("plugin", plugin, _PLUGIN), ("version", version, _VERSION)):
+    for label, value, pattern in (
+        ("plugin", plugin, names.PLUGIN),
+        ("version", version, names.VERSION),
+    ):
         if not pattern.match(value):
             raise ValueError(f"--{label} {value!r} is not valid (expected {pattern.pattern})")
 

@@ -1,5 +1,5 @@
 """Release signatures: what `selfheal release add` signs and what a plugin checks before it
-applies an update or a rollback (DESIGN.md, "Plugin API", update/rollback payloads).
+applies an update or a rollback (docs/contracts.md, "Plugin API", update/rollback payloads).
 
 The signed statement is canonical JSON (sorted keys, no spaces, UTF-8):
 

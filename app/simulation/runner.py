@@ -6,7 +6,11 @@ Life of a self-started run: embedded services (or DATABASE_URL / REDIS_URL), mig
 temporary signing key, the simulated plugin's releases, the reference decision service and
 staging runner (with the truth file), the API and a worker; the policy for the run's
 tenants; the fleet for --duration; a bounded drain; the report; then everything stops in
-order (also on Ctrl-C / SIGTERM): fleet, worker, API, reference services, embedded services."""
+order (also on Ctrl-C / SIGTERM): fleet, worker, API, reference services, embedded services.
+
+Over 600 lines: the run's stages in the order they happen (start, set the policy, drive, drain,
+report, stop in reverse order); each stage is a function, and cleanup on Ctrl-C needs all of
+them in one supervisor."""
 
 from __future__ import annotations
 
@@ -46,6 +50,13 @@ from app.simulation.services import (
     stop_children,
     wait_http,
     workers_ok,
+)
+from app.startup import (
+    describe,
+    load_settings,
+    migrate_database,
+    running_services,
+    terminate_on_sigterm,
 )
 from sim.artifacts import build_plugin_artifact
 from sim.fleet.fleet import Fleet, fleet_log_to
@@ -290,8 +301,6 @@ def _new_run_id() -> str:
 def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """The event loop of a run (uvloop when available); SIGTERM handling as `up` has it
     is put back afterwards, for the embedded services' clean stop."""
-    from app.cli import _terminate_on_sigterm
-
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if sys.platform != "win32":
         with contextlib.suppress(ImportError):
@@ -302,15 +311,13 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(main())
     finally:
-        _terminate_on_sigterm()
+        terminate_on_sigterm()
 
 
 # --- selfheal simulate -----------------------------------------------------------------------
 
 
 def simulate(options: SimulateOptions) -> int:
-    from app.cli import _terminate_on_sigterm, load_settings, run_migrations, running_services
-
     console = make_console(soft_wrap=False)
     try:
         scenario, scenario_path = load_scenario(options.scenario)
@@ -335,14 +342,14 @@ def simulate(options: SimulateOptions) -> int:
         # Its own data dir: a simulation does not mix with `selfheal up`'s data. With --url
         # it is SELFHEAL_DATA_DIR's, so that it joins `selfheal up`'s embedded PostgreSQL.
         os.environ["SELFHEAL_DATA_DIR"] = str(SIM_DATA_DIR)
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     settings = load_settings()
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     run_id = _new_run_id()
     try:
         with running_services(settings, redis=self_started) as settings:
             if self_started:
-                run_migrations(settings)
+                migrate_database(settings)
             run = SimulateRun(settings, console, options, plan, scenario_path, run_id, seed)
             return _run_async(run.main)
     except KeyboardInterrupt:
@@ -669,22 +676,14 @@ def _check_reachable(base_url: str) -> None:
 
 
 def demo(port: int | None) -> int:
-    from app.cli import (
-        _describe,
-        _terminate_on_sigterm,
-        load_settings,
-        run_migrations,
-        running_services,
-    )
-
     console = make_console(soft_wrap=True)
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     settings = load_settings()
     code = 0
     try:
         with running_services(settings) as settings:
-            _describe(settings)
-            run_migrations(settings)
+            describe(settings)
+            migrate_database(settings)
             code = _run_async(DemoRun(settings, console, port or settings.port).main)
     except KeyboardInterrupt:
         code = 0

@@ -1,24 +1,25 @@
-"""Test doubles for the plugin_client tests (no tests here): a fake control plane served by
-uvicorn on loopback, a release signer with a real Ed25519 key, and archive builders.
+"""Fake peers that tests talk to over loopback.
 
-The fake control plane checks every request signature independently of plugin_client (plain
-hmac), validates heartbeats with the real server schema (app/plugins/schemas.py: strict types,
-unknown fields refused), signs its 200 answers (or deliberately does not), hands out scripted
-commands, serves artifacts, and records acks and fails."""
+- FakeControlPlane: the control plane as plugin_client sees it, served by uvicorn in a thread.
+  It checks every request signature independently of plugin_client (plain hmac), validates
+  heartbeats with the real server schema (app/plugins/schemas.py: strict types, unknown fields
+  refused), signs its 200 answers (or deliberately does not), hands out scripted commands
+  (`command`), serves artifacts, and records acks and fails. `agent_options` are the arguments
+  of an agent of its installation.
+- Receiver: a webhook receiver (a raw asyncio server) that records every request and answers
+  as told."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import contextlib
 import hashlib
 import hmac
-import io
 import json
 import socket
-import tarfile
 import threading
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,9 +27,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,10 +36,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.plugins.schemas import Heartbeat
+from tests.support.artifacts import PLUGIN, ReleaseSigner
+from tests.support.ports import free_port
 
-PLUGIN = "erp_crm"
 SECRET = "test-secret-Zk3u9-0123456789abcdef"
-FAR_FUTURE = "2099-01-01T00:00:00Z"
 
 
 def sign_message(secret: str, timestamp: str, middle: str, path: str, body: bytes) -> str:
@@ -87,7 +87,7 @@ class FakeControlPlane:
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
-        self.port = _free_port()
+        self.port = free_port()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.app = Starlette(
@@ -283,12 +283,6 @@ class FakeControlPlane:
         return Response(data, 200, media_type="application/octet-stream")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running(cp: FakeControlPlane) -> Iterator[FakeControlPlane]:
     cp.start()
@@ -296,57 +290,6 @@ def running(cp: FakeControlPlane) -> Iterator[FakeControlPlane]:
         yield cp
     finally:
         cp.stop()
-
-
-# -- releases ------------------------------------------------------------------------------
-
-
-def canonical(data: dict[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-class ReleaseSigner:
-    """A release manager's key: signs statements the way `selfheal release add` does."""
-
-    def __init__(self) -> None:
-        self.key = Ed25519PrivateKey.generate()
-
-    @property
-    def public_b64(self) -> str:
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return base64.b64encode(raw).decode()
-
-    def sign(self, statement: str) -> str:
-        return base64.b64encode(self.key.sign(statement.encode())).decode()
-
-    def payload(
-        self,
-        data: bytes,
-        *,
-        version: str,
-        artifact_url: str,
-        plugin: str = PLUGIN,
-        expires_at: str = FAR_FUTURE,
-    ) -> dict[str, Any]:
-        sha256 = hashlib.sha256(data).hexdigest()
-        statement = canonical(
-            {
-                "v": 1,
-                "plugin": plugin,
-                "version": version,
-                "sha256": sha256,
-                "expires_at": expires_at,
-            }
-        )
-        return {
-            "version": version,
-            "artifact_url": artifact_url,
-            "sha256": sha256,
-            "signature": self.sign(statement),
-            "signed": statement,
-        }
 
 
 def command(
@@ -362,60 +305,6 @@ def command(
         "payload": payload,
         "expires_at": (datetime.now(UTC) + timedelta(seconds=expires_in_s)).isoformat(),
     }
-
-
-# -- archives ------------------------------------------------------------------------------
-
-
-def plugin_files(version: str, *, marker: str = "") -> dict[str, bytes]:
-    return {
-        "plugin.yaml": (
-            f'name: "{PLUGIN}"\nversion: "{version}"\nentry_point: "src.main:Plugin"\n'
-        ).encode(),
-        "src/main.py": f"VERSION = {version!r}\nMARKER = {marker!r}\n".encode(),
-    }
-
-
-def tar_gz(files: dict[str, bytes], *, top: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def tar_with(members: list[tarfile.TarInfo], data: bytes = b"x") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for info in members:
-            if info.isfile():
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                tar.addfile(info)
-    return buffer.getvalue()
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as bundle:
-        for name, data in files.items():
-            bundle.writestr(name, data)
-    return buffer.getvalue()
-
-
-def release_folder(root: Path, version: str) -> Path:
-    """A FolderUpdater root holding `version` as current (what an installer leaves)."""
-    folder = root / "versions" / version
-    for name, data in plugin_files(version).items():
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    (root / "current").symlink_to(f"versions/{version}")
-    return folder
 
 
 def agent_options(
@@ -434,3 +323,79 @@ def agent_options(
     }
     options.update(overrides)
     return options
+
+
+# -- a webhook receiver ---------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> dict[str, Any]:
+        data: dict[str, Any] = orjson.loads(self.body)
+        return data
+
+
+@dataclass
+class Receiver:
+    """HTTP/1.1 on loopback, one request per connection. Each path answers 200 unless told
+    otherwise: `answer(path, 500, 500)` queues answers, `always[path] = 400` fixes one,
+    `delay_s[path]` holds the answer back."""
+
+    requests: list[Received] = field(default_factory=list)
+    plans: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+    always: dict[str, int] = field(default_factory=dict)
+    delay_s: dict[str, float] = field(default_factory=dict)
+    port: int = 0
+    server: asyncio.Server | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def answer(self, path: str, *statuses: int, headers: dict[str, str] | None = None) -> None:
+        self.plans.setdefault(path, []).extend((status, headers or {}) for status in statuses)
+
+    def to(self, path: str) -> list[Received]:
+        return [request for request in self.requests if request.path == path]
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await reader.readline()
+            if not request_line:
+                return
+            _, path, _ = request_line.decode().split(" ", 2)
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            self.requests.append(Received(path, headers, body, time.time()))
+            if self.delay_s.get(path):
+                await asyncio.sleep(self.delay_s[path])
+            plan = self.plans.get(path)
+            status, extra = plan.pop(0) if plan else (self.always.get(path, 200), {})
+            reply = b"ok" if status < 300 else f"error {status} from receiver".encode()
+            head = f"HTTP/1.1 {status} Whatever\r\nContent-Length: {len(reply)}\r\n"
+            head += "Content-Type: text/plain\r\nConnection: close\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+            writer.write(head.encode() + b"\r\n" + reply)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()

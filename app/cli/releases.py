@@ -1,9 +1,5 @@
-"""`selfheal keys ...` and `selfheal release ...` (DESIGN.md, "Command line").
-
-The helpers of app/cli.py are imported inside the commands: app/cli.py imports this module to
-register the sub-commands, and `python -m app.cli` runs app/cli.py as `__main__`, so a
-module-level import back would be circular. Heavy modules (SQLAlchemy, cryptography) are
-imported late too, so `selfheal --help` stays quick."""
+"""`selfheal keys ...` and `selfheal release ...`: the release signing key, signed releases and
+their quarantine (docs/contracts.md, "Command line")."""
 
 from __future__ import annotations
 
@@ -14,14 +10,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 import orjson
 import typer
 
+from app.cli._common import (
+    JsonOption,
+    fail,
+    load_settings,
+    print_result,
+    running_services,
+    signer_or_fail,
+    with_database,
+)
+from app.releases.signing import SigningKeyError, generate_key, key_path, load_signer
+
 if TYPE_CHECKING:
     from app.releases.repository import ReleaseRow
-    from app.releases.signing import Signer
 
 keys_cli = typer.Typer(help="The release signing key (Ed25519).", no_args_is_help=True)
 release_cli = typer.Typer(help="Signed plugin releases and quarantine.", no_args_is_help=True)
 
-_JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
 _PLUGIN = Annotated[str, typer.Option("--plugin", help="Plugin name")]
 _VERSION = Annotated[str, typer.Option("--version", help="Plugin version")]
 
@@ -35,15 +40,12 @@ def keys_generate(
             help="Replace an existing key (plugins pinning the old key then refuse new releases)",
         ),
     ] = False,
-    as_json: _JSON = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Create the release signing key (if missing) and print the public key plugins pin.
 
     The key file is SELFHEAL_SIGNING_KEY_FILE, or keys/release-signing.pem under
     SELFHEAL_DATA_DIR. Keep it on the release manager's machine: only `release add` uses it."""
-    from app.cli import _print, fail, load_settings
-    from app.releases.signing import SigningKeyError, generate_key, key_path, load_signer
-
     path = key_path(load_settings()).absolute()
     created = True
     try:
@@ -58,7 +60,7 @@ def keys_generate(
         raise fail(f"{path} appeared meanwhile; run the command again", code=1) from None
     except OSError as exc:
         raise fail(f"cannot write the key file {path}: {exc}", code=1) from None
-    _print(
+    print_result(
         {"public_key": signer.public_key_b64, "key_file": str(path), "created": created},
         as_json,
         (
@@ -68,16 +70,6 @@ def keys_generate(
             else "The key exists already and was not changed (--force replaces it)."
         ),
     )
-
-
-def _signer_or_fail(path: Path) -> Signer:
-    from app.cli import fail
-    from app.releases.signing import SigningKeyError, load_signer
-
-    try:
-        return load_signer(path)
-    except SigningKeyError as exc:
-        raise fail(str(exc), code=1) from None
 
 
 def _release_json(release: ReleaseRow) -> dict[str, Any]:
@@ -116,15 +108,15 @@ def release_add(
         bool,
         typer.Option("--renew", help="Sign an existing release again (a new expiry)"),
     ] = False,
-    as_json: _JSON = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Hash ARTIFACT, sign (plugin, version, sha256, expiry) and record the release.
 
     Adding the same artifact again changes nothing (unless its signature expired, was made by
     another key, or --renew); a different artifact under a released version is refused."""
-    from app.cli import _print, _with_database, fail, load_settings, running_services
+    # Imported here, not at the top: the service loads SQLAlchemy (~0.5 s) that
+    # `selfheal --help` and `keys generate` should not pay.
     from app.releases.service import ReleaseConflict, add_release, check_release
-    from app.releases.signing import key_path
 
     try:
         check_release(plugin, version)
@@ -133,10 +125,10 @@ def release_add(
     if not artifact.is_file():
         raise fail(f"--artifact {artifact}: no such file")
     settings = load_settings()
-    signer = _signer_or_fail(key_path(settings))
+    signer = signer_or_fail(key_path(settings))
     with running_services(settings, redis=False) as settings:
         try:
-            added = _with_database(
+            added = with_database(
                 settings,
                 lambda s: add_release(
                     s,
@@ -156,7 +148,7 @@ def release_add(
             raise fail(str(exc)) from None
     data = _release_json(added.release)
     del data["quarantined_at"], data["quarantine_reason"], data["created_at"]
-    _print(
+    print_result(
         {**data, "status": added.outcome, "public_key": signer.public_key_b64},
         as_json,
         {
@@ -170,14 +162,14 @@ def release_add(
 @release_cli.command("list")
 def release_list(
     plugin: Annotated[str | None, typer.Option("--plugin", help="Only this plugin")] = None,
-    as_json: _JSON = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Releases, newest version first per plugin, with expiry and quarantine."""
-    from app.cli import _with_database, load_settings, running_services
+    # Imported here, not at the top: SQLAlchemy (~0.3 s), as in release_add.
     from app.releases.repository import list_releases
 
     with running_services(load_settings(), redis=False) as settings:
-        rows = _with_database(settings, lambda s: list_releases(s, plugin))
+        rows = with_database(settings, lambda s: list_releases(s, plugin))
     releases = [_release_json(row) for row in rows]
     if as_json:
         sys.stdout.write(orjson.dumps({"releases": releases}).decode() + "\n")
@@ -197,7 +189,9 @@ def release_list(
 
 
 def _quarantine_change(plugin: str, version: str, reason: str | None, as_json: bool) -> None:
-    from app.cli import _print, _with_database, fail, load_settings, running_services
+    """Quarantine (`reason` given) or release from quarantine one release, and say what
+    changed."""
+    # Imported here, not at the top: SQLAlchemy (~0.3 s), as in release_add.
     from app.releases import repository
 
     async def work(session: Any) -> tuple[bool, ReleaseRow | None]:
@@ -208,10 +202,10 @@ def _quarantine_change(plugin: str, version: str, reason: str | None, as_json: b
         return changed, await repository.get_release(session, plugin, version)
 
     with running_services(load_settings(), redis=False) as settings:
-        changed, release = _with_database(settings, work)
+        changed, release = with_database(settings, work)
     if release is None:
         raise fail(f"no release {plugin} {version} (see `selfheal release list`)", code=1)
-    _print(
+    print_result(
         {
             "plugin": plugin,
             "version": version,
@@ -234,18 +228,16 @@ def release_quarantine(
     plugin: _PLUGIN,
     version: _VERSION,
     reason: Annotated[str, typer.Option("--reason", help="Why (shown to operators)")],
-    as_json: _JSON = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Stop the healing loop from choosing this version automatically (an operator may still
     apply it by hand)."""
-    from app.cli import fail
-
     if not reason.strip():
         raise fail("--reason must not be empty")
     _quarantine_change(plugin, version, reason.strip(), as_json)
 
 
 @release_cli.command("unquarantine")
-def release_unquarantine(plugin: _PLUGIN, version: _VERSION, as_json: _JSON = False) -> None:
+def release_unquarantine(plugin: _PLUGIN, version: _VERSION, as_json: JsonOption = False) -> None:
     """Make a quarantined version a candidate again."""
     _quarantine_change(plugin, version, None, as_json)

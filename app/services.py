@@ -1,4 +1,5 @@
-"""What the lifespan creates and hands to request handlers, typed."""
+"""What the lifespan creates and hands to request handlers, typed. Above the domain packages
+(it holds their authenticator and batcher), beside main.py, so that app/core stays a leaf."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from app.core.crypto import SecretBox
 from app.core.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # names only: main.py creates them; every route package imports this module
     from app.plugins.auth import PluginAuthenticator
     from app.plugins.ingest import HeartbeatBatcher
 

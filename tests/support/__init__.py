@@ -1,0 +1,29 @@
+"""Shared test infrastructure: what several test modules, tests/conftest.py's fixtures and the
+bench/ scripts build on. No fixtures live here (pytest finds them in tests/conftest.py, which
+imports their building blocks from here), no tests, and nothing imports pytest or a test
+module; no test module imports another.
+
+- settings.py: REPO, TEST_SECRET_KEY, make_settings, and settings_env (the environment that
+  hands settings to a child process).
+- ports.py: free_port.
+- databases.py: Servers (the PostgreSQL and Redis of a session), raw psycopg connections
+  (connect), databases created and dropped (create_database, drop_database, with_database,
+  libpq), the session template's names and copies, clean_redis for a key prefix.
+- api.py: an API instance in process (serve) or listening on loopback (serve_http).
+- processes.py: descendants (a supervisor's process tree) and running_worker (a real
+  `selfheal worker`).
+- services.py: Server / running for the reference decision service and staging runner, and
+  their tokens (SIRA_TOKEN, RUNNER_TOKEN).
+- personas.py: Persona and make_user (ops users and their bearer tokens).
+- plugins.py: signed plugin requests: signed_headers, Plugin, register, heartbeat_body,
+  send_heartbeat, HEARTBEAT.
+- detection.py: tick (one detection pass) and beat (a heartbeat with threshold telemetry).
+- decisions.py: incident (IncidentFacts for the decision client) and DETECTED.
+- healing.py: the in-process healing loop harness: healing_settings, Loop, healing_loop,
+  add_release, beat, ack, enable_autopatch and the incident / attempt / command readers.
+- cli.py: the `selfheal` console script as a subprocess (SELFHEAL, runner, one_json_object).
+- fakes.py: fake peers on loopback: FakeControlPlane (plugin_client's control plane, with
+  command and agent_options) and Receiver (a webhook receiver).
+- artifacts.py: ReleaseSigner and the archive builders of the plugin_client tests (PLUGIN,
+  canonical, plugin_files, tar_gz, tar_with, zip_bytes, release_folder).
+"""

@@ -1,0 +1,63 @@
+"""Child processes of tests: the tree a supervisor started, and a real `selfheal worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import psutil
+from redis import Redis as SyncRedis
+
+from app.core.settings import Settings
+from tests.support.settings import REPO, settings_env
+
+
+def descendants(pid: int) -> list[tuple[psutil.Process, str]]:
+    """The processes `pid` started, directly or not, with their command lines.
+
+    A process that exits while we look (gone, or a zombie not yet reaped) is skipped:
+    the tree of a running supervisor changes under us.
+    """
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            found.append((child, " ".join(child.cmdline())))
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            continue
+    return found
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A real `selfheal worker` process on the test's database and Redis prefix; stopped with
+    SIGTERM (its graceful shutdown) when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"], env=settings_env(settings), cwd=REPO
+    )
+    key = f"{settings.redis_prefix}arq:queue:health-check"
+    client = SyncRedis.from_url(settings.redis_url or "")
+    try:
+        deadline = time.monotonic() + 20
+        while not client.exists(key):
+            assert proc.poll() is None, f"selfheal worker exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "selfheal worker did not report healthy"
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("selfheal worker did not stop within 20 s of SIGTERM") from None
+        assert proc.returncode == 0, f"selfheal worker exited with {proc.returncode}"
