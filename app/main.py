@@ -21,12 +21,12 @@ from app.healing.routes import router as healing_router
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
 from app.incidents.routes import router as incidents_router
-from app.ops.maintenance import router as maintenance_router
-from app.ops.routes import router as ops_router
+from app.maintenance.routes import router as maintenance_router
 from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
 from app.plugins.fastpath import HeartbeatFastPath
 from app.plugins.ingest import HeartbeatBatcher
 from app.plugins.routes import router as plugins_router
+from app.policy.routes import router as policy_router
 from app.services import Services
 
 _POOL_GAUGE_EVERY_S = 5.0
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plugins_router)
-    app.include_router(ops_router)
+    app.include_router(policy_router)
     app.include_router(incidents_router)
     app.include_router(healing_router)
     app.include_router(maintenance_router)

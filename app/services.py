@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,3 +34,12 @@ class Services:
 def services(request: Request) -> Services:
     found: Services = request.app.state.services
     return found
+
+
+@contextlib.asynccontextmanager
+async def transaction(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session in one transaction, for a request handler: committed when the block ends,
+    rolled back if it raises. Explicit rather than a FastAPI dependency with `yield`, so the
+    commit happens (and can fail with a 503) before the answer is sent."""
+    async with services(request).sessionmaker() as session, session.begin():
+        yield session

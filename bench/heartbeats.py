@@ -48,7 +48,7 @@ import psycopg  # noqa: E402
 from app.cli import run_migrations  # noqa: E402
 from app.core.crypto import SecretBox, new_plugin_secret  # noqa: E402
 from app.core.settings import Settings, libpq_url  # noqa: E402
-from app.plugins.auth import sign  # noqa: E402
+from app.plugins.signatures import sign  # noqa: E402
 from tests.support.databases import (  # noqa: E402
     clean_redis,
     create_database,
@@ -245,7 +245,7 @@ def generate_requests(plugins: list[Plugin], path: Path, first_seq: int, count: 
 
 
 def self_check(plugins: list[Plugin], path: Path) -> None:
-    """The first generated line must verify with app.plugins.auth.sign and parse."""
+    """The first generated line must verify with app.plugins.signatures.sign and parse."""
     from app.plugins.schemas import Heartbeat
 
     with path.open("rb") as f:

@@ -432,7 +432,7 @@ async def test_telemetry_counted_while_the_api_is_down_arrives_once_it_is_back(
 
 def test_signed_response_helpers_agree(defaults):
     """The client's response check and the server's response signature are one format."""
-    from app.plugins.auth import response_signature
+    from app.plugins.signatures import response_signature
     from plugin_client import sign_response
 
     body = b'{"commands":[]}'

@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from app.core.db import create_engine, create_sessionmaker
 from app.core.settings import Settings, libpq_url
 from app.incidents.detection import TickResult, detect_once
-from app.incidents.fleet import open_fleet_incidents
-from app.incidents.repository import Group
+from app.incidents.repository import Group, open_fleet_incidents
 
 
 async def tick(settings: Settings) -> TickResult:

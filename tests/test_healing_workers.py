@@ -25,6 +25,7 @@ from sqlalchemy import text
 from app.core.db import create_engine, create_sessionmaker
 from app.core.settings import Settings, libpq_url
 from app.healing import repository as repo
+from app.plugins.repository import insert_command
 from app.policy import repository as policy_repo
 from app.policy.gate import ProposedAction, evaluate
 from tests.support.healing import (
@@ -332,7 +333,7 @@ async def enqueue_as_fast_as_possible(
                         requested_by="worker",
                     )
                     assert attempt_id is not None
-                    await repo.insert_command(
+                    await insert_command(
                         session,
                         installation_id=uuid.UUID(plugin.id),
                         attempt_id=attempt_id,

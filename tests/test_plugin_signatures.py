@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
-from app.plugins.auth import sign
 from app.plugins.service import rotate_secret
+from app.plugins.signatures import sign
 from tests.support.api import serve
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body
 

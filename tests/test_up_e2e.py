@@ -18,7 +18,7 @@ import psutil
 import psycopg
 
 from app.embedded import EmbeddedServices
-from app.plugins.auth import sign
+from app.plugins.signatures import sign
 from tests.support.plugins import HEARTBEAT, heartbeat_body
 from tests.support.processes import descendants
 

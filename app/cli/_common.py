@@ -8,14 +8,17 @@ they are re-exported here so that a command module imports its helpers from one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 
+from app.core.errors import DomainError, Invalid
 from app.core.settings import Settings
 from app.releases.signing import Signer, SigningKeyError, load_signer
 from app.startup import (
@@ -34,8 +37,10 @@ __all__ = [
     "fail",
     "load_settings",
     "migrate_database",
+    "parse_id",
     "print_result",
     "reporting_database_errors",
+    "reporting_domain_errors",
     "running_services",
     "signer_or_fail",
     "terminate_on_sigterm",
@@ -62,8 +67,28 @@ def with_database(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
         finally:
             await engine.dispose()
 
-    with reporting_database_errors(settings):
+    with reporting_database_errors(settings), reporting_domain_errors():
         return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def reporting_domain_errors() -> Iterator[None]:
+    """Where the CLI maps a DomainError (app/core/errors.py): its message on stderr, exit code 2
+    for invalid input (as for a usage error), 1 for the rest (not found, conflict, refused)."""
+    try:
+        yield
+    except Invalid as exc:
+        raise fail(exc.message) from None
+    except DomainError as exc:
+        raise fail(exc.message, code=1) from None
+
+
+def parse_id(value: str, what: str) -> uuid.UUID:
+    """A command-line argument that must be a UUID, or exit 2 naming `what` it should be."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise fail(f"{value!r} is not {what} (a UUID)") from None
 
 
 def print_result(data: dict[str, Any], as_json: bool, note: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import uuid
 from typing import Annotated
 
 import orjson
@@ -11,9 +10,10 @@ import typer
 
 from app.cli._common import (
     JsonOption,
-    fail,
     load_settings,
+    parse_id,
     print_result,
+    reporting_domain_errors,
     running_services,
     with_database,
 )
@@ -43,19 +43,14 @@ def notify_add(
     # `selfheal --help` and the other commands should not pay.
     from app.notifications.service import add_endpoint, check_url, parse_events
 
-    try:
+    with reporting_domain_errors():
         check_url(url)
         names = parse_events(events)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
     with running_services(load_settings(), redis=False) as settings:
         box = SecretBox(settings.secret_key)
-        try:
-            issued = with_database(
-                settings, lambda s: add_endpoint(s, box, url=url, tenant_id=tenant, events=names)
-            )
-        except LookupError as exc:
-            raise fail(str(exc), code=1) from None
+        issued = with_database(
+            settings, lambda s: add_endpoint(s, box, url=url, tenant_id=tenant, events=names)
+        )
     endpoint = issued.endpoint
     data = {
         "id": str(endpoint.id),
@@ -108,14 +103,8 @@ def notify_disable(
     # Imported here, not at the top: SQLAlchemy (~0.5 s), as in notify_add.
     from app.notifications.service import disable_endpoint
 
-    try:
-        parsed = uuid.UUID(endpoint_id)
-    except ValueError:
-        raise fail(f"{endpoint_id!r} is not an endpoint id (a UUID)") from None
+    parsed = parse_id(endpoint_id, "an endpoint id")
     with running_services(load_settings(), redis=False) as settings:
-        try:
-            _, dropped = with_database(settings, lambda s: disable_endpoint(s, parsed))
-        except LookupError as exc:
-            raise fail(str(exc), code=1) from None
+        _, dropped = with_database(settings, lambda s: disable_endpoint(s, parsed))
     plural = "y" if dropped == 1 else "ies"
     typer.echo(f"endpoint {parsed} disabled ({dropped} pending deliver{plural} given up)")

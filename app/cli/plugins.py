@@ -3,7 +3,6 @@ signing secrets."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +12,9 @@ from app.cli._common import (
     JsonOption,
     fail,
     load_settings,
+    parse_id,
     print_result,
+    reporting_domain_errors,
     running_services,
     signer_or_fail,
     with_database,
@@ -50,12 +51,10 @@ def plugin_register(
     # Imported here, not at the top: the services load SQLAlchemy (~0.5 s) that
     # `selfheal --help` and the other commands should not pay.
     from app.plugins.service import check_registration, register_installation
-    from app.releases.service import ReleaseConflict, add_release
+    from app.releases.service import add_release
 
-    try:
+    with reporting_domain_errors():
         check_registration(tenant, name, version, env)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
     if artifact is not None and not artifact.is_file():
         raise fail(f"--artifact {artifact}: no such file")
     settings = load_settings()
@@ -81,12 +80,7 @@ def plugin_register(
 
     with running_services(settings, redis=False) as settings:
         box = SecretBox(settings.secret_key)
-        try:
-            issued = with_database(settings, register)
-        except ReleaseConflict as exc:
-            raise fail(str(exc), code=1) from None
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+        issued = with_database(settings, register)
     release = {"release": added[0].outcome, "sha256": added[0].release.sha256} if added else {}
     print_result(
         {
@@ -118,19 +112,13 @@ def plugin_rotate_secret(
     # Imported here, not at the top: SQLAlchemy (~0.5 s), as in plugin_register.
     from app.plugins.service import rotate_secret
 
-    try:
-        installation_id = uuid.UUID(plugin_id)
-    except ValueError:
-        raise fail(f"{plugin_id!r} is not an installation id (a UUID)") from None
+    installation_id = parse_id(plugin_id, "an installation id")
     with running_services(load_settings(), redis=False) as settings:
         grace = settings.secret_grace_s if grace_s is None else grace_s
         box = SecretBox(settings.secret_key)
-        try:
-            issued = with_database(
-                settings, lambda s: rotate_secret(s, box, installation_id, grace_s=grace)
-            )
-        except LookupError as exc:
-            raise fail(str(exc), code=1) from None
+        issued = with_database(
+            settings, lambda s: rotate_secret(s, box, installation_id, grace_s=grace)
+        )
     print_result(
         {
             "plugin_id": str(issued.plugin_id),

@@ -15,6 +15,7 @@ from app.cli._common import (
     fail,
     load_settings,
     print_result,
+    reporting_domain_errors,
     running_services,
     signer_or_fail,
     with_database,
@@ -116,36 +117,29 @@ def release_add(
     another key, or --renew); a different artifact under a released version is refused."""
     # Imported here, not at the top: the service loads SQLAlchemy (~0.5 s) that
     # `selfheal --help` and `keys generate` should not pay.
-    from app.releases.service import ReleaseConflict, add_release, check_release
+    from app.releases.service import add_release, check_release
 
-    try:
+    with reporting_domain_errors():
         check_release(plugin, version)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
     if not artifact.is_file():
         raise fail(f"--artifact {artifact}: no such file")
     settings = load_settings()
     signer = signer_or_fail(key_path(settings))
     with running_services(settings, redis=False) as settings:
-        try:
-            added = with_database(
-                settings,
-                lambda s: add_release(
-                    s,
-                    signer,
-                    plugin=plugin,
-                    version=version,
-                    artifact=artifact,
-                    url=url,
-                    valid_days=valid_days,
-                    renew=renew,
-                    max_bytes=settings.artifact_max_bytes,
-                ),
-            )
-        except ReleaseConflict as exc:
-            raise fail(str(exc), code=1) from None
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+        added = with_database(
+            settings,
+            lambda s: add_release(
+                s,
+                signer,
+                plugin=plugin,
+                version=version,
+                artifact=artifact,
+                url=url,
+                valid_days=valid_days,
+                renew=renew,
+                max_bytes=settings.artifact_max_bytes,
+            ),
+        )
     data = _release_json(added.release)
     del data["quarantined_at"], data["quarantine_reason"], data["created_at"]
     print_result(

@@ -34,8 +34,6 @@ def user_add(
     with running_services(load_settings(), redis=False) as settings:
         try:
             user = with_database(settings, lambda s: add_user(s, username, role))
-        except ValueError as exc:
-            raise fail(str(exc), code=1) from None
         except Exception as exc:
             if "ck_ops_users_username" in str(exc):
                 raise fail(

@@ -1,5 +1,6 @@
-"""Database engine and sessions. One request = one session = one transaction: the request
-dependency commits or rolls back; services and repositories only flush."""
+"""Database engine and sessions, and the raw psycopg connections of the heartbeat path. One
+request = one session = one transaction: the request dependency commits or rolls back;
+services and repositories only flush."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from app.core.settings import Settings
+from app.core.settings import Settings, libpq_url
 
 T = TypeVar("T")
 
@@ -49,14 +50,53 @@ def create_engine(settings: Settings, *, role: str) -> AsyncEngine:
         pool_timeout=settings.db_timeout_s,
         pool_pre_ping=False,
         pool_recycle=1800,
-        connect_args={
-            "application_name": f"selfheal-{role}",
-            "connect_timeout": max(1, int(settings.db_timeout_s)),
-            # A statement that hangs (lock wait, dead server) fails instead of holding a request.
-            "options": f"-c statement_timeout={int(settings.db_timeout_s * 1000)}",
-            **connection_liveness(settings.db_timeout_s),
-        },
+        connect_args=connection_options(
+            role,
+            connect_timeout_s=settings.db_timeout_s,
+            statement_timeout_s=settings.db_timeout_s,
+        ),
     )
+
+
+async def connect_raw(
+    url: str,
+    role: str,
+    *,
+    connect_timeout_s: float,
+    statement_timeout_s: float | None,
+    prepare_threshold: int | None = 5,
+) -> psycopg.AsyncConnection[Any]:
+    """A raw autocommit psycopg connection, outside the engine's pool: for the heartbeat path
+    (ingest, credential loads), where the ORM's cost shows, and for LISTEN. `url` in either
+    form (SQLAlchemy's or libpq's); the options are `connection_options`'s.
+    `prepare_threshold` is psycopg's (5 is its default; 1 prepares a statement at its first
+    run, None never)."""
+    return await psycopg.AsyncConnection.connect(
+        libpq_url(url),
+        autocommit=True,
+        prepare_threshold=prepare_threshold,
+        **connection_options(
+            role, connect_timeout_s=connect_timeout_s, statement_timeout_s=statement_timeout_s
+        ),
+    )
+
+
+def connection_options(
+    role: str, *, connect_timeout_s: float, statement_timeout_s: float | None
+) -> dict[str, Any]:
+    """The libpq options of every connection of ours, pooled or raw. `role` becomes the
+    application_name (selfheal-<role>). A statement that hangs (lock wait, dead server) fails
+    after `statement_timeout_s` instead of holding a request; None sets no statement timeout,
+    for a connection that only waits (LISTEN). Liveness checks (`connection_liveness`) give a
+    silent peer about twice the statement timeout, or the connect timeout without one."""
+    options: dict[str, Any] = {
+        "application_name": f"selfheal-{role}",
+        "connect_timeout": max(1, int(connect_timeout_s)),
+    }
+    if statement_timeout_s is not None:
+        options["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    liveness_s = connect_timeout_s if statement_timeout_s is None else statement_timeout_s
+    return options | connection_liveness(liveness_s)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

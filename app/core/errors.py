@@ -1,4 +1,14 @@
-"""One JSON error shape everywhere: {"error": {"code", "message", "field"?}}."""
+"""Errors, two families.
+
+- `DomainError` and its four kinds say what went wrong in the domain's words: `NotFound`,
+  `Conflict` (the state forbids it now), `Refused` (the ops policy or a rule about who may act
+  says no), `Invalid` (the input is wrong, with the field when there is one). Services and
+  repositories raise them; nothing below the routes knows about HTTP.
+- `ApiError` is the HTTP answer. Each caller maps a DomainError in one place: the API in
+  `install_error_handlers` below (`DOMAIN_STATUS`), the CLI in app/cli/_common.py
+  (`reporting_domain_errors`), the worker by recording the message where the step failed.
+
+One JSON error shape everywhere: {"error": {"code", "message", "field"?}}."""
 
 from __future__ import annotations
 
@@ -15,6 +25,48 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 log = structlog.get_logger("selfheal.errors")
+
+
+class DomainError(Exception):
+    """A failure the caller can act on; `message` is written for the person who acts."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotFound(DomainError, LookupError):
+    """The thing named does not exist (or is not the caller's to see)."""
+
+
+class Conflict(DomainError):
+    """The thing exists but its state forbids this now (an incident already resolved, a
+    command already acknowledged, a name already taken)."""
+
+
+class Refused(DomainError):
+    """The ops policy or a rule about who may act says no (an approval by the requester)."""
+
+
+class Invalid(DomainError, ValueError):
+    """The input is wrong; `field` names it when it is one field."""
+
+
+# How the API answers each kind: (HTTP status, error code).
+DOMAIN_STATUS: dict[type[DomainError], tuple[int, str]] = {
+    NotFound: (404, "not_found"),
+    Conflict: (409, "conflict"),
+    Refused: (403, "forbidden"),
+    Invalid: (422, "validation_error"),
+}
+
+
+def domain_status(exc: DomainError) -> tuple[int, str]:
+    for kind in type(exc).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400, "bad_request"
 
 
 class ApiError(Exception):
@@ -106,6 +158,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError) -> Response:
         structlog.contextvars.bind_contextvars(error=exc.code)
         return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> Response:
+        status, code = domain_status(exc)
+        structlog.contextvars.bind_contextvars(error=code)
+        return error_response(status, code, exc.message, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> Response:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from app.core.errors import Invalid
+
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
 PLUGIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 # Dotted numbers (up to four), then an optional pre-release/build suffix: 1.2.3, 2.0.0-rc.1.
@@ -16,3 +18,13 @@ TENANT = re.compile(TENANT_PATTERN)
 PLUGIN = re.compile(PLUGIN_PATTERN)
 VERSION = re.compile(VERSION_PATTERN)
 ENV = re.compile(ENV_PATTERN)
+
+
+def check(*rules: tuple[str, str, re.Pattern[str]]) -> None:
+    """Each (option, value, pattern): Invalid naming the first option whose value does not
+    match, as `--option 'value' is not valid (expected ...)`."""
+    for label, value, pattern in rules:
+        if not pattern.match(value):
+            raise Invalid(
+                f"--{label} {value!r} is not valid (expected {pattern.pattern})", field=label
+            )

@@ -5,7 +5,7 @@ when the service is unconfigured, refused by the circuit breaker, unreachable, s
 or talking nonsense, the fallback heuristics decide and the decision says so.
 
 One decision gets one total deadline (default 3 s) that covers every retry and backoff
-sleep, so a worker's step is bounded whatever the service does. Within it:
+sleep, so a worker's step is bounded whatever the service does (app/core/retry.py). Within it:
 - connect errors, timeouts and 5xx are retried with exponential backoff and full jitter
   (jitter keeps N workers that failed together from retrying together);
 - 4xx is not retried: the same request would be refused the same way;
@@ -17,6 +17,7 @@ the breaker probes a half-open circuit, the probe is a single request without re
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ import httpx
 import orjson
 import structlog
 
+from app.core.retry import GaveUp, Retryable, retry_within_deadline
 from app.core.states import Action
 from app.decisions.breaker import Admission, BreakerState, CircuitBreaker
 from app.decisions.fallback import FallbackRules, decide_without_service
@@ -54,10 +56,6 @@ class ServiceUnavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class _Retryable(ServiceUnavailable):
-    pass
 
 
 class FeedbackNotDelivered(Exception):
@@ -244,46 +242,35 @@ class DecisionClient:
         incident: IncidentFacts,
         evidence: LocalEvidence,
     ) -> SiraAnswer:
-        started = self._clock()
-        last = "no attempt made"
-        for attempt in range(1, attempts + 1):
-            remaining = self.deadline_s - (self._clock() - started)
-            if remaining <= 0:
-                break
-            try:
-                # asyncio.timeout bounds the whole exchange; httpx's own timeouts apply per
-                # socket operation, and a server dripping bytes would slip through them.
-                async with asyncio.timeout(remaining):
-                    body = await self._post_decide(content, remaining)
-            except TimeoutError:
-                last = f"no answer within the {self.deadline_s:g} s deadline"
-                break
-            except _Retryable as failure:
-                last = failure.reason
-            else:
-                try:
-                    return parse_answer(
-                        body,
-                        candidates=candidates,
-                        previous_version=incident.previous_version,
-                        quarantined=evidence.quarantined,
-                    )
-                except NonsenseAnswer as nonsense:
-                    raise ServiceUnavailable(f"nonsense answer: {nonsense}") from None
-            if attempt == attempts:
-                break
-            if self.breaker.state == "open":
-                # Other decisions opened the circuit meanwhile: stop adding to the load.
-                last += "; circuit opened meanwhile"
-                break
-            pause = self._rng.uniform(
-                0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        try:
+            body = await retry_within_deadline(
+                functools.partial(self._post_decide, content),
+                deadline_s=self.deadline_s,
+                max_attempts=attempts,
+                backoff_base_s=self.backoff_base_s,
+                backoff_max_s=self.backoff_max_s,
+                jitter=self._rng,
+                stop_early=self._circuit_opened,
+                clock=self._clock,
             )
-            if self._clock() - started + pause >= self.deadline_s:
-                break
-            await asyncio.sleep(pause)
-        plural = "s" if attempt > 1 else ""
-        raise ServiceUnavailable(f"{last} ({attempt} attempt{plural})")
+        except GaveUp as gave_up:
+            plural = "s" if gave_up.attempts > 1 else ""
+            raise ServiceUnavailable(
+                f"{gave_up.reason} ({gave_up.attempts} attempt{plural})"
+            ) from None
+        try:
+            return parse_answer(
+                body,
+                candidates=candidates,
+                previous_version=incident.previous_version,
+                quarantined=evidence.quarantined,
+            )
+        except NonsenseAnswer as nonsense:
+            raise ServiceUnavailable(f"nonsense answer: {nonsense}") from None
+
+    def _circuit_opened(self) -> str | None:
+        # Other decisions opened the circuit meanwhile: stop adding to the load.
+        return "circuit opened meanwhile" if self.breaker.state == "open" else None
 
     async def _post_decide(self, content: bytes, remaining: float) -> bytes:
         try:
@@ -296,15 +283,15 @@ class DecisionClient:
             ) as response:
                 status = response.status_code
                 if status >= 500:
-                    raise _Retryable(f"HTTP {status} from the decision service")
+                    raise Retryable(f"HTTP {status} from the decision service")
                 if not response.is_success:
                     hint = " (credentials refused)" if status in (401, 403) else ""
                     raise ServiceUnavailable(f"HTTP {status} from the decision service{hint}")
                 return await _read_at_most(response, self.max_answer_bytes)
         except httpx.TimeoutException:
-            raise _Retryable("decision service timed out") from None
+            raise Retryable("decision service timed out") from None
         except httpx.TransportError as error:
-            raise _Retryable(
+            raise Retryable(
                 f"cannot reach the decision service ({type(error).__name__}: {error})"
             ) from None
         except httpx.HTTPError as error:

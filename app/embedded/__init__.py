@@ -15,12 +15,7 @@ file).
 from app.embedded.postgres import PG_DATABASE, PG_SUPERUSER, PG_SYSTEM_USER, postgres_bin_dir
 from app.embedded.redis import redis_server_executable
 from app.embedded.services import EmbeddedServices
-from app.embedded.supervise import (
-    LOOPBACK,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    EmbeddedServiceError,
-)
+from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, STOP_TIMEOUT_S, EmbeddedServiceError
 
 __all__ = [
     "LOOPBACK",

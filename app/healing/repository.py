@@ -3,8 +3,10 @@ status the caller expects (`... WHERE status = :expected`): when two workers rac
 worker resumes one that died, exactly one UPDATE matches and the other learns it lost by
 getting no row back.
 
-Over 600 lines: every statement of the healing loop (incidents, attempts, commands, outcomes)
-sits together so that the guarded-update pattern above is applied and reviewed in one place."""
+Every statement of the healing loop (incidents, attempts, its commands' locks and expiry,
+outcomes) sits together so that the guarded-update pattern above is applied and reviewed in
+one place; the commands themselves are queued by `insert_command` (app/plugins/repository.py),
+the command queue's one home."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED, INCIDENT_OPE
 from app.decisions.schemas import OutcomeStats
 from app.healing.pending import PendingAction
 from app.incidents.repository import ROLLBACK_TARGET_SQL
-from app.policy.repository import serialize_gate_decisions
+from app.policy.repository import autopatch_enabled, serialize_gate_decisions
 
 
 class Keep(enum.Enum):
@@ -305,6 +307,24 @@ async def lock_incident(
     return result.first() is not None
 
 
+async def lock_incident_for_action(session: AsyncSession, incident_id: uuid.UUID) -> Any | None:
+    """The incident as an operator's approval or manual action needs it (status, pending
+    action, the installation's current version and rollback target), row-locked for this
+    transaction; None when there is no such incident."""
+    return (
+        await session.execute(
+            text(
+                "SELECT i.id, i.status, i.installation_id, i.tenant_id, i.plugin_name,"
+                " i.severity, i.pending_action, m.plugin_version AS current_version,"
+                f" {ROLLBACK_TARGET_SQL} AS previous_version"
+                " FROM plugin_incidents i LEFT JOIN merchant_plugins m ON m.id = i.installation_id"
+                " WHERE i.id = :id FOR UPDATE OF i"
+            ),
+            {"id": incident_id},
+        )
+    ).first()
+
+
 async def insert_attempt(
     session: AsyncSession,
     *,
@@ -434,42 +454,6 @@ async def expire_command(session: AsyncSession, command_id: uuid.UUID) -> bool:
     return result.first() is not None
 
 
-async def insert_command(
-    session: AsyncSession,
-    *,
-    installation_id: uuid.UUID,
-    attempt_id: uuid.UUID,
-    type: str,
-    payload: dict[str, Any],
-    automatic: bool,
-    ttl_s: int,
-    max_deliveries: int,
-) -> bool:
-    """One command of each type per attempt (unique constraint): False when it exists."""
-    result = await session.execute(
-        text(
-            """
-            INSERT INTO plugin_agent_commands (installation_id, attempt_id, type, payload,
-                automatic, expires_at, max_deliveries)
-            VALUES (:installation, :attempt, :type, CAST(:payload AS jsonb), :automatic,
-                    now() + make_interval(secs => :ttl), :max_deliveries)
-            ON CONFLICT ON CONSTRAINT uq_plugin_agent_commands_attempt_type DO NOTHING
-            RETURNING id
-            """
-        ),
-        {
-            "installation": installation_id,
-            "attempt": attempt_id,
-            "type": type,
-            "payload": _json(payload),
-            "automatic": automatic,
-            "ttl": ttl_s,
-            "max_deliveries": max_deliveries,
-        },
-    )
-    return result.first() is not None
-
-
 async def kill_switch_engaged(session: AsyncSession, *, before_change: bool) -> bool:
     """True when autopatch is off, or the policy cannot be read (fail closed).
 
@@ -479,13 +463,7 @@ async def kill_switch_engaged(session: AsyncSession, *, before_change: bool) -> 
     waits for our commit. A caller that only cancels needs no lock: cancelling is always safe."""
     if before_change:
         await serialize_gate_decisions(session)
-    result = await session.execute(
-        text(
-            "SELECT autopatch_enabled FROM ops_policy WHERE id = 1"
-            + (" FOR SHARE" if before_change else "")
-        )
-    )
-    enabled = result.scalar_one_or_none()
+    enabled = await autopatch_enabled(session, for_share=before_change)
     return enabled is not True
 
 

@@ -1,21 +1,28 @@
-"""Ops actions on an incident (docs/contracts.md, "Ops API"): approvals and manual actions.
-The loop that carries them out is this package's; app/incidents only reads incidents."""
+"""Ops routes of the healing loop (docs/contracts.md, "Ops API"): the attempts' list, and the
+actions on an incident, approvals and manual actions. The loop that carries them out is this
+package's; app/incidents only reads incidents."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core import names
+from app.core import names, states
 from app.core.errors import ApiError
 from app.healing import actions
+from app.incidents import queries
 from app.ops.security import OpsUser, require_role
 from app.services import services
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
+
+AttemptStatus = Literal[
+    "pending", "staging", "applying", "verifying", "success", "failed", "rolled_back", "cancelled"
+]
+assert set(AttemptStatus.__args__) == set(states.AttemptStatus)  # type: ignore[attr-defined]
 
 
 class ApproveBody(BaseModel):
@@ -44,6 +51,25 @@ def _refused(refused: actions.ActionRefused) -> ApiError:
         refused.status, "validation_error"
     )
     return ApiError(refused.status, code, refused.message, field=refused.field)
+
+
+# The statement is app/incidents/queries.py's `list_attempts`, not this package's: an
+# incident's detail embeds the same list, and app/incidents cannot import app/healing (healing
+# imports incidents; the import contracts forbid the cycle).
+@router.get("/autopatch-attempts")
+async def list_attempts(
+    request: Request,
+    _: Annotated[OpsUser, Depends(require_role("viewer"))],
+    incident: uuid.UUID | None = None,
+    plugin: Annotated[str | None, Query(max_length=100)] = None,
+    status: AttemptStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    async with services(request).sessionmaker() as session, session.begin():
+        items = await queries.list_attempts(
+            session, incident_id=incident, plugin=plugin, status=status, limit=limit
+        )
+    return {"items": items}
 
 
 @router.post("/plugin-incidents/{incident_id}/approve")

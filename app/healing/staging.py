@@ -1,8 +1,9 @@
 """The worker's client of the staging runner (docs/contracts.md, "Staging runner").
 
-Each call has one total deadline covering its retries (connect errors, timeouts and 5xx are
-retried with a short exponential backoff; 4xx is not). What the healing loop needs to tell
-apart:
+Each call has one total deadline covering its retries (app/core/retry.py): connect errors
+and 5xx are retried with a short exponential backoff; 4xx is not, nor a timeout (each try
+may take all the time left, so a timeout means the deadline is reached). What the healing
+loop needs to tell apart:
 - `StagingUnavailable`: the runner could not be asked (down, slow, 5xx, nonsense). The attempt
   keeps its place and the step is tried again later, a bounded number of times, then the
   attempt fails safe: nothing was changed in production.
@@ -12,13 +13,13 @@ apart:
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 import orjson
+
+from app.core.retry import GaveUp, Retryable, retry_within_deadline
 
 RunStatus = Literal["running", "passed", "failed"]
 _STATUSES = ("running", "passed", "failed")
@@ -90,33 +91,35 @@ class StagingClient:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         url = self._base_url + path
-        ends = time.monotonic() + self.deadline_s
-        last = "no attempt made"
-        for attempt in range(self.max_attempts):
-            remaining = ends - time.monotonic()
-            if remaining <= 0:
-                break
+
+        async def attempt(remaining: float) -> httpx.Response:
             try:
-                async with asyncio.timeout(remaining):
-                    response = await self._http.request(
-                        method, url, content=content, headers=headers, timeout=remaining
-                    )
-            except (TimeoutError, httpx.TimeoutException):
-                last = f"no answer within the {self.deadline_s:g} s deadline"
-                break
+                response = await self._http.request(
+                    method, url, content=content, headers=headers, timeout=remaining
+                )
+            except httpx.TimeoutException:
+                # httpx's timeout is the time left: the deadline is reached, stop.
+                raise TimeoutError from None
             except httpx.HTTPError as error:
-                last = f"cannot reach the staging runner ({type(error).__name__}: {error})"
-            else:
-                if response.status_code == 404 and method == "GET":
-                    raise RunLost(
-                        f"the staging runner no longer knows run {path.rsplit('/', 1)[-1]}"
-                    )
-                if response.status_code < 500:
-                    return _parse(response)
-                last = f"HTTP {response.status_code} from the staging runner"
-            pause = min(self.backoff_base_s * 2**attempt, max(0.0, ends - time.monotonic()))
-            await asyncio.sleep(pause)
-        raise StagingUnavailable(last)
+                raise Retryable(
+                    f"cannot reach the staging runner ({type(error).__name__}: {error})"
+                ) from None
+            if response.status_code >= 500:
+                raise Retryable(f"HTTP {response.status_code} from the staging runner")
+            return response
+
+        try:
+            response = await retry_within_deadline(
+                attempt,
+                deadline_s=self.deadline_s,
+                max_attempts=self.max_attempts,
+                backoff_base_s=self.backoff_base_s,
+            )
+        except GaveUp as gave_up:
+            raise StagingUnavailable(gave_up.reason) from None
+        if response.status_code == 404 and method == "GET":
+            raise RunLost(f"the staging runner no longer knows run {path.rsplit('/', 1)[-1]}")
+        return _parse(response)
 
 
 def _parse(response: httpx.Response) -> StagingRun:

@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import structlog
 from fastapi import APIRouter, Request
-from sqlalchemy import text
 from starlette.responses import Response
 
 from app.core.metrics import (
@@ -21,7 +20,7 @@ from app.core.metrics import (
     render_metrics,
 )
 from app.core.redis import decision_breaker_key, health_check_key
-from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_OPEN_SQL
+from app.health import repository
 from app.services import Services, services
 
 router = APIRouter(tags=["operations"])
@@ -49,15 +48,9 @@ async def _timed(check: Any) -> dict[str, Any]:
 
 async def _check_postgres(svc: Services) -> dict[str, Any]:
     async with svc.engine.connect() as conn:
-        overdue = (
-            await conn.execute(
-                text(
-                    "SELECT count(*) FROM merchant_plugins"
-                    " WHERE status = 'active' AND next_expected_at < now() - make_interval(secs => :grace)"
-                ),
-                {"grace": svc.settings.heartbeat_grace_s},
-            )
-        ).scalar_one()
+        overdue = await repository.overdue_installations(
+            conn, grace_s=svc.settings.heartbeat_grace_s
+        )
     return {"plugins_overdue": overdue}
 
 
@@ -161,24 +154,9 @@ async def update_healing_gauges(svc: Services) -> None:
     notifications), read at scrape time through indexed statuses: the workers keep no
     counters of their own that could disagree with the database."""
     async with svc.engine.connect() as conn:
-        incidents = await conn.execute(
-            text(
-                "SELECT status, severity, count(*) FROM plugin_incidents"
-                f" WHERE status IN {INCIDENT_OPEN_SQL} GROUP BY status, severity"
-            )
-        )
-        attempts = await conn.execute(
-            text(
-                "SELECT status, count(*) FROM plugin_autopatch_attempts"
-                f" WHERE status IN {ATTEMPT_IN_FLIGHT_SQL} GROUP BY status"
-            )
-        )
-        outbox = await conn.execute(
-            text(
-                "SELECT kind, CASE WHEN dead_at IS NULL THEN 'waiting' ELSE 'dead' END,"
-                " count(*) FROM outbox WHERE delivered_at IS NULL GROUP BY 1, 2"
-            )
-        )
+        incidents = await repository.open_incident_counts(conn)
+        attempts = await repository.in_flight_attempt_counts(conn)
+        outbox = await repository.undelivered_outbox_counts(conn)
         OPEN_INCIDENTS.clear()
         for status, severity, count in incidents:
             OPEN_INCIDENTS.labels(status, severity).set(count)

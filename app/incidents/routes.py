@@ -1,4 +1,5 @@
-"""Ops read API over incidents, attempts and KPIs (docs/contracts.md, "Ops API")."""
+"""Ops read API over incidents and KPIs (docs/contracts.md, "Ops API"). The attempts' list is
+served by app/healing/routes.py, next to the attempts."""
 
 from __future__ import annotations
 
@@ -16,9 +17,6 @@ from app.services import services
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 
 Severity = Literal["low", "medium", "high", "critical"]
-AttemptStatus = Literal[
-    "pending", "staging", "applying", "verifying", "success", "failed", "rolled_back", "cancelled"
-]
 IncidentType = Literal[
     "heartbeat_missed", "error_spike", "webhook_fail_rate", "crash_loop", "regression"
 ]
@@ -74,22 +72,6 @@ async def incident_detail(
     if incident is None:
         raise ApiError(404, "not_found", "no such incident")
     return incident
-
-
-@router.get("/autopatch-attempts")
-async def list_attempts(
-    request: Request,
-    _: Annotated[OpsUser, Depends(require_role("viewer"))],
-    incident: uuid.UUID | None = None,
-    plugin: Annotated[str | None, Query(max_length=100)] = None,
-    status: AttemptStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> dict[str, Any]:
-    async with services(request).sessionmaker() as session, session.begin():
-        items = await queries.list_attempts(
-            session, incident_id=incident, plugin=plugin, status=status, limit=limit
-        )
-    return {"items": items}
 
 
 @router.get("/kpis")

@@ -39,17 +39,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 import httpx
 import orjson
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.crypto import SecretBox
 from app.decisions.client import DecisionClient, FeedbackNotDelivered
+from app.notifications import repository
+from app.notifications.repository import ClaimedRow, DeliveryEndpoint
 from app.notifications.service import open_secret
 from app.notifications.signing import sign
 
@@ -69,24 +69,6 @@ class DeliveryResult:
     # Claimed but not attempted (breaker open, lease nearly over): back in the queue, no
     # attempt counted.
     deferred: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Row:
-    id: int
-    kind: str
-    topic: str
-    payload: dict[str, Any]
-    attempts: int
-    endpoint_id: uuid.UUID | None
-    lease_until: datetime  # our claim's fencing token
-
-
-@dataclass(frozen=True, slots=True)
-class _Endpoint:
-    url: str
-    secret_enc: bytes
-    disabled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +129,7 @@ async def deliver_due(
     )
     gate = asyncio.Semaphore(max(1, concurrency))
     jobs: list[Awaitable[None]] = []
-    feedback_rows: list[_Row] = []
+    feedback_rows: list[ClaimedRow] = []
     for row in rows:
         if row.kind == "notification":
             jobs.append(delivery.webhook(row, gate))
@@ -180,7 +162,7 @@ class _Pass:
         maker: async_sessionmaker[AsyncSession],
         http: httpx.AsyncClient,
         box: SecretBox,
-        endpoints: Mapping[uuid.UUID, _Endpoint],
+        endpoints: Mapping[uuid.UUID, DeliveryEndpoint],
         max_attempts: int,
         base_backoff_s: float,
         max_backoff_s: float,
@@ -205,7 +187,7 @@ class _Pass:
     def lease_left_s(self) -> float:
         return self.lease_s - (time.monotonic() - self.claimed_at)
 
-    async def webhook(self, row: _Row, gate: asyncio.Semaphore) -> None:
+    async def webhook(self, row: ClaimedRow, gate: asyncio.Semaphore) -> None:
         async with gate:
             # A send that could outlive the lease might overlap with the pass that takes
             # the row over: leave it to that pass instead.
@@ -215,7 +197,7 @@ class _Pass:
                 outcome = await _guard(row, self._send_webhook(row))
             await self.finish(row, outcome)
 
-    async def feedback(self, client: DecisionClient, rows: list[_Row]) -> None:
+    async def feedback(self, client: DecisionClient, rows: list[ClaimedRow]) -> None:
         """One after the other: the breaker sees each result before the next call, so a dead
         service costs `failure_threshold` attempts, not one per row."""
         for row in rows:
@@ -230,7 +212,7 @@ class _Pass:
                 outcome = await _guard(row, _send_feedback(client, row))
             await self.finish(row, outcome)
 
-    async def _send_webhook(self, row: _Row) -> _Outcome:
+    async def _send_webhook(self, row: ClaimedRow) -> _Outcome:
         endpoint = self.endpoints.get(row.endpoint_id) if row.endpoint_id else None
         if row.endpoint_id is None or endpoint is None:
             return _Outcome("dead", "no endpoint for this notification", 0.0, False)
@@ -254,7 +236,7 @@ class _Pass:
             timeout_s=self.request_timeout_s,
         )
 
-    def _secret(self, endpoint_id: uuid.UUID, endpoint: _Endpoint) -> str | None:
+    def _secret(self, endpoint_id: uuid.UUID, endpoint: DeliveryEndpoint) -> str | None:
         if endpoint_id not in self._secrets:
             try:
                 self._secrets[endpoint_id] = open_secret(self.box, endpoint_id, endpoint.secret_enc)
@@ -263,7 +245,7 @@ class _Pass:
                 self._secrets[endpoint_id] = None
         return self._secrets[endpoint_id]
 
-    async def finish(self, row: _Row, outcome: _Outcome) -> None:
+    async def finish(self, row: ClaimedRow, outcome: _Outcome) -> None:
         """Count, log and record one row's outcome in its own short transaction."""
         if outcome.status == "retry" and row.attempts + 1 >= self.max_attempts:
             outcome = _Outcome(
@@ -347,7 +329,7 @@ def webhook_body(delivery_id: int, event: str, payload: Mapping[str, Any]) -> by
     )
 
 
-async def _send_feedback(client: DecisionClient, row: _Row) -> _Outcome:
+async def _send_feedback(client: DecisionClient, row: ClaimedRow) -> _Outcome:
     try:
         await client.send_feedback(row.payload)
     except FeedbackNotDelivered as failure:
@@ -355,7 +337,7 @@ async def _send_feedback(client: DecisionClient, row: _Row) -> _Outcome:
     return _Outcome("delivered")
 
 
-async def _guard(row: _Row, send: Awaitable[_Outcome]) -> _Outcome:
+async def _guard(row: ClaimedRow, send: Awaitable[_Outcome]) -> _Outcome:
     """A bug or a surprise in one send is that row's retry, not the end of the pass."""
     try:
         return await send
@@ -373,81 +355,32 @@ def _feedback_configured(client: DecisionClient | None) -> bool:
 
 async def _claim(
     session: AsyncSession, *, limit: int, lease_s: float, include_feedback: bool
-) -> tuple[list[_Row], dict[uuid.UUID, _Endpoint]]:
-    claimed = await session.execute(
-        text(
-            """
-            WITH due AS (
-                SELECT id FROM outbox
-                WHERE delivered_at IS NULL AND dead_at IS NULL AND next_attempt_at <= now()
-                  AND (CAST(:feedback AS boolean) OR kind = 'notification')
-                ORDER BY next_attempt_at, id
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            )
-            UPDATE outbox o SET next_attempt_at = now() + make_interval(secs => :lease)
-            FROM due WHERE o.id = due.id
-            RETURNING o.id, o.kind, o.topic, o.payload, o.attempts, o.endpoint_id,
-                      o.next_attempt_at
-            """
-        ),
-        {"feedback": include_feedback, "limit": limit, "lease": float(lease_s)},
-    )
-    rows = sorted(
-        (
-            _Row(
-                id=r.id,
-                kind=r.kind,
-                topic=r.topic,
-                payload=r.payload if isinstance(r.payload, dict) else {},
-                attempts=r.attempts,
-                endpoint_id=r.endpoint_id,
-                lease_until=r.next_attempt_at,
-            )
-            for r in claimed
-        ),
-        key=lambda row: row.id,
+) -> tuple[list[ClaimedRow], dict[uuid.UUID, DeliveryEndpoint]]:
+    rows = await repository.claim_due(
+        session, limit=limit, lease_s=lease_s, include_feedback=include_feedback
     )
     endpoint_ids = list({r.endpoint_id for r in rows if r.endpoint_id is not None})
-    endpoints: dict[uuid.UUID, _Endpoint] = {}
+    endpoints: dict[uuid.UUID, DeliveryEndpoint] = {}
     if endpoint_ids:
-        found = await session.execute(
-            text(
-                "SELECT id, url, secret_enc, disabled_at IS NOT NULL AS disabled"
-                " FROM notification_endpoints WHERE id = ANY(:ids)"
-            ),
-            {"ids": endpoint_ids},
-        )
-        endpoints = {e.id: _Endpoint(e.url, bytes(e.secret_enc), e.disabled) for e in found}
+        endpoints = await repository.endpoints_for_delivery(session, endpoint_ids)
     return rows, endpoints
 
 
-async def _record(session: AsyncSession, row: _Row, outcome: _Outcome, delay_s: float) -> None:
-    fence = {"id": row.id, "lease": row.lease_until}
-    where = " WHERE id = :id AND next_attempt_at = :lease AND delivered_at IS NULL"
+async def _record(
+    session: AsyncSession, row: ClaimedRow, outcome: _Outcome, delay_s: float
+) -> None:
     error = _truncate(outcome.error)
     if outcome.status == "delivered":
-        sql = "UPDATE outbox SET delivered_at = now(), attempts = attempts + 1" + where
-        params: dict[str, Any] = fence
+        await repository.mark_delivered(session, row)
     elif outcome.status == "dead":
-        sql = (
-            "UPDATE outbox SET dead_at = now(), last_error = :error, attempts = attempts + :tried"
-            + where
-        )
-        params = fence | {"error": error, "tried": int(outcome.attempted)}
+        await repository.mark_dead(session, row, error=error, attempted=outcome.attempted)
     elif outcome.status == "retry":
-        sql = (
-            "UPDATE outbox SET attempts = attempts + 1, last_error = :error,"
-            " next_attempt_at = now() + make_interval(secs => :delay)" + where
-        )
-        params = fence | {"error": error, "delay": delay_s}
+        await repository.schedule_retry(session, row, error=error, delay_s=delay_s)
     else:  # defer: no attempt was made
-        sql = "UPDATE outbox SET next_attempt_at = now() + make_interval(secs => :delay)" + where
-        params = fence | {"delay": delay_s}
-    await session.execute(text(sql), params)
+        await repository.put_back(session, row, delay_s=delay_s)
 
 
-def _log_outcome(row: _Row, outcome: _Outcome, delay_s: float) -> None:
+def _log_outcome(row: ClaimedRow, outcome: _Outcome, delay_s: float) -> None:
     fields: dict[str, Any] = {
         "outbox_id": row.id,
         "kind": row.kind,

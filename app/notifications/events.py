@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.notifications import repository
 
 Event = Literal[
     "incident_opened",
@@ -101,25 +101,12 @@ async def notify(
     name = check_event(event)
     payload = build_payload(name, incident=incident, attempt=attempt, detail=detail)
     tenant_id = incident.get("tenant_id")
-    rows = await session.execute(
-        text(
-            """
-            INSERT INTO outbox (kind, topic, payload, endpoint_id)
-            SELECT 'notification', :event, CAST(:payload AS jsonb), e.id
-            FROM notification_endpoints e
-            WHERE e.disabled_at IS NULL
-              AND (e.tenant_id IS NULL OR e.tenant_id = CAST(:tenant AS text))
-              AND (e.events = '[]'::jsonb OR e.events @> jsonb_build_array(CAST(:event AS text)))
-            RETURNING id
-            """
-        ),
-        {
-            "event": name,
-            "payload": orjson.dumps(payload).decode(),
-            "tenant": None if tenant_id is None else str(tenant_id),
-        },
+    return await repository.queue_notifications(
+        session,
+        event=name,
+        payload=payload,
+        tenant_id=None if tenant_id is None else str(tenant_id),
     )
-    return len(rows.all())
 
 
 def build_payload(

@@ -15,6 +15,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.crypto import SecretBox
+from app.core.errors import Invalid, NotFound
 from app.notifications import repository
 from app.notifications.events import EVENTS
 from app.notifications.repository import EndpointRow
@@ -47,7 +48,7 @@ def parse_events(raw: str | Iterable[str] | None) -> list[str]:
         if not name:
             continue
         if name not in EVENTS:
-            raise ValueError(f"unknown event {name!r} (known: {', '.join(EVENTS)})")
+            raise Invalid(f"unknown event {name!r} (known: {', '.join(EVENTS)})")
         if name not in events:
             events.append(name)
     return events
@@ -56,13 +57,13 @@ def parse_events(raw: str | Iterable[str] | None) -> list[str]:
 def check_url(url: str) -> str:
     """An absolute http(s) URL with a host, as httpx will send to it."""
     if len(url) > MAX_URL_CHARS or any(ch.isspace() for ch in url):
-        raise ValueError("the URL must be at most 2048 characters, without spaces")
+        raise Invalid("the URL must be at most 2048 characters, without spaces")
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ValueError(f"{url!r} is not a valid URL ({exc})") from None
+        raise Invalid(f"{url!r} is not a valid URL ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        raise Invalid(f"{url!r} is not an http:// or https:// URL with a host")
     return url
 
 
@@ -79,7 +80,7 @@ async def add_endpoint(
     check_url(url)
     names = parse_events(events)
     if tenant_id is not None and not await repository.tenant_exists(session, tenant_id):
-        raise LookupError(f"no tenant {tenant_id!r} (tenants come from `selfheal plugin register`)")
+        raise NotFound(f"no tenant {tenant_id!r} (tenants come from `selfheal plugin register`)")
     endpoint_id = uuid.uuid4()
     secret = secrets.token_urlsafe(32)
     endpoint = await repository.insert_endpoint(
@@ -104,6 +105,6 @@ async def disable_endpoint(
     waiting are given up (dead). Returns the endpoint and how many were given up."""
     endpoint = await repository.disable_endpoint(session, endpoint_id)
     if endpoint is None:
-        raise LookupError(f"no notification endpoint {endpoint_id}")
+        raise NotFound(f"no notification endpoint {endpoint_id}")
     dropped = await repository.abandon_pending(session, endpoint_id, "endpoint disabled")
     return endpoint, dropped

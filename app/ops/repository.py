@@ -1,50 +1,47 @@
-"""SQL for the ops policy. The row is read and written as the brief's runbook names it."""
+"""SQL for ops users and their API tokens (app/ops/security.py holds the rules)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# The columns ops set (the API's PUT, the simulator, psql).
-POLICY_FIELDS = (
-    "autopatch_enabled",
-    "autopatch_whitelist",
-    "autopatch_max_severity",
-    "min_confidence",
-    "canary_percent",
-    "approvals_required",
-    "approval_min_severity",
-    "approval_ttl_s",
-    "max_concurrent_actions",
-    "max_concurrent_actions_per_tenant",
-    "cooldown_s",
-)
-POLICY_COLUMNS = ", ".join((*POLICY_FIELDS, "updated_at", "updated_by"))
 
-
-async def read_policy(session: AsyncSession) -> Row[Any]:
-    row = await session.execute(text(f"SELECT {POLICY_COLUMNS} FROM ops_policy WHERE id = 1"))
-    return row.one()
-
-
-async def update_policy(session: AsyncSession, changes: dict[str, Any]) -> Row[Any]:
-    assignments = []
-    params: dict[str, Any] = {}
-    for column, value in changes.items():
-        if column == "autopatch_whitelist":
-            assignments.append(f"{column} = CAST(:{column} AS jsonb)")
-            params[column] = orjson.dumps(value).decode()
-        else:
-            assignments.append(f"{column} = :{column}")
-            params[column] = value
+async def insert_user(
+    session: AsyncSession, *, username: str, role: str, password_hash: str
+) -> uuid.UUID | None:
+    """The new user's id, or None when the name is taken."""
     row = await session.execute(
         text(
-            f"UPDATE ops_policy SET {', '.join(assignments)} WHERE id = 1 RETURNING {POLICY_COLUMNS}"
+            "INSERT INTO ops_users (username, role, password_hash) VALUES (:u, :r, :h)"
+            " ON CONFLICT (username) DO NOTHING RETURNING id"
         ),
-        params,
+        {"u": username, "r": role, "h": password_hash},
     )
-    return row.one()
+    found: uuid.UUID | None = row.scalar_one_or_none()
+    return found
+
+
+async def insert_token(session: AsyncSession, user_id: uuid.UUID, token_hash: bytes) -> None:
+    await session.execute(
+        text("INSERT INTO ops_api_tokens (user_id, token_hash) VALUES (:u, :h)"),
+        {"u": user_id, "h": token_hash},
+    )
+
+
+async def use_token(session: AsyncSession, token_hash: bytes) -> Row[Any] | None:
+    """(id, username, role) of the enabled user whose live token this is, noting its use."""
+    row = await session.execute(
+        text(
+            "UPDATE ops_api_tokens t SET last_used_at = now()"
+            " FROM ops_users u"
+            " WHERE t.token_hash = :h AND t.revoked_at IS NULL"
+            "  AND u.id = t.user_id AND u.disabled_at IS NULL"
+            " RETURNING u.id, u.username, u.role"
+        ),
+        {"h": token_hash},
+    )
+    return row.first()

@@ -1,5 +1,5 @@
 """Ops identities: argon2id passwords, SHA-256-stored API tokens, and the role check every ops
-endpoint declares through `require_role`."""
+endpoint declares through `require_role`, or through the aliases Viewer, Operator and Admin."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from fastapi import Request
-from sqlalchemy import text
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.crypto import new_api_token, token_digest
-from app.core.errors import ApiError
+from app.core.errors import ApiError, Conflict, Invalid
 from app.core.models import ROLES
-from app.services import services
+from app.ops import repository
+from app.services import transaction
 
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -54,39 +55,21 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 async def add_user(session: AsyncSession, username: str, role: str) -> NewUser:
     if role not in _RANK:
-        raise ValueError(f"--role must be one of {', '.join(ROLES)}")
+        raise Invalid(f"--role must be one of {', '.join(ROLES)}", field="role")
     password = secrets.token_urlsafe(18)
     token = new_api_token()
-    row = await session.execute(
-        text(
-            "INSERT INTO ops_users (username, role, password_hash) VALUES (:u, :r, :h)"
-            " ON CONFLICT (username) DO NOTHING RETURNING id"
-        ),
-        {"u": username, "r": role, "h": hash_password(password)},
+    user_id = await repository.insert_user(
+        session, username=username, role=role, password_hash=hash_password(password)
     )
-    user_id = row.scalar_one_or_none()
     if user_id is None:
-        raise ValueError(f"user {username!r} already exists")
-    await session.execute(
-        text("INSERT INTO ops_api_tokens (user_id, token_hash) VALUES (:u, :h)"),
-        {"u": user_id, "h": token_digest(token)},
-    )
+        raise Conflict(f"user {username!r} already exists")
+    await repository.insert_token(session, user_id, token_digest(token))
     return NewUser(username=username, role=role, password=password, token=token)
 
 
 async def user_for_token(session: AsyncSession, token: str) -> OpsUser | None:
-    row = await session.execute(
-        text(
-            "UPDATE ops_api_tokens t SET last_used_at = now()"
-            " FROM ops_users u"
-            " WHERE t.token_hash = :h AND t.revoked_at IS NULL"
-            "  AND u.id = t.user_id AND u.disabled_at IS NULL"
-            " RETURNING u.id, u.username, u.role"
-        ),
-        {"h": token_digest(token)},
-    )
-    found = row.first()
-    return OpsUser(*found) if found else None
+    found = await repository.use_token(session, token_digest(token))
+    return OpsUser(found.id, found.username, found.role) if found else None
 
 
 def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:
@@ -102,7 +85,7 @@ def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:
                 "Authorization: Bearer <token> is required",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        async with services(request).sessionmaker() as session, session.begin():
+        async with transaction(request) as session:
             user = await user_for_token(session, token.strip())
         if user is None:
             raise ApiError(
@@ -117,3 +100,9 @@ def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:
         return user
 
     return dependency
+
+
+# The dependency aliases a route declares its caller with: `user: Operator`.
+Viewer = Annotated[OpsUser, Depends(require_role("viewer"))]
+Operator = Annotated[OpsUser, Depends(require_role("operator"))]
+Admin = Annotated[OpsUser, Depends(require_role("admin"))]

@@ -1,6 +1,7 @@
-"""Plugin request signatures (docs/contracts.md, "Plugin authentication"):
-
-    X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>
+"""Plugin authentication: who signed a request, from the installation's cached secrets
+(docs/contracts.md, "Plugin authentication"). The signature format and its computation are
+app/plugins/signatures.py; this module verifies a request's headers against the credentials,
+and keeps those credentials.
 
 Secrets are decrypted once and cached per process for SELFHEAL_AUTH_CACHE_TTL_S seconds, so the
 heartbeat path does no database read. Any change of an installation's secrets or status (from
@@ -19,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,13 +30,19 @@ import psycopg
 import structlog
 
 from app.core.crypto import SecretBox
-from app.core.db import bounded, connection_liveness
+from app.core.db import bounded, connect_raw
 from app.core.errors import ApiError
+from app.plugins.signatures import (
+    MalformedSignature,
+    SigningKey,
+    matching_secret,
+    parse_signatures,
+    response_signature,
+    signed_message,
+)
 
 log = structlog.get_logger("selfheal.auth")
 
-MAX_SIGNATURES = 4
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _RELOAD_AFTER_S = 1.0
 _NEGATIVE_TTL_S = 2.0
 _UNANNOUNCED_TTL_S = 5.0
@@ -48,12 +53,6 @@ class AuthFailed(ApiError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(401, reason, message)
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class SigningKey:
-    secret: bytes
-    expires_at: float | None  # unix seconds; None = no expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,42 +78,6 @@ class VerifiedRequest:
 
     def response_headers(self, status: int, path: str, body: bytes) -> dict[str, str]:
         return response_signature(self.secret, status, path, body)
-
-
-def signed_message(timestamp: str, method: str, path: str, body: bytes) -> bytes:
-    return f"{timestamp}.{method.upper()}.{path}.".encode() + body
-
-
-def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> str:
-    """The X-Signature value a plugin sends (used by plugin_client, tests and benchmarks)."""
-    mac = hmac.new(secret.encode(), signed_message(timestamp, method, path, body), hashlib.sha256)
-    return "v1=" + mac.hexdigest()
-
-
-def response_signature(
-    secret: bytes, status: int, path: str, body: bytes, *, timestamp: int | None = None
-) -> dict[str, str]:
-    """X-Timestamp and X-Signature of a response to a plugin (docs/contracts.md, "Plugin API"):
-    v1=<hex HMAC-SHA256(secret, "{timestamp}.{status code}.{path}.{raw body}")>."""
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    message = f"{stamp}.{status}.{path}.".encode() + body
-    return {
-        "X-Timestamp": stamp,
-        "X-Signature": "v1=" + hmac.new(secret, message, hashlib.sha256).hexdigest(),
-    }
-
-
-def _parse_signatures(header: str) -> list[str]:
-    values = [part.strip() for part in header.split(",") if part.strip()]
-    if not values or len(values) > MAX_SIGNATURES:
-        raise AuthFailed("bad_signature", "X-Signature must hold one to four v1=<hex> values")
-    sigs = []
-    for value in values:
-        scheme, _, sig = value.partition("=")
-        if scheme != "v1" or not _HEX64.fullmatch(sig):
-            raise AuthFailed("bad_signature", "X-Signature values must be v1=<64 hex digits>")
-        sigs.append(sig.lower())
-    return sigs
 
 
 class PluginAuthenticator:
@@ -195,14 +158,17 @@ class PluginAuthenticator:
                 "stale_timestamp",
                 f"X-Timestamp is more than {self._tolerance_s} s away from server time",
             )
-        sigs = _parse_signatures(signature)
+        try:
+            sigs = parse_signatures(signature)
+        except MalformedSignature as malformed:
+            raise AuthFailed("bad_signature", str(malformed)) from None
         message = signed_message(timestamp, method, path, body)
 
         creds = await self._credentials(installation_id, now)
-        matched = _matches(creds, message, sigs, now)
+        matched = matching_secret(creds.keys, message, sigs, now)
         if matched is None and now - creds.loaded_at > _RELOAD_AFTER_S:
             creds = await self._credentials(installation_id, now, reload=True)
-            matched = _matches(creds, message, sigs, now)
+            matched = matching_secret(creds.keys, message, sigs, now)
         if matched is None:
             raise AuthFailed("bad_signature", "signature does not match")
         if not creds.active:
@@ -313,13 +279,11 @@ class CredentialLoader:
 
     async def _query(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Credentials]:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(
+            self._conn = await connect_raw(
                 self._conninfo,
-                autocommit=True,
-                application_name="selfheal-api-auth",
-                connect_timeout=max(1, int(self._timeout_s)),
-                options=f"-c statement_timeout={int(self._timeout_s * 1000)}",
-                **connection_liveness(self._timeout_s),
+                "api-auth",
+                connect_timeout_s=self._timeout_s,
+                statement_timeout_s=self._timeout_s,
             )
         conn = self._conn
         try:
@@ -390,18 +354,6 @@ def _unix(moment: datetime | None) -> float | None:
     return moment.replace(tzinfo=moment.tzinfo or UTC).timestamp()
 
 
-def _matches(creds: Credentials, message: bytes, sigs: list[str], now: float) -> bytes | None:
-    """The secret one of the signatures was made with, or None."""
-    for key in creds.keys:
-        if key.expires_at is not None and key.expires_at <= now:
-            continue
-        expected = hmac.new(key.secret, message, hashlib.sha256).hexdigest()
-        for sig in sigs:
-            if hmac.compare_digest(expected, sig):
-                return key.secret
-    return None
-
-
 AUTH_CHANNEL = "selfheal_auth"
 
 
@@ -414,12 +366,9 @@ async def follow_credential_changes(
     notifications sent meanwhile are gone."""
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(
-                conninfo,
-                autocommit=True,
-                application_name="selfheal-api-listen",
-                connect_timeout=10,
-                **connection_liveness(10),
+            # No statement timeout: the connection waits for notifications.
+            async with await connect_raw(
+                conninfo, "api-listen", connect_timeout_s=10, statement_timeout_s=None
             ) as conn:
                 await conn.execute(f"LISTEN {AUTH_CHANNEL}")
                 authenticator.forget_all()

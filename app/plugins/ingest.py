@@ -29,11 +29,12 @@ import psycopg
 import structlog
 from psycopg import errors as pg_errors
 
-from app.core.db import bounded, connection_liveness
+from app.core.db import bounded, connect_raw
 from app.core.metrics import COMMANDS_DELIVERED, INGEST_BATCH_SIZE
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.states import INCIDENT_CLOSED_SQL
 from app.plugins.schemas import Heartbeat
+from app.policy.repository import KILL_SWITCH_OFF_SQL
 
 log = structlog.get_logger("selfheal.ingest")
 
@@ -106,7 +107,7 @@ handed_out AS (
       AND (c.status = 'pending' OR c.lease_expires_at <= now())
       AND c.expires_at > now()
       AND c.delivery_count < c.max_deliveries
-      AND (NOT c.automatic OR (SELECT p.autopatch_enabled FROM ops_policy p WHERE p.id = 1))
+      AND (NOT c.automatic OR {kill_switch_off})
     RETURNING c.installation_id, c.id, c.type, c.payload, c.expires_at, c.created_at
 ),
 -- Installations that should come back soon (docs/contracts.md, adaptive next_heartbeat_s): an open
@@ -134,7 +135,7 @@ UNION ALL
 SELECT 1, installation_id, NULL, id, type, payload, expires_at, created_at FROM handed_out
 UNION ALL
 SELECT 2, installation_id, NULL, NULL, NULL, NULL, NULL, NULL FROM urgent
-""".replace("{closed}", INCIDENT_CLOSED_SQL)
+""".replace("{closed}", INCIDENT_CLOSED_SQL).replace("{kill_switch_off}", KILL_SWITCH_OFF_SQL)
 
 # Transient conflicts between two batches touching the same installations in another order.
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -378,14 +379,12 @@ class HeartbeatBatcher:
         return results
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(
+        return await connect_raw(
             self._conninfo,
-            application_name="selfheal-api-ingest",
-            connect_timeout=max(1, int(self._connect_timeout_s)),
-            options=f"-c statement_timeout={int(self._statement_timeout_s * 1000)}",
+            "api-ingest",
+            connect_timeout_s=self._connect_timeout_s,
+            statement_timeout_s=self._statement_timeout_s,
             prepare_threshold=1,
-            autocommit=True,
-            **connection_liveness(self._statement_timeout_s),
         )
 
     async def _store(

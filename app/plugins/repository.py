@@ -1,5 +1,5 @@
-"""Every SQL statement about installations, their secrets and their commands (except the
-heartbeat hot path, which lives in ingest.py)."""
+"""Every SQL statement about installations, their secrets, their commands and the retention
+of their heartbeats (except the heartbeat hot path, which lives in ingest.py)."""
 
 from __future__ import annotations
 
@@ -131,21 +131,31 @@ async def insert_command(
     installation_id: uuid.UUID,
     type: str,
     payload: dict[str, Any],
+    automatic: bool,
     ttl_s: int,
     max_deliveries: int,
-    automatic: bool = False,
     attempt_id: uuid.UUID | None = None,
-) -> uuid.UUID:
+) -> uuid.UUID | None:
+    """Queue a command for one installation; its id.
+
+    With `attempt_id` (the healing loop's update and rollback commands): one command of each
+    type per attempt (uq_plugin_agent_commands_attempt_type), so a step that runs twice queues
+    it once; None when the attempt already has one. Without (a command queued by hand): NULL
+    attempt ids never conflict, so the id is always returned. `automatic`: the loop queued it
+    on its own; the kill switch holds such commands back."""
     row = await session.execute(
         text(
-            "INSERT INTO plugin_agent_commands"
-            " (installation_id, attempt_id, type, payload, automatic, expires_at, max_deliveries)"
-            " VALUES (:plugin, :attempt, :type, CAST(:payload AS jsonb), :automatic,"
-            "  now() + make_interval(secs => :ttl), :max_deliveries)"
-            " RETURNING id"
+            """
+            INSERT INTO plugin_agent_commands (installation_id, attempt_id, type, payload,
+                automatic, expires_at, max_deliveries)
+            VALUES (:installation, :attempt, :type, CAST(:payload AS jsonb), :automatic,
+                    now() + make_interval(secs => :ttl), :max_deliveries)
+            ON CONFLICT ON CONSTRAINT uq_plugin_agent_commands_attempt_type DO NOTHING
+            RETURNING id
+            """
         ),
         {
-            "plugin": installation_id,
+            "installation": installation_id,
             "attempt": attempt_id,
             "type": type,
             "payload": _json(payload),
@@ -154,9 +164,31 @@ async def insert_command(
             "max_deliveries": max_deliveries,
         },
     )
-    command_id: uuid.UUID = row.scalar_one()
+    command_id: uuid.UUID | None = row.scalar_one_or_none()
     return command_id
 
 
+async def delete_old_heartbeats(session: AsyncSession, *, retention_days: int, batch: int) -> int:
+    """Delete at most `batch` samples older than `retention_days`, oldest first through the
+    received_at index, never one the detector has not read yet (beyond its watermark); SKIP
+    LOCKED: concurrent prunes split the rows. The number deleted."""
+    result = await session.execute(
+        text(
+            """
+            DELETE FROM plugin_heartbeats WHERE id IN (
+                SELECT id FROM plugin_heartbeats
+                WHERE received_at < now() - make_interval(days => :days)
+                  AND id <= (SELECT last_id FROM detector_watermarks
+                             WHERE name = 'samples')
+                ORDER BY received_at
+                LIMIT :batch
+                FOR UPDATE SKIP LOCKED)
+            """
+        ),
+        {"days": retention_days, "batch": batch},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=str).decode()

@@ -3,12 +3,13 @@
 In batches of `batch` rows, each its own short transaction, oldest first through the
 received_at index, so pruning a backlog never holds long locks or bloats one transaction; the
 samples the detector has not read yet (beyond its watermark) are never deleted, whatever
-their age."""
+their age (the statement: `delete_old_heartbeats`, app/plugins/repository.py)."""
 
 from __future__ import annotations
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.plugins.repository import delete_old_heartbeats
 
 
 async def prune_heartbeats(
@@ -21,22 +22,7 @@ async def prune_heartbeats(
     deleted = 0
     for _ in range(max_batches):
         async with maker() as session, session.begin():
-            result = await session.execute(
-                text(
-                    """
-                    DELETE FROM plugin_heartbeats WHERE id IN (
-                        SELECT id FROM plugin_heartbeats
-                        WHERE received_at < now() - make_interval(days => :days)
-                          AND id <= (SELECT last_id FROM detector_watermarks
-                                     WHERE name = 'samples')
-                        ORDER BY received_at
-                        LIMIT :batch
-                        FOR UPDATE SKIP LOCKED)
-                    """
-                ),
-                {"days": retention_days, "batch": batch},
-            )
-            count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+            count = await delete_old_heartbeats(session, retention_days=retention_days, batch=batch)
         deleted += count
         if count < batch:
             break

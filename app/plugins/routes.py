@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
-from app.core.errors import ApiError, validation_error
+from app.core.errors import ApiError, DomainError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.settings import Settings
@@ -104,7 +104,7 @@ async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[N
         raise AuthFailed("replay", "this signed request was already received")
     try:
         yield
-    except ApiError:
+    except (ApiError, DomainError):
         raise  # a definite answer (404, 409): the request was dealt with
     except BaseException:
         with contextlib.suppress(RedisError, OSError):

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import names
 from app.core.crypto import SecretBox, new_plugin_secret
-from app.core.errors import ApiError
+from app.core.errors import Conflict, NotFound
 from app.plugins import repository
 
 
@@ -21,14 +21,12 @@ class IssuedSecret:
 
 
 def check_registration(tenant: str, name: str, version: str, env: str) -> None:
-    for label, value, pattern in (
+    names.check(
         ("tenant", tenant, names.TENANT),
         ("name", name, names.PLUGIN),
         ("version", version, names.VERSION),
         ("env", env, names.ENV),
-    ):
-        if not pattern.match(value):
-            raise ValueError(f"--{label} {value!r} is not valid (expected {pattern.pattern})")
+    )
 
 
 async def register_installation(
@@ -54,7 +52,7 @@ async def rotate_secret(
     """Issue a new secret; the current ones stay valid for `grace_s` seconds so plugins can
     switch without a failed heartbeat."""
     if not await repository.installation_exists(session, installation_id):
-        raise LookupError(f"no installation {installation_id}")
+        raise NotFound(f"no installation {installation_id}")
     await repository.expire_current_secrets(session, installation_id, grace_s=grace_s)
     secret = new_plugin_secret()
     await repository.insert_secret(
@@ -67,7 +65,7 @@ def _parse_command_id(command_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(command_id)
     except ValueError:
-        raise ApiError(404, "not_found", "no such command") from None
+        raise NotFound("no such command") from None
 
 
 async def acknowledge(
@@ -77,11 +75,9 @@ async def acknowledge(
         session, installation_id, _parse_command_id(command_id), result_json
     )
     if state is None:
-        raise ApiError(404, "not_found", "no such command")
+        raise NotFound("no such command")
     if state.status != "acked":
-        raise ApiError(
-            409, "conflict", f"command is {state.status}; it can no longer be acknowledged"
-        )
+        raise Conflict(f"command is {state.status}; it can no longer be acknowledged")
     return {"id": str(state.id), "status": state.status}
 
 
@@ -92,7 +88,7 @@ async def report_failure(
         session, installation_id, _parse_command_id(command_id), error, retryable
     )
     if state is None:
-        raise ApiError(404, "not_found", "no such command")
+        raise NotFound("no such command")
     if state.status != "failed":
-        raise ApiError(409, "conflict", f"command is {state.status}; it can no longer fail")
+        raise Conflict(f"command is {state.status}; it can no longer fail")
     return {"id": str(state.id), "status": state.status}

@@ -69,6 +69,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.errors import Refused
 from app.core.models import SEVERITIES
 from app.core.states import Action
 from app.policy import repository
@@ -136,7 +137,7 @@ class GateResult:
         return "; ".join(self.reasons) if self.reasons else "allowed"
 
 
-class ApprovalRefused(ValueError):
+class ApprovalRefused(Refused):
     """A vote that cannot count: by the requester, a viewer, a disabled or unknown user."""
 
 

@@ -1,5 +1,10 @@
-"""Every SQL statement of the policy gate. Raw SQL: these run inside the caller's transaction on
-the path of every production-changing step, and the locking clauses are the point."""
+"""Every SQL statement on the ops policy (`ops_policy`, one row, id = 1): the gate's reads and
+locks, the kill switch test, the API's read and update. Raw SQL: these run inside the caller's
+transaction on the path of every production-changing step, and the locking clauses are the point.
+
+One statement reads the row elsewhere: the heartbeat statement (`INGEST_SQL`,
+app/plugins/ingest.py) holds automatic commands back with `KILL_SWITCH_OFF_SQL` below, inside
+its own single round trip."""
 
 from __future__ import annotations
 
@@ -7,14 +12,38 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
+import orjson
 from sqlalchemy import text
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.states import ATTEMPT_IN_FLIGHT_SQL
 
 # One key for every gate evaluation (advisory locks are per database).
 _GATE_LOCK_KEY = "selfheal.policy_gate"
+
+# The columns ops set (the API's PUT, the simulator, psql).
+POLICY_FIELDS = (
+    "autopatch_enabled",
+    "autopatch_whitelist",
+    "autopatch_max_severity",
+    "min_confidence",
+    "canary_percent",
+    "approvals_required",
+    "approval_min_severity",
+    "approval_ttl_s",
+    "max_concurrent_actions",
+    "max_concurrent_actions_per_tenant",
+    "cooldown_s",
+)
+POLICY_COLUMNS = ", ".join((*POLICY_FIELDS, "updated_at", "updated_by"))
+
+# An SQL expression, true while the kill switch is off (autopatch enabled). For statements that
+# must test it in their own SQL: the heartbeat statement (INGEST_SQL) holds automatic commands
+# back with it. NULL (no row) is not true, so a missing row holds them back too.
+KILL_SWITCH_OFF_SQL = "(SELECT p.autopatch_enabled FROM ops_policy p WHERE p.id = 1)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +62,14 @@ class PolicySnapshot:
     max_concurrent_actions: int
     max_concurrent_actions_per_tenant: int
     cooldown_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsRequired:
+    """How many votes the policy asks for, with the database clock at that moment."""
+
+    now: datetime
+    approvals_required: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +120,59 @@ async def read_policy_for_share(session: AsyncSession) -> PolicySnapshot | None:
         max_concurrent_actions_per_tenant=row["max_concurrent_actions_per_tenant"],
         cooldown_s=row["cooldown_s"],
     )
+
+
+async def read_policy(session: AsyncSession) -> Row[Any]:
+    """The policy row as ops see it (POLICY_FIELDS and who changed it when). A plain read."""
+    row = await session.execute(text(f"SELECT {POLICY_COLUMNS} FROM ops_policy WHERE id = 1"))
+    return row.one()
+
+
+async def update_policy(session: AsyncSession, changes: dict[str, Any]) -> Row[Any]:
+    """Set the columns given (keys from POLICY_FIELDS, or updated_by); the row after it. The
+    audit trigger records the change under the transaction's actor (`set_actor`)."""
+    assignments = []
+    params: dict[str, Any] = {}
+    for column, value in changes.items():
+        if column == "autopatch_whitelist":
+            assignments.append(f"{column} = CAST(:{column} AS jsonb)")
+            params[column] = orjson.dumps(value).decode()
+        else:
+            assignments.append(f"{column} = :{column}")
+            params[column] = value
+    row = await session.execute(
+        text(
+            f"UPDATE ops_policy SET {', '.join(assignments)} WHERE id = 1 RETURNING {POLICY_COLUMNS}"
+        ),
+        params,
+    )
+    return row.one()
+
+
+async def autopatch_enabled(session: AsyncSession, *, for_share: bool) -> bool | None:
+    """The kill switch test: `autopatch_enabled`, None when the row is missing.
+
+    for_share: share-lock the row until the caller's transaction ends, as the gate's read does
+    (take the gate's lock first, `serialize_gate_decisions`, so share locks never pile up and
+    starve the kill switch)."""
+    result = await session.execute(
+        text(
+            "SELECT autopatch_enabled FROM ops_policy WHERE id = 1"
+            + (" FOR SHARE" if for_share else "")
+        )
+    )
+    enabled: bool | None = result.scalar_one_or_none()
+    return enabled
+
+
+async def approvals_required(session: AsyncSession) -> ApprovalsRequired | None:
+    """`approvals_required` and the database clock; a plain read (only the gate share-locks the
+    policy, see gate.py on why). None when the row is missing."""
+    result = await session.execute(
+        text("SELECT now() AS now, approvals_required FROM ops_policy WHERE id = 1")
+    )
+    row = result.one_or_none()
+    return ApprovalsRequired(row.now, row.approvals_required) if row else None
 
 
 async def read_approval_ttl_s(session: AsyncSession) -> int | None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import names
+from app.core.errors import Conflict, Invalid
 from app.releases import repository
 from app.releases.repository import (
     ReleaseRow,
@@ -52,7 +53,7 @@ DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 _MAX_URL = 2048
 
 
-class ReleaseConflict(ValueError):
+class ReleaseConflict(Conflict):
     """(plugin, version) is already released with different bytes."""
 
 
@@ -67,13 +68,8 @@ class AddedRelease:
 
 def check_release(plugin: str, version: str) -> None:
     """The plugin name and version rules of registration: a release must be nameable by the
-    installations that will run it. ValueError names the option."""
-    for label, value, pattern in (
-        ("plugin", plugin, names.PLUGIN),
-        ("version", version, names.VERSION),
-    ):
-        if not pattern.match(value):
-            raise ValueError(f"--{label} {value!r} is not valid (expected {pattern.pattern})")
+    installations that will run it. Invalid names the option."""
+    names.check(("plugin", plugin, names.PLUGIN), ("version", version, names.VERSION))
 
 
 def _check_url(url: str) -> None:
@@ -84,7 +80,7 @@ def _check_url(url: str) -> None:
         or len(url) > _MAX_URL
         or any(ch.isspace() or ord(ch) < 32 for ch in url)
     ):
-        raise ValueError(
+        raise Invalid(
             f"--url {url!r} is not an http(s) URL (plugins download only over http or https;"
             f" at most {_MAX_URL} characters)"
         )
@@ -118,7 +114,7 @@ async def add_release(
     plugins may already have verified and installed the first artifact."""
     check_release(plugin, version)
     if not 1 <= valid_days <= MAX_VALID_DAYS:
-        raise ValueError(f"--valid-days must be between 1 and {MAX_VALID_DAYS}")
+        raise Invalid(f"--valid-days must be between 1 and {MAX_VALID_DAYS}")
     if url is not None:
         _check_url(url)
     sha256, content = await asyncio.to_thread(_read_artifact, artifact, max_bytes, url)
@@ -180,11 +176,11 @@ def _read_artifact(artifact: Path, max_bytes: int, url: str | None) -> tuple[str
     """(sha256, the bytes to keep, or None when the artifact is served from `url` because it is
     too large to keep); file system work, run in a thread."""
     if not artifact.is_file():
-        raise ValueError(f"--artifact {artifact}: no such file")
+        raise Invalid(f"--artifact {artifact}: no such file")
     size = artifact.stat().st_size
     if size > max_bytes:
         if url is None:
-            raise ValueError(
+            raise Invalid(
                 f"--artifact {artifact} is {size} bytes, more than the control plane keeps"
                 f" (SELFHEAL_ARTIFACT_MAX_BYTES={max_bytes}): serve it elsewhere and pass --url"
             )

@@ -1,7 +1,9 @@
 """What a simulation does in the control plane's database: register the fleet, publish the
 simulated plugin's releases, set (and put back) the ops policy, the demo operator, and read
 the outcomes for the report and the progress view. Short transactions on the app's own
-engine; the policy is changed with `selfheal.actor = 'simulator'` so the audit log names us."""
+engine; the policy is changed with `selfheal.actor = 'simulator'` so the audit log names us.
+Through the domain's services where they exist; the simulator's own statements are in
+app/simulation/repository.py."""
 
 from __future__ import annotations
 
@@ -14,24 +16,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.crypto import SecretBox, new_api_token, token_digest
 from app.core.db import set_actor
-from app.ops import repository as ops_repository
-from app.ops.repository import POLICY_FIELDS
 from app.ops.security import NewUser, add_user, hash_password
 from app.plugins.service import register_installation
+from app.policy import repository as policy_repository
+from app.policy.repository import POLICY_FIELDS
 from app.releases.service import add_release
 from app.releases.signing import Signer
+from app.simulation import repository
 from sim.fleet.metrics import AttemptRow, IncidentRow, ReleaseState
 from sim.fleet.plugins import Identity
 
 ACTOR = "simulator"
 REGISTER_BATCH = 50
 REGISTER_CONCURRENCY = 4
-CLOSED = "('resolved', 'rolled_back', 'failed', 'cancelled', 'ignored')"
 
 Maker = async_sessionmaker[AsyncSession]
 
@@ -76,14 +77,7 @@ async def disable_installations(maker: Maker, tenants: Sequence[str]) -> int:
     """The run's installations stop counting as active (no missed-heartbeat incident once the
     agents are gone, no share in later fleet incidents)."""
     async with maker() as session, session.begin():
-        result = await session.execute(
-            text(
-                "UPDATE merchant_plugins SET status = 'disabled', updated_at = now()"
-                " WHERE tenant_id = ANY(:tenants) AND status = 'active'"
-            ),
-            {"tenants": list(tenants)},
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
+        return await repository.disable_installations(session, tenants)
 
 
 # --- releases --------------------------------------------------------------------------------
@@ -115,26 +109,13 @@ async def publish_releases(
             )
             hashes[version] = added.release.sha256
         if unquarantine:
-            await session.execute(
-                text(
-                    "UPDATE plugin_releases SET quarantined_at = NULL, quarantine_reason = NULL"
-                    " WHERE plugin_name = :plugin AND version = ANY(:versions)"
-                    " AND quarantined_at IS NOT NULL"
-                ),
-                {"plugin": plugin, "versions": list(artifacts)},
-            )
+            await repository.unquarantine_versions(session, plugin, list(artifacts))
     return hashes
 
 
 async def read_releases(maker: Maker, plugin: str) -> list[ReleaseState]:
     async with maker() as session:
-        rows = await session.execute(
-            text(
-                "SELECT version, quarantined_at IS NOT NULL AS quarantined, quarantine_reason"
-                " FROM plugin_releases WHERE plugin_name = :plugin"
-            ),
-            {"plugin": plugin},
-        )
+        rows = await repository.release_states(session, plugin)
         return [ReleaseState(r.version, r.quarantined, r.quarantine_reason) for r in rows]
 
 
@@ -162,7 +143,7 @@ def policy_for(*, tenants: Sequence[str], installations: int, **changes: Any) ->
 
 async def read_policy(maker: Maker) -> dict[str, Any]:
     async with maker() as session:
-        row = await ops_repository.read_policy(session)
+        row = await policy_repository.read_policy(session)
     return _policy_json(dict(row._mapping))
 
 
@@ -172,7 +153,7 @@ async def set_policy(maker: Maker, values: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"not policy columns: {sorted(unknown)}")
     async with maker() as session, session.begin():
         await set_actor(session, ACTOR)
-        row = await ops_repository.update_policy(session, {**values, "updated_by": ACTOR})
+        row = await policy_repository.update_policy(session, {**values, "updated_by": ACTOR})
     return _policy_json(dict(row._mapping))
 
 
@@ -203,33 +184,13 @@ class DemoUser:
 
 async def ensure_demo_user(maker: Maker, username: str = "demo") -> DemoUser:
     async with maker() as session, session.begin():
-        found = (
-            await session.execute(
-                text("SELECT id FROM ops_users WHERE username = :u FOR UPDATE"), {"u": username}
-            )
-        ).scalar_one_or_none()
+        found = await repository.lock_user(session, username)
         if found is None:
             return DemoUser(await add_user(session, username, "admin"), rotated=False)
         password = secrets.token_urlsafe(18)
         token = new_api_token()
-        await session.execute(
-            text(
-                "UPDATE ops_users SET password_hash = :h, role = 'admin', disabled_at = NULL"
-                " WHERE id = :id"
-            ),
-            {"h": hash_password(password), "id": found},
-        )
-        await session.execute(
-            text(
-                "UPDATE ops_api_tokens SET revoked_at = now()"
-                " WHERE user_id = :id AND revoked_at IS NULL"
-            ),
-            {"id": found},
-        )
-        await session.execute(
-            text("INSERT INTO ops_api_tokens (user_id, token_hash) VALUES (:u, :h)"),
-            {"u": found, "h": token_digest(token)},
-        )
+        await repository.reset_admin(session, found, hash_password(password))
+        await repository.replace_tokens(session, found, token_digest(token))
         return DemoUser(NewUser(username, "admin", password, token), rotated=True)
 
 
@@ -238,34 +199,14 @@ async def ensure_demo_user(maker: Maker, username: str = "demo") -> DemoUser:
 
 async def read_incidents(maker: Maker, tenants: Sequence[str]) -> list[IncidentRow]:
     async with maker() as session:
-        rows = await session.execute(
-            text(
-                "SELECT id, installation_id, tenant_id, type, severity, status, detected_at,"
-                " resolved_at, first_bad_signal_at, status_reason,"
-                " sira_decision->>'source' AS source, sira_decision->>'action' AS action,"
-                " sira_decision->>'fallback_reason' AS fallback_reason"
-                " FROM plugin_incidents WHERE tenant_id = ANY(:tenants) ORDER BY detected_at"
-            ),
-            {"tenants": list(tenants)},
-        )
-        return [_incident(r) for r in rows]
+        return [_incident(r) for r in await repository.incidents_of(session, tenants)]
 
 
 async def read_fleet_incidents(maker: Maker, plugin: str, since: float) -> list[IncidentRow]:
     """Fleet incidents (no installation) of the simulated plugin opened since `since`: they
     group installations of every run on the same data, so they are counted, not judged."""
     async with maker() as session:
-        rows = await session.execute(
-            text(
-                "SELECT id, installation_id, tenant_id, type, severity, status, detected_at,"
-                " resolved_at, first_bad_signal_at, status_reason,"
-                " sira_decision->>'source' AS source, sira_decision->>'action' AS action,"
-                " sira_decision->>'fallback_reason' AS fallback_reason"
-                " FROM plugin_incidents WHERE installation_id IS NULL AND plugin_name = :plugin"
-                " AND detected_at >= to_timestamp(:since) ORDER BY detected_at"
-            ),
-            {"plugin": plugin, "since": since},
-        )
+        rows = await repository.fleet_incidents_since(session, plugin, since)
         return [_incident(r) for r in rows]
 
 
@@ -289,17 +230,7 @@ def _incident(row: Any) -> IncidentRow:
 
 async def read_attempts(maker: Maker, tenants: Sequence[str]) -> list[AttemptRow]:
     async with maker() as session:
-        rows = await session.execute(
-            text(
-                "SELECT a.id, a.incident_id, a.installation_id, a.action, a.from_version,"
-                " a.to_version, a.status, a.automatic, a.created_at, a.finished_at,"
-                " a.decision_source, a.failure_reason"
-                " FROM plugin_autopatch_attempts a"
-                " JOIN merchant_plugins m ON m.id = a.installation_id"
-                " WHERE m.tenant_id = ANY(:tenants) ORDER BY a.created_at"
-            ),
-            {"tenants": list(tenants)},
-        )
+        rows = await repository.attempts_of(session, tenants)
         return [
             AttemptRow(
                 id=str(r.id),
@@ -323,18 +254,4 @@ async def work_in_progress(maker: Maker, tenants: Sequence[str]) -> tuple[int, i
     """(open incidents, attempts in flight) on the run's installations: the drain waits for
     both to reach zero."""
     async with maker() as session:
-        row = (
-            await session.execute(
-                text(
-                    f"SELECT (SELECT count(*) FROM plugin_incidents WHERE tenant_id = ANY(:t)"
-                    f"         AND status NOT IN {CLOSED}) AS open,"
-                    " (SELECT count(*) FROM plugin_autopatch_attempts a"
-                    "   JOIN merchant_plugins m ON m.id = a.installation_id"
-                    "   WHERE m.tenant_id = ANY(:t)"
-                    "     AND a.status IN ('pending', 'staging', 'applying', 'verifying'))"
-                    "  AS in_flight"
-                ),
-                {"t": list(tenants)},
-            )
-        ).one()
-    return int(row.open), int(row.in_flight)
+        return await repository.work_in_progress(session, tenants)

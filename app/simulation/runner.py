@@ -61,6 +61,7 @@ from app.startup import (
 from sim.artifacts import build_plugin_artifact
 from sim.fleet.fleet import Fleet, fleet_log_to
 from sim.fleet.metrics import ReportInputs, build_report
+from sim.fleet.plugins import Identity
 from sim.fleet.report import render_report, write_report
 from sim.fleet.scenario import RunPlan, ScenarioError, load_scenario, plan_run
 from sim.fleet.truth import Truth, write_json_atomically
@@ -244,6 +245,41 @@ class Session:
         )
         return api, worker
 
+    async def register_fleet(self, **options: Any) -> Fleet:
+        """Register the plan's installations across this run's tenants, on the scenario's
+        initial version, and the fleet of agents that will run them (`options`: the rest of
+        Fleet's arguments)."""
+        identities: list[Identity] = await self.guard(
+            cp.register_fleet(
+                self.maker,
+                SecretBox(self.settings.secret_key),
+                tenants=self.tenants,
+                plugin=self.truth.plugin,
+                version=self.truth.initial_version,
+                count=self.plan.installations,
+            )
+        )
+        return Fleet(
+            plan=self.plan,
+            truth=self.truth,
+            identities=identities,
+            state_root=self.run_dir / "agents",
+            **options,
+        )
+
+    def control_plane_env(
+        self, services: ReferenceServices, port: int, **extra: str
+    ) -> dict[str, str]:
+        """The environment of the API and worker this run starts: ours, the reference
+        services', the plan's heartbeat interval, the port, and `extra`."""
+        return {
+            **os.environ,
+            **services.control_plane_env(),
+            "SELFHEAL_HEARTBEAT_INTERVAL_S": str(self.plan.interval_s),
+            "PORT": str(port),
+            **extra,
+        }
+
     async def set_policy(self, **changes: Any) -> dict[str, Any]:
         self.saved_policy = await cp.read_policy(self.maker)
         values = cp.policy_for(
@@ -252,6 +288,23 @@ class Session:
         return await cp.set_policy(self.maker, values)
 
     # -- teardown ------------------------------------------------------------------------
+
+    async def watched(self, work: Awaitable[T]) -> T:
+        """`work`, while watching the run's processes (one dying stops the run)."""
+        watcher = asyncio.create_task(self.watch_children())
+        try:
+            return await work
+        finally:
+            watcher.cancel()
+
+    async def close(self, fleet: Fleet | None, log_handler: logging.Handler) -> None:
+        """The end of every run: the fleet stops, then the processes and services, then the
+        fleet's log."""
+        if fleet is not None:
+            await fleet.stop()
+        await self.teardown()
+        logging.getLogger("plugin_client").removeHandler(log_handler)
+        log_handler.close()
 
     async def teardown(self) -> None:
         """Everything this session started or changed, in order; never raises."""
@@ -329,10 +382,7 @@ def simulate(options: SimulateOptions) -> int:
             faulty_share=options.faulty_share,
             duration_s=options.duration,
         )
-    except ScenarioError as error:
-        _say(console, f"selfheal simulate: {error}")
-        return 2
-    except ValueError as error:
+    except (ScenarioError, ValueError) as error:
         _say(console, f"selfheal simulate: {error}")
         return 2
     self_started = options.url is None
@@ -358,17 +408,21 @@ def simulate(options: SimulateOptions) -> int:
 
 
 @dataclass
-class SimulateRun:
+class _Run:
     settings: Settings
     console: Console
+
+    def _say(self, text: str) -> None:
+        _say(self.console, text)
+
+
+@dataclass
+class SimulateRun(_Run):
     options: SimulateOptions
     plan: RunPlan
     scenario_path: Path
     run_id: str
     seed: int
-
-    def _say(self, text: str) -> None:
-        _say(self.console, text)
 
     async def main(self) -> int:
         settings, plan = self.settings, self.plan
@@ -402,17 +456,15 @@ class SimulateRun:
                 port = free_port()
                 base_url = f"http://127.0.0.1:{port}"
                 prefix = os.environ.get("SELFHEAL_REDIS_PREFIX", settings.redis_prefix)
-                env = {
-                    **os.environ,
-                    **services.control_plane_env(),
-                    "SELFHEAL_HEARTBEAT_INTERVAL_S": str(plan.interval_s),
-                    "PORT": str(port),
-                    "SELFHEAL_HOST": "127.0.0.1",
-                    "SELFHEAL_PUBLIC_URL": base_url,
+                env = session.control_plane_env(
+                    services,
+                    port,
+                    SELFHEAL_HOST="127.0.0.1",
+                    SELFHEAL_PUBLIC_URL=base_url,
                     # Its own arq queue: a shared Redis must not mix this run's jobs with
                     # another deployment's.
-                    "SELFHEAL_REDIS_PREFIX": f"{prefix}sim-{self.run_id}:",
-                }
+                    SELFHEAL_REDIS_PREFIX=f"{prefix}sim-{self.run_id}:",
+                )
                 self._say("starting the reference services, the API and a worker...")
                 await session.start_control_plane(port, env)
                 policy = await session.guard(session.set_policy())
@@ -428,23 +480,9 @@ class SimulateRun:
                 )
                 self._say(f"using the control plane at {base_url}; {policy_note}")
             self._say("policy: " + ", ".join(f"{k}={v}" for k, v in cp.restorable(policy).items()))
-            identities = await session.guard(
-                cp.register_fleet(
-                    session.maker,
-                    SecretBox(settings.secret_key),
-                    tenants=session.tenants,
-                    plugin=truth.plugin,
-                    version=truth.initial_version,
-                    count=plan.installations,
-                )
-            )
-            fleet = Fleet(
-                plan=plan,
-                truth=truth,
-                identities=identities,
+            fleet = await session.register_fleet(
                 base_url=base_url,
                 public_key=public_key,
-                state_root=run_dir / "agents",
                 sha256=hashes,
                 seed=self.seed,
                 decision_service=switch,
@@ -452,13 +490,9 @@ class SimulateRun:
                 early_report=self.options.early_report,
             )
             running = True
-            watcher = asyncio.create_task(session.watch_children())
-            try:
-                report = await self._run_fleet(
-                    session, fleet, switch, policy, policy_note, base_url
-                )
-            finally:
-                watcher.cancel()
+            report = await session.watched(
+                self._run_fleet(session, fleet, switch, policy, policy_note, base_url)
+            )
             render_report(report, self.console)
             if self.options.report is not None:
                 write_report(report, self.options.report)
@@ -481,11 +515,7 @@ class SimulateRun:
             self._say(f"selfheal simulate: {what}: {type(error).__name__}: {error}")
             return 1
         finally:
-            if fleet is not None:
-                await fleet.stop()
-            await session.teardown()
-            logging.getLogger("plugin_client").removeHandler(log_handler)
-            log_handler.close()
+            await session.close(fleet, log_handler)
 
     async def _run_fleet(
         self,
@@ -692,13 +722,8 @@ def demo(port: int | None) -> int:
 
 
 @dataclass
-class DemoRun:
-    settings: Settings
-    console: Console
+class DemoRun(_Run):
     port: int
-
-    def _say(self, text: str) -> None:
-        _say(self.console, text)
 
     async def main(self) -> int:
         settings = self.settings
@@ -725,41 +750,22 @@ class DemoRun:
             await session.guard(cp.disable_installations(session.maker, session.tenants))
             public_key, hashes = await session.guard(session.releases(unquarantine=True))
             services = await session.start_services()
-            env = {
-                **os.environ,
-                **services.control_plane_env(),
-                "SELFHEAL_HEARTBEAT_INTERVAL_S": str(plan.interval_s),
-                "PORT": str(self.port),
-            }
+            env = session.control_plane_env(services, self.port)
             if not settings.public_url:
                 env["SELFHEAL_PUBLIC_URL"] = public
             self._say("starting the reference services, the API and a worker...")
             await session.start_control_plane(self.port, env)
             policy = await session.guard(session.set_policy(cooldown_s=DEMO_COOLDOWN_S))
             user = await session.guard(cp.ensure_demo_user(session.maker))
-            identities = await session.guard(
-                cp.register_fleet(
-                    session.maker,
-                    SecretBox(settings.secret_key),
-                    tenants=session.tenants,
-                    plugin=truth.plugin,
-                    version=truth.initial_version,
-                    count=plan.installations,
-                )
-            )
-            self._banner(public, user, policy, plan)
-            fleet = Fleet(
-                plan=plan,
-                truth=truth,
-                identities=identities,
+            fleet = await session.register_fleet(
                 base_url=public,
                 public_key=public_key,
-                state_root=run_dir / "agents",
                 sha256=hashes,
                 seed=secrets.randbelow(2**31),
                 decision_service=DecisionServiceSwitch(services.sira_url, services.sira_token),
                 meta={"simulator_run": run_id, "demo": True},
             )
+            self._banner(public, user, policy, plan)
             progress = Progress(
                 fleet,
                 self.console,
@@ -772,11 +778,7 @@ class DemoRun:
             self._say(
                 f"demo fleet: {plan.installations} installations running; Ctrl-C stops everything"
             )
-            watcher = asyncio.create_task(session.watch_children())
-            try:
-                await progress.run(session.stop)
-            finally:
-                watcher.cancel()
+            await session.watched(progress.run(session.stop))
             if session.failure is not None:
                 self._say(f"selfheal up --demo: stopped: {session.failure}")
                 return 1
@@ -790,11 +792,7 @@ class DemoRun:
             self._say(f"selfheal up --demo: could not start: {type(error).__name__}: {error}")
             return 1
         finally:
-            if fleet is not None:
-                await fleet.stop()
-            await session.teardown()
-            logging.getLogger("plugin_client").removeHandler(log_handler)
-            log_handler.close()
+            await session.close(fleet, log_handler)
 
     def _banner(
         self, public: str, user: cp.DemoUser, policy: dict[str, Any], plan: RunPlan

@@ -14,8 +14,8 @@ import orjson
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
 from app.core.settings import Settings
-from app.plugins.auth import sign
 from app.plugins.service import register_installation
+from app.plugins.signatures import sign
 
 HEARTBEAT = "/api/plugins/heartbeat"
 

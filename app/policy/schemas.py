@@ -1,3 +1,5 @@
+"""The ops policy as the API reads and changes it (GET and PUT /api/ops/policy)."""
+
 from __future__ import annotations
 
 from datetime import datetime
