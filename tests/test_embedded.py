@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from app.embedded import EmbeddedServices
-from app.embedded.supervise import _pid_alive
+from app.embedded.supervise import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _port_closed(port: int) -> bool:
 
 def _wait_gone(pids: list[int], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(pid) for pid in pids):
+    while any(pid_alive(pid) for pid in pids):
         assert time.monotonic() < deadline, f"still running: {pids}"
         time.sleep(0.05)
 
@@ -90,7 +90,7 @@ def test_second_start_reuses_running_servers(tmp_path: Path) -> None:
         assert second.pids == pids
         # The second user does not own the servers: stopping it leaves them to the first.
         second.stop()
-        assert all(_pid_alive(pid) for pid in pids.values())
+        assert all(pid_alive(pid) for pid in pids.values())
         with psycopg.connect(urls[0] or "") as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         with _redis(urls[1]) as client:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -51,14 +51,13 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-SEVERITIES = ("low", "medium", "high", "critical")
-INCIDENT_TYPES = (
-    "heartbeat_missed",
-    "error_spike",
-    "webhook_fail_rate",
-    "crash_loop",
-    "regression",
-)
+# The types for request and response schemas; the tuples for CHECK constraints and code.
+Severity = Literal["low", "medium", "high", "critical"]
+IncidentType = Literal[
+    "heartbeat_missed", "error_spike", "webhook_fail_rate", "crash_loop", "regression"
+]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+INCIDENT_TYPES: tuple[str, ...] = get_args(IncidentType)
 ATTEMPT_STATUSES = tuple(AttemptStatus)
 INCIDENT_STATUSES = tuple(IncidentStatus)
 # Partial indexes of open incidents and in-flight attempts.

@@ -8,42 +8,32 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import app.releases.repository as releases
 from app.core.db import set_actor
+from app.core.errors import Conflict, Invalid, NotFound
 from app.core.states import Action, IncidentStatus
 from app.healing import repository as repo
 from app.healing.pending import PendingAction
+from app.healing.schemas import Approved, ManualAction, ManualActionTaken, PendingActionOut
 from app.policy import repository as policy_repo
 from app.policy.gate import (
-    ApprovalRefused,
     ProposedAction,
     action_key,
     record_approval,
     requester_username,
 )
 
-ManualAction = Literal["patch", "rollback", "ignore", "resolve", "escalate"]
 # Open statuses without an attempt under way: an operator may take over.
 TAKEOVER_STATUSES = ("detected", "deciding", "awaiting_approval", "blocked_by_policy", "escalated")
 _APPROVABLE = ("awaiting_approval", "blocked_by_policy")
 
 
-class ActionRefused(Exception):
-    """Refused for a reason the operator can act on; `status` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-
-
 @dataclass(frozen=True, slots=True)
-class Operator:
+class ActingUser:
     id: uuid.UUID
     username: str
 
@@ -55,7 +45,7 @@ class Operator:
 async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
     row = await repo.lock_incident_for_action(session, incident_id)
     if row is None:
-        raise ActionRefused(404, "no such incident")
+        raise NotFound("no such incident")
     return row
 
 
@@ -87,8 +77,8 @@ def proposed_from_pending(
 
 
 async def approve(
-    session: AsyncSession, incident_id: uuid.UUID, user: Operator, comment: str | None
-) -> dict[str, Any]:
+    session: AsyncSession, incident_id: uuid.UUID, user: ActingUser, comment: str | None
+) -> Approved:
     """One vote of `user` for the exact action the incident waits to take."""
     await set_actor(session, user.actor)
     incident = await _incident(session, incident_id)
@@ -98,9 +88,7 @@ async def approve(
         else PendingAction.from_json(incident.pending_action)
     )
     if incident.status not in _APPROVABLE or pending is None:
-        raise ActionRefused(
-            409, f"incident is {incident.status}; there is no action waiting for approval"
-        )
+        raise Conflict(f"incident is {incident.status}; there is no action waiting for approval")
     proposed = proposed_from_pending(
         incident_id=incident.id,
         installation_id=incident.installation_id,
@@ -109,10 +97,8 @@ async def approve(
         severity=incident.severity,
         pending=pending,
     )
-    try:
-        await record_approval(session, incident.id, user.id, proposed, comment=comment)
-    except ApprovalRefused as refused:
-        raise ActionRefused(403, str(refused)) from None
+    # ApprovalRefused (a vote that cannot count) is a Refused: the caller's to answer.
+    await record_approval(session, incident.id, user.id, proposed, comment=comment)
     # A plain read: only the gate share-locks the policy (see app/policy/gate.py on why).
     policy = await policy_repo.approvals_required(session)
     have = (
@@ -127,28 +113,27 @@ async def approve(
         else 0
     )
     await repo.move_incident(session, incident.id, expected=incident.status, next_check_in_s=0)
-    return {
-        "incident_id": str(incident.id),
-        "action": pending.as_json(),
-        "approvals": have,
-        "approvals_required": policy.approvals_required if policy else None,
-        "status": incident.status,
-    }
+    return Approved(
+        incident_id=incident.id,
+        action=PendingActionOut.model_validate(pending.as_json()),
+        approvals=have,
+        approvals_required=policy.approvals_required if policy else None,
+        status=incident.status,
+    )
 
 
 async def manual_action(
     session: AsyncSession,
     incident_id: uuid.UUID,
-    user: Operator,
+    user: ActingUser,
     action: ManualAction,
     patch_version: str | None,
     comment: str | None,
-) -> dict[str, Any]:
+) -> ManualActionTaken:
     await set_actor(session, user.actor)
     incident = await _incident(session, incident_id)
     if incident.status not in TAKEOVER_STATUSES:
-        raise ActionRefused(
-            409,
+        raise Conflict(
             f"incident is {incident.status}; "
             + (
                 "an attempt is under way (cancel it first)"
@@ -172,15 +157,12 @@ async def manual_action(
             status=status,
             reason=f"{action} by {user.actor}{note}",
         )
-        return {"incident_id": str(incident.id), "status": status}
+        return ManualActionTaken(incident_id=incident.id, status=IncidentStatus(status))
     if incident.installation_id is None:
-        raise ActionRefused(
-            409, "a fleet incident has no installation to patch; act on its members"
-        )
+        raise Conflict("a fleet incident has no installation to patch; act on its members")
     version = patch_version or (incident.previous_version if action == "rollback" else None)
     if not version:
-        raise ActionRefused(
-            422,
+        raise Invalid(
             "patch_version is required"
             + (
                 " (the installation has no known-good or previous version to go back to)"
@@ -190,14 +172,13 @@ async def manual_action(
             field="patch_version",
         )
     if version == incident.current_version:
-        raise ActionRefused(422, f"the installation already runs {version}", field="patch_version")
+        raise Invalid(f"the installation already runs {version}", field="patch_version")
     # A rollback needs no signed release: the plugin goes back to a version it holds.
     if (
         action == "patch"
         and await releases.command_payload(session, incident.plugin_name, version) is None
     ):
-        raise ActionRefused(
-            422,
+        raise Invalid(
             f"no signed release of {incident.plugin_name} {version}"
             " (add it with `selfheal release add`)",
             field="patch_version",
@@ -220,8 +201,8 @@ async def manual_action(
         next_check_in_s=0,
         pending_action=pending,
     )
-    return {
-        "incident_id": str(incident.id),
-        "status": IncidentStatus.BLOCKED_BY_POLICY,
-        "action": pending.as_json(),
-    }
+    return ManualActionTaken(
+        incident_id=incident.id,
+        status=IncidentStatus.BLOCKED_BY_POLICY,
+        action=PendingActionOut.model_validate(pending.as_json()),
+    )

@@ -5,17 +5,18 @@ package's; app/incidents only reads incidents."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Query, Request
 
-from app.core import names, states
-from app.core.errors import ApiError
+from app.core import states
 from app.healing import actions
+from app.healing.schemas import ApproveBody, Approved, ManualActionBody, ManualActionTaken
 from app.incidents import queries
-from app.ops.security import OpsUser, require_role
-from app.services import services
+from app.incidents.routes import incident_key
+from app.incidents.schemas import AttemptList
+from app.ops.security import Operator, OpsUser, Viewer
+from app.services import transaction
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 
@@ -25,92 +26,54 @@ AttemptStatus = Literal[
 assert set(AttemptStatus.__args__) == set(states.AttemptStatus)  # type: ignore[attr-defined]
 
 
-class ApproveBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    comment: Annotated[str | None, Field(max_length=2000)] = None
-
-
-class ManualActionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    action: actions.ManualAction
-    patch_version: Annotated[str | None, Field(max_length=128, pattern=names.VERSION_PATTERN)] = (
-        None
-    )
-    comment: Annotated[str | None, Field(max_length=2000)] = None
-
-
-def _incident_key(incident_id: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(incident_id)
-    except ValueError:
-        raise ApiError(404, "not_found", "no such incident") from None
-
-
-def _refused(refused: actions.ActionRefused) -> ApiError:
-    code = {403: "forbidden", 404: "not_found", 409: "conflict"}.get(
-        refused.status, "validation_error"
-    )
-    return ApiError(refused.status, code, refused.message, field=refused.field)
+def _acting(user: OpsUser) -> actions.ActingUser:
+    return actions.ActingUser(user.id, user.username)
 
 
 # The statement is app/incidents/queries.py's `list_attempts`, not this package's: an
 # incident's detail embeds the same list, and app/incidents cannot import app/healing (healing
 # imports incidents; the import contracts forbid the cycle).
-@router.get("/autopatch-attempts")
+@router.get("/autopatch-attempts", response_model=AttemptList)
 async def list_attempts(
     request: Request,
-    _: Annotated[OpsUser, Depends(require_role("viewer"))],
+    _: Viewer,
     incident: uuid.UUID | None = None,
     plugin: Annotated[str | None, Query(max_length=100)] = None,
     status: AttemptStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> dict[str, Any]:
-    async with services(request).sessionmaker() as session, session.begin():
+) -> AttemptList:
+    async with transaction(request) as session:
         items = await queries.list_attempts(
             session, incident_id=incident, plugin=plugin, status=status, limit=limit
         )
-    return {"items": items}
+    return AttemptList.model_validate({"items": items})
 
 
-@router.post("/plugin-incidents/{incident_id}/approve")
+@router.post("/plugin-incidents/{incident_id}/approve", response_model=Approved)
 async def approve(
-    incident_id: str,
-    body: ApproveBody,
-    request: Request,
-    user: Annotated[OpsUser, Depends(require_role("operator"))],
-) -> dict[str, Any]:
+    incident_id: str, body: ApproveBody, request: Request, user: Operator
+) -> Approved:
     """One vote for the exact action the incident waits to take (one per user; the user who
     asked for the action cannot approve it). The healing loop re-checks the gate at once."""
-    key = _incident_key(incident_id)
-    try:
-        async with services(request).sessionmaker() as session, session.begin():
-            return await actions.approve(
-                session, key, actions.Operator(user.id, user.username), body.comment
-            )
-    except actions.ActionRefused as refused:
-        raise _refused(refused) from None
+    key = incident_key(incident_id)
+    async with transaction(request) as session:
+        return await actions.approve(session, key, _acting(user), body.comment)
 
 
-@router.post("/plugin-incidents/{incident_id}/manual-action")
+# exclude_unset: `action` is there for a patch or rollback only, as before.
+@router.post(
+    "/plugin-incidents/{incident_id}/manual-action",
+    response_model=ManualActionTaken,
+    response_model_exclude_unset=True,
+)
 async def manual_action(
-    incident_id: str,
-    body: ManualActionBody,
-    request: Request,
-    user: Annotated[OpsUser, Depends(require_role("operator"))],
-) -> dict[str, Any]:
+    incident_id: str, body: ManualActionBody, request: Request, user: Operator
+) -> ManualActionTaken:
     """patch or rollback: becomes the incident's pending action, taken by the healing loop
     through the policy gate, staging, apply and verification like any other (logged with the
     user). ignore, resolve and escalate take effect at once."""
-    key = _incident_key(incident_id)
-    try:
-        async with services(request).sessionmaker() as session, session.begin():
-            return await actions.manual_action(
-                session,
-                key,
-                actions.Operator(user.id, user.username),
-                body.action,
-                body.patch_version,
-                body.comment,
-            )
-    except actions.ActionRefused as refused:
-        raise _refused(refused) from None
+    key = incident_key(incident_id)
+    async with transaction(request) as session:
+        return await actions.manual_action(
+            session, key, _acting(user), body.action, body.patch_version, body.comment
+        )

@@ -4,30 +4,32 @@ served by app/healing/routes.py, next to the attempts."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from app.core.errors import ApiError
-from app.core.models import INCIDENT_TYPES, SEVERITIES
+from app.core.errors import Invalid, NotFound
+from app.core.models import IncidentType, Severity
 from app.incidents import queries
-from app.ops.security import OpsUser, require_role
-from app.services import services
+from app.incidents.schemas import IncidentDetail, IncidentList, Kpis
+from app.ops.security import Viewer
+from app.services import transaction
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 
-Severity = Literal["low", "medium", "high", "critical"]
-IncidentType = Literal[
-    "heartbeat_missed", "error_spike", "webhook_fail_rate", "crash_loop", "regression"
-]
-assert set(Severity.__args__) == set(SEVERITIES)  # type: ignore[attr-defined]
-assert set(IncidentType.__args__) == set(INCIDENT_TYPES)  # type: ignore[attr-defined]
+
+def incident_key(incident_id: str) -> uuid.UUID:
+    """The incident id of a path; one that is not a UUID names no incident (404, not 422)."""
+    try:
+        return uuid.UUID(incident_id)
+    except ValueError:
+        raise NotFound("no such incident") from None
 
 
-@router.get("/plugin-incidents")
+@router.get("/plugin-incidents", response_model=IncidentList)
 async def list_incidents(
     request: Request,
-    _: Annotated[OpsUser, Depends(require_role("viewer"))],
+    _: Viewer,
     status: Annotated[str | None, Query(max_length=40)] = None,
     severity: Severity | None = None,
     tenant: Annotated[str | None, Query(max_length=200)] = None,
@@ -35,12 +37,12 @@ async def list_incidents(
     type: IncidentType | None = None,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-) -> dict[str, Any]:
+) -> IncidentList:
     try:
         after = queries.decode_cursor(cursor) if cursor else None
     except queries.BadCursor as exc:
-        raise ApiError(422, "validation_error", str(exc), field="cursor") from None
-    async with services(request).sessionmaker() as session, session.begin():
+        raise Invalid(str(exc), field="cursor") from None
+    async with transaction(request) as session:
         items = await queries.list_incidents(
             session,
             status=status,
@@ -56,29 +58,25 @@ async def list_incidents(
         if len(items) == limit
         else None
     )
-    return {"items": items, "next_cursor": next_cursor}
+    return IncidentList.model_validate({"items": items, "next_cursor": next_cursor})
 
 
-@router.get("/plugin-incidents/{incident_id}")
-async def incident_detail(
-    incident_id: str, request: Request, _: Annotated[OpsUser, Depends(require_role("viewer"))]
-) -> dict[str, Any]:
-    try:
-        key = uuid.UUID(incident_id)
-    except ValueError:
-        raise ApiError(404, "not_found", "no such incident") from None
-    async with services(request).sessionmaker() as session, session.begin():
+# exclude_unset: `members` appears for a fleet incident only, `by` where an event has one.
+@router.get(
+    "/plugin-incidents/{incident_id}",
+    response_model=IncidentDetail,
+    response_model_exclude_unset=True,
+)
+async def incident_detail(incident_id: str, request: Request, _: Viewer) -> IncidentDetail:
+    key = incident_key(incident_id)
+    async with transaction(request) as session:
         incident = await queries.incident_detail(session, key)
     if incident is None:
-        raise ApiError(404, "not_found", "no such incident")
-    return incident
+        raise NotFound("no such incident")
+    return IncidentDetail.model_validate(incident)
 
 
-@router.get("/kpis")
-async def kpis(
-    request: Request,
-    _: Annotated[OpsUser, Depends(require_role("viewer"))],
-    days: Annotated[int, Query(ge=1, le=365)] = 7,
-) -> dict[str, Any]:
-    async with services(request).sessionmaker() as session, session.begin():
-        return await queries.kpis(session, days=days)
+@router.get("/kpis", response_model=Kpis)
+async def kpis(request: Request, _: Viewer, days: Annotated[int, Query(ge=1, le=365)] = 7) -> Kpis:
+    async with transaction(request) as session:
+        return Kpis.model_validate(await queries.kpis(session, days=days))

@@ -1,0 +1,107 @@
+"""What the ops read API answers about incidents, their attempts and the KPIs
+(docs/contracts.md, "Ops API"): the OpenAPI document describes every field from these.
+
+The attempt's read model lives here, not in app/healing, because an incident's detail embeds
+its attempts and app/incidents cannot import app/healing (healing imports incidents)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.core.models import IncidentType, Severity
+from app.core.states import Action, AttemptStatus, IncidentStatus
+
+
+class Incident(BaseModel):
+    id: uuid.UUID
+    # None for a fleet incident: it groups the installations' incidents (its `members`).
+    installation_id: uuid.UUID | None
+    tenant_id: str | None
+    plugin_name: str
+    plugin_version: str | None
+    type: IncidentType
+    severity: Severity
+    status: IncidentStatus
+    status_reason: str | None
+    first_bad_signal_at: datetime | None
+    detected_at: datetime
+    resolved_at: datetime | None
+    occurrences: int
+    updated_at: datetime
+    fleet_incident_id: uuid.UUID | None
+
+
+class IncidentList(BaseModel):
+    items: list[Incident]
+    # Pass it as `cursor` for the next page; None on the last page.
+    next_cursor: str | None
+
+
+class Attempt(BaseModel):
+    id: uuid.UUID
+    incident_id: uuid.UUID | None
+    installation_id: uuid.UUID | None
+    action: Action
+    from_version: str | None
+    to_version: str | None
+    status: AttemptStatus
+    decision_source: str | None
+    confidence: float | None
+    requested_by: str | None
+    created_at: datetime
+    executed_at: datetime | None
+    finished_at: datetime | None
+    failure_reason: str | None
+    rollback_reason: str | None
+    rolled_back_at: datetime | None
+
+
+class AttemptList(BaseModel):
+    items: list[Attempt]
+
+
+class Approval(BaseModel):
+    id: uuid.UUID
+    username: str
+    action_key: str
+    comment: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    event: str
+    # Who, where the event has a person or process behind it (an approval, an attempt's move).
+    by: str | None = None
+
+
+class IncidentDetail(Incident):
+    telemetry_snapshot: dict[str, Any]
+    # The decision as recorded: the decision service's answer or the fallback's.
+    sira_decision: dict[str, Any] | None
+    # The action waiting for the policy gate or approvals (app/healing/pending.py).
+    pending_action: dict[str, Any] | None
+    decided_at: datetime | None
+    escalated_at: datetime | None
+    next_check_at: datetime | None
+    # A fleet incident's member incidents (at most FLEET_MEMBERS_SHOWN); absent otherwise.
+    members: list[Incident] | None = None
+    attempts: list[Attempt]
+    approvals: list[Approval]
+    timeline: list[TimelineEntry]
+
+
+class Kpis(BaseModel):
+    window_days: int
+    attempts: int
+    success_rate: float | None
+    rollback_rate: float | None
+    incidents: int
+    mttd_s: float | None
+    mttr_s: float | None
+    incidents_by_severity_24h: dict[str, int]
