@@ -50,8 +50,7 @@ from app.healing.actions import proposed_from_pending
 from app.healing.pending import PendingAction
 from app.healing.repository import AttemptRow, IncidentState
 from app.healing.staging import RunLost, StagingClient, StagingUnavailable
-from app.incidents.detection import thresholds
-from app.incidents.rules import Sample, healthy_for
+from app.incidents.rules import Sample, healthy_for, thresholds
 from app.notifications.events import notify
 from app.notifications.feedback import record_outcome
 from app.plugins.repository import insert_command
@@ -211,14 +210,7 @@ class Healer:
             if waited < self.settings.missed_decide_after_s:
                 # Commands travel in heartbeat responses: give a silent installation time to
                 # come back (detection resolves the incident when it does).
-                async with self._locked(state) as session:
-                    await repo.move_incident(
-                        session,
-                        state.id,
-                        expected=IncidentStatus.DETECTED,
-                        next_check_in_s=self.settings.missed_decide_after_s - waited,
-                    )
-                return WAIT
+                return await self._look_again(state, self.settings.missed_decide_after_s - waited)
         async with self._locked(state) as session:
             moved = await repo.move_incident(
                 session,
@@ -545,14 +537,7 @@ class Healer:
             return await self._staging_unreachable(state, attempt, error.reason)
         report = {"status": run.status, "run_id": run.id, "report": run.report}
         if run.status == "running":
-            async with self._locked(state) as session:
-                await repo.move_incident(
-                    session,
-                    state.id,
-                    expected=IncidentStatus.STAGING,
-                    next_check_in_s=self.settings.heal_poll_s,
-                )
-            return WAIT
+            return await self._look_again(state)
         if run.status == "failed":
             return await self._fail_attempt(
                 state,
@@ -611,46 +596,27 @@ class Healer:
                 session, state.plugin_name, attempt.action, attempt.to_version or ""
             )
             if payload is None:
-                await repo.move_attempt(
+                why = f"no signed release of {attempt.to_version} to apply"
+                await self._end_attempt(
                     session,
-                    attempt.id,
-                    expected=attempt.status,
-                    status=AttemptStatus.FAILED,
-                    failure_reason=f"no signed release of {attempt.to_version} to apply",
-                    finished=True,
-                )
-                await repo.move_incident(
-                    session,
-                    state.id,
-                    expected=IncidentStatus.STAGING,
-                    status=IncidentStatus.ESCALATED,
-                    reason=f"no signed release of {attempt.to_version} to apply",
+                    state,
+                    attempt,
+                    AttemptStatus.FAILED,
+                    failure_reason=why,
+                    incident_status=IncidentStatus.ESCALATED,
+                    reason=why,
                 )
                 return WAIT
-            await insert_command(
+            await self._queue_command(
                 session,
-                installation_id=state.installation_id,
-                attempt_id=attempt.id,
-                type="update" if attempt.action == Action.PATCH else "rollback",
-                payload=payload,
-                automatic=attempt.automatic,
-                ttl_s=self.settings.command_ttl_s,
-                max_deliveries=self.settings.command_max_deliveries,
-            )
-            await repo.move_attempt(
-                session,
-                attempt.id,
-                expected=attempt.status,
-                status=AttemptStatus.APPLYING,
+                state,
+                attempt,
+                _command_type(attempt),
+                payload,
+                attempt_status=AttemptStatus.APPLYING,
                 executed=True,
-            )
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.STAGING,
-                status=IncidentStatus.APPLYING,
+                incident_status=IncidentStatus.APPLYING,
                 reason=f"{attempt.action} to {attempt.to_version} queued for the plugin",
-                next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
 
@@ -661,20 +627,14 @@ class Healer:
         after a severity rise, a tighter policy, caps). Nothing reached production: the attempt
         ends cancelled and the incident waits with its action, where approvals can reach it and
         the usual re-checks apply; an attempt never squats an in-flight slot while it waits."""
-        await repo.move_attempt(
-            session,
-            attempt.id,
-            expected=attempt.status,
-            status=AttemptStatus.CANCELLED,
-            failure_reason=f"held by the policy gate before it was applied: {gate.summary}",
-            finished=True,
-        )
         status = "awaiting_approval" if gate.waits_for_approval_only else "blocked_by_policy"
-        await repo.move_incident(
+        await self._end_attempt(
             session,
-            state.id,
-            expected=IncidentStatus.STAGING,
-            status=status,
+            state,
+            attempt,
+            AttemptStatus.CANCELLED,
+            failure_reason=f"held by the policy gate before it was applied: {gate.summary}",
+            incident_status=status,
             reason=f"attempt cancelled before applying: {gate.summary}",
             next_check_in_s=self.settings.blocked_recheck_s,
         )
@@ -686,7 +646,7 @@ class Healer:
         attempt = state.attempt
         if attempt is None or attempt.status != AttemptStatus.APPLYING:
             return await self._attempt_gone(state)
-        command = state.commands.get("update" if attempt.action == Action.PATCH else "rollback")
+        command = state.commands.get(_command_type(attempt))
         if command is None:
             return await self._fail_attempt(state, attempt, "the attempt's command is missing")
         if command.status == "acked":
@@ -728,21 +688,14 @@ class Healer:
                 else f"the {command.type} command was cancelled before it was delivered",
                 expire_command_id=command.id,
             )
-        async with self._locked(state) as session:
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.APPLYING,
-                next_check_in_s=self.settings.heal_poll_s,
-            )
-        return WAIT
+        return await self._look_again(state)
 
     async def _verifying(self, state: IncidentState) -> StepResult:
         attempt = state.attempt
         if attempt is None or attempt.status != AttemptStatus.VERIFYING:
             return await self._attempt_gone(state)
         assert state.installation_id is not None and attempt.to_version is not None
-        command = state.commands.get("update" if attempt.action == Action.PATCH else "rollback")
+        command = state.commands.get(_command_type(attempt))
         since = command.acked_at if command and command.acked_at else attempt.executed_at
         assert since is not None
         needed = self.settings.recovery_heartbeats
@@ -772,14 +725,7 @@ class Healer:
         deadline = attempt.verify_deadline_at
         if deadline is not None and state.now < deadline:
             wait = min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
-            async with self._locked(state) as session:
-                await repo.move_incident(
-                    session,
-                    state.id,
-                    expected=IncidentStatus.VERIFYING,
-                    next_check_in_s=max(0.05, wait),
-                )
-            return WAIT
+            return await self._look_again(state, max(0.05, wait))
         if not samples:
             why = f"no heartbeat on {attempt.to_version} within {self.settings.health_window_s} s"
         else:
@@ -822,29 +768,15 @@ class Healer:
             assert payload is not None  # a rollback needs no release
             if attempt.automatic and await repo.kill_switch_engaged(session, before_change=True):
                 return WAIT  # flipped meanwhile: the next run fails the attempt as above
-            await insert_command(
+            await self._queue_command(
                 session,
-                installation_id=state.installation_id,
-                attempt_id=attempt.id,
-                type="rollback",
-                payload=payload,
-                automatic=attempt.automatic,
-                ttl_s=self.settings.command_ttl_s,
-                max_deliveries=self.settings.command_max_deliveries,
-            )
-            await repo.move_attempt(
-                session,
-                attempt.id,
-                expected=AttemptStatus.VERIFYING,
+                state,
+                attempt,
+                "rollback",
+                payload,
                 rollback_reason=f"health check: {why}; back to {target}",
-            )
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.VERIFYING,
-                status=IncidentStatus.ROLLING_BACK,
+                incident_status=IncidentStatus.ROLLING_BACK,
                 reason=f"health check failed ({why}); rolling back to {target}",
-                next_check_in_s=self.settings.heal_poll_s,
             )
         return WAIT
 
@@ -876,14 +808,7 @@ class Healer:
                 critical=True,
                 expire_command_id=command.id if command.status != "failed" else None,
             )
-        async with self._locked(state) as session:
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.ROLLING_BACK,
-                next_check_in_s=self.settings.heal_poll_s,
-            )
-        return WAIT
+        return await self._look_again(state)
 
     async def _command_payload(
         self, session: AsyncSession, plugin: str, action: str, version: str
@@ -923,16 +848,9 @@ class Healer:
         sick = on_target and _still_sick(state.type, samples, needed, self.settings)
         deadline = command.acked_at + timedelta(seconds=self.settings.health_window_s)
         if not (healed or sick or state.now >= deadline):
-            async with self._locked(state) as session:
-                await repo.move_incident(
-                    session,
-                    state.id,
-                    expected=IncidentStatus.ROLLING_BACK,
-                    next_check_in_s=min(
-                        self.settings.heal_poll_s, (deadline - state.now).total_seconds()
-                    ),
-                )
-            return WAIT
+            return await self._look_again(
+                state, min(self.settings.heal_poll_s, (deadline - state.now).total_seconds())
+            )
         if healed:
             status, reason = "rolled_back", f"rolled back to {target}: {attempt.rollback_reason}"
         elif sick:
@@ -945,23 +863,17 @@ class Healer:
                 f" {self.settings.health_window_s} s"
             )
         async with self._locked(state) as session:
-            if not await repo.move_attempt(
+            if not await self._end_attempt(
                 session,
-                attempt.id,
-                expected=AttemptStatus.VERIFYING,
-                status=AttemptStatus.ROLLED_BACK,
+                state,
+                attempt,
+                AttemptStatus.ROLLED_BACK,
                 rolled_back=True,
-                finished=True,
-            ):
-                return WAIT
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.ROLLING_BACK,
-                status=status,
+                incident_status=status,
                 reason=reason,
                 severity=None if healed else "critical",
-            )
+            ):
+                return WAIT
             await self._record_feedback(session, state, attempt, "rolled_back")
             await self._notify(session, "rolled_back", state, "rolled_back", attempt=attempt)
             if not healed:
@@ -975,21 +887,15 @@ class Healer:
 
     async def _succeed(self, state: IncidentState, attempt: AttemptRow) -> StepResult:
         async with self._locked(state) as session:
-            if not await repo.move_attempt(
+            if not await self._end_attempt(
                 session,
-                attempt.id,
-                expected=AttemptStatus.VERIFYING,
-                status=AttemptStatus.SUCCESS,
-                finished=True,
+                state,
+                attempt,
+                AttemptStatus.SUCCESS,
+                incident_status=IncidentStatus.RESOLVED,
+                reason=f"{attempt.action} to {attempt.to_version} verified healthy",
             ):
                 return WAIT
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=IncidentStatus.VERIFYING,
-                status=IncidentStatus.RESOLVED,
-                reason=f"{attempt.action} to {attempt.to_version} verified healthy",
-            )
             await self._record_feedback(session, state, attempt, "success")
             await self._notify(session, "patch_succeeded", state, "resolved", attempt=attempt)
             if attempt.action == Action.ROLLBACK:
@@ -1019,24 +925,18 @@ class Healer:
                 if status == "acked":
                     return CONTINUE
                 await repo.expire_command(session, expire_command_id)
-            if not await repo.move_attempt(
+            if not await self._end_attempt(
                 session,
-                attempt.id,
-                expected=attempt.status,
-                status=AttemptStatus.FAILED,
+                state,
+                attempt,
+                AttemptStatus.FAILED,
                 failure_reason=reason,
                 staging_report=staging_report,
-                finished=True,
-            ):
-                return WAIT
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=state.status,
-                status=IncidentStatus.ESCALATED,
+                incident_status=IncidentStatus.ESCALATED,
                 reason=reason,
                 severity="critical" if critical else None,
-            )
+            ):
+                return WAIT
             await self._record_feedback(session, state, attempt, "failed")
             await self._notify(
                 session,
@@ -1049,6 +949,105 @@ class Healer:
             )
         log.warning("attempt_failed", incident_id=str(state.id), reason=reason)
         return WAIT
+
+    async def _look_again(self, state: IncidentState, in_s: float | None = None) -> StepResult:
+        """Nothing to do yet: look at the incident again in `in_s` (the poll interval when
+        None), if it is still where this run found it."""
+        async with self._locked(state) as session:
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=state.status,
+                next_check_in_s=self.settings.heal_poll_s if in_s is None else in_s,
+            )
+        return WAIT
+
+    async def _end_attempt(
+        self,
+        session: AsyncSession,
+        state: IncidentState,
+        attempt: AttemptRow,
+        status: AttemptStatus,
+        *,
+        failure_reason: str | None = None,
+        staging_report: dict[str, Any] | None = None,
+        rolled_back: bool = False,
+        incident_status: str,
+        reason: str,
+        severity: str | None = None,
+        next_check_in_s: float | None = None,
+    ) -> bool:
+        """In the caller's transaction: the attempt ends in `status` (from the status this run
+        read), then its incident moves to `incident_status` (from the status this run read).
+        False, and nothing changed, when the attempt had moved meanwhile."""
+        if not await repo.move_attempt(
+            session,
+            attempt.id,
+            expected=attempt.status,
+            status=status,
+            failure_reason=failure_reason,
+            staging_report=staging_report,
+            rolled_back=rolled_back,
+            finished=True,
+        ):
+            return False
+        await repo.move_incident(
+            session,
+            state.id,
+            expected=state.status,
+            status=incident_status,
+            reason=reason,
+            severity=severity,
+            next_check_in_s=next_check_in_s,
+        )
+        return True
+
+    async def _queue_command(
+        self,
+        session: AsyncSession,
+        state: IncidentState,
+        attempt: AttemptRow,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        attempt_status: AttemptStatus | None = None,
+        executed: bool = False,
+        rollback_reason: str | None = None,
+        incident_status: IncidentStatus,
+        reason: str,
+    ) -> None:
+        """In the caller's transaction: queue the command that carries the attempt to the
+        plugin (with the configured lifetime and delivery cap; automatic when the attempt is,
+        so the kill switch cancels it), mark the attempt (its new status and when it was
+        executed; or the `rollback_reason` of a rollback), and move the incident on to
+        `incident_status`, looked at again after the poll interval."""
+        assert state.installation_id is not None
+        await insert_command(
+            session,
+            installation_id=state.installation_id,
+            attempt_id=attempt.id,
+            type=type,
+            payload=payload,
+            automatic=attempt.automatic,
+            ttl_s=self.settings.command_ttl_s,
+            max_deliveries=self.settings.command_max_deliveries,
+        )
+        await repo.move_attempt(
+            session,
+            attempt.id,
+            expected=attempt.status,
+            status=attempt_status,
+            executed=executed,
+            rollback_reason=rollback_reason,
+        )
+        await repo.move_incident(
+            session,
+            state.id,
+            expected=state.status,
+            status=incident_status,
+            reason=reason,
+            next_check_in_s=self.settings.heal_poll_s,
+        )
 
     async def _escalate(self, state: IncidentState, expected: str, reason: str) -> StepResult:
         async with self._locked(state) as session:
@@ -1090,23 +1089,17 @@ class Healer:
         async with self._locked(state) as session:
             if not await repo.kill_switch_engaged(session, before_change=False):
                 return None
-            if not await repo.move_attempt(
+            if not await self._end_attempt(
                 session,
-                attempt.id,
-                expected=attempt.status,
-                status=AttemptStatus.CANCELLED,
+                state,
+                attempt,
+                AttemptStatus.CANCELLED,
                 failure_reason="kill switch engaged before the change was applied",
-                finished=True,
-            ):
-                return WAIT
-            await repo.move_incident(
-                session,
-                state.id,
-                expected=state.status,
-                status=IncidentStatus.BLOCKED_BY_POLICY,
+                incident_status=IncidentStatus.BLOCKED_BY_POLICY,
                 reason="autopatch is disabled (kill switch): attempt cancelled before applying",
                 next_check_in_s=self.settings.blocked_recheck_s,
-            )
+            ):
+                return WAIT
         log.warning("attempt_cancelled_by_kill_switch", incident_id=str(state.id))
         return WAIT
 
@@ -1196,6 +1189,11 @@ def _undeliverable(state: IncidentState, command: repo.CommandRow) -> bool:
         and command.lease_expires_at is not None
         and state.now >= command.lease_expires_at
     )
+
+
+def _command_type(attempt: AttemptRow) -> str:
+    """The plugin command that carries the attempt's action."""
+    return "update" if attempt.action == Action.PATCH else "rollback"
 
 
 def _healthy(incident_type: str, samples: list[Sample], needed: int, settings: Settings) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -24,7 +23,7 @@ from app.incidents import repository
 from app.incidents.fleet import FleetResult, group_fleets
 from app.incidents.fleet import work_due as fleet_work_due
 from app.incidents.repository import Group
-from app.incidents.rules import Sample, Thresholds, findings_for, healthy_for
+from app.incidents.rules import Sample, findings_for, healthy_for, thresholds
 
 log = structlog.get_logger("selfheal.detection")
 
@@ -44,19 +43,6 @@ class TickResult:
     known_good: int = 0  # installations whose version became known-good this tick
     # The groups whose incidents this tick opened or repeated: what the fleet step looks at.
     touched: frozenset[Group] = field(default=frozenset(), compare=False)
-
-
-def thresholds(settings: Settings) -> Thresholds:
-    return Thresholds(
-        consecutive=settings.detect_consecutive_samples,
-        webhook_fail_rate=settings.webhook_fail_rate_threshold,
-        webhook_min_attempts=settings.webhook_min_attempts,
-        error_rate=settings.error_rate_threshold,
-        error_min_requests=settings.error_min_requests,
-        error_spike_factor=settings.error_spike_factor,
-        crash_loop_resets=settings.crash_loop_restarts,
-        regression_window=timedelta(seconds=settings.regression_window_s),
-    )
 
 
 async def detect_once(maker: async_sessionmaker[AsyncSession], settings: Settings) -> TickResult:

@@ -4,12 +4,14 @@ since the previous heartbeat, so each sample is one interval of traffic."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-SEVERITIES = ("low", "medium", "high", "critical")
+from app.core.models import SEVERITIES
+from app.core.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,45 @@ class Thresholds:
     crash_loop_resets: int = 3  # uptime went down this often...
     crash_loop_samples: int = 10  # ...within this many newest samples
     regression_window: timedelta = timedelta(hours=1)
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    """The rules' thresholds as configured: one for detection, the heartbeat answer's
+    urgency and the healing loop's verification alike."""
+    return _thresholds(
+        settings.detect_consecutive_samples,
+        settings.webhook_fail_rate_threshold,
+        settings.webhook_min_attempts,
+        settings.error_rate_threshold,
+        settings.error_min_requests,
+        settings.error_spike_factor,
+        settings.crash_loop_restarts,
+        settings.regression_window_s,
+    )
+
+
+@functools.cache
+def _thresholds(
+    consecutive: int,
+    webhook_fail_rate: float,
+    webhook_min_attempts: int,
+    error_rate: float,
+    error_min_requests: int,
+    error_spike_factor: float,
+    crash_loop_resets: int,
+    regression_window_s: float,
+) -> Thresholds:
+    """Built once per configuration: the heartbeat path asks for it at every request."""
+    return Thresholds(
+        consecutive=consecutive,
+        webhook_fail_rate=webhook_fail_rate,
+        webhook_min_attempts=webhook_min_attempts,
+        error_rate=error_rate,
+        error_min_requests=error_min_requests,
+        error_spike_factor=error_spike_factor,
+        crash_loop_resets=crash_loop_resets,
+        regression_window=timedelta(seconds=regression_window_s),
+    )
 
 
 @dataclass(frozen=True, slots=True)

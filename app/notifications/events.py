@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,15 +34,7 @@ Event = Literal[
     "escalated",
     "cancelled",
 ]
-EVENTS: Final[tuple[Event, ...]] = (
-    "incident_opened",
-    "approval_needed",
-    "patch_succeeded",
-    "patch_failed",
-    "rolled_back",
-    "escalated",
-    "cancelled",
-)
+EVENTS: Final[tuple[Event, ...]] = get_args(Event)
 
 # The fields a receiver gets; anything else in the caller's mapping is not sent.
 INCIDENT_FIELDS: Final = (

@@ -22,14 +22,14 @@ from app.core.errors import ApiError, DomainError, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.settings import Settings
-from app.incidents.rules import Thresholds, looks_unhealthy
+from app.incidents.rules import looks_unhealthy, thresholds
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
 from app.plugins.ingest import IngestRejected, IngestUnavailable, InstallationGone
 from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
 from app.releases import repository as releases
 from app.releases.artifacts import ArtifactCapabilities
-from app.services import Services, services
+from app.services import Services, services, transaction
 
 router = APIRouter(prefix="/api/plugins", tags=["plugins"])
 
@@ -112,18 +112,6 @@ async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[N
         raise
 
 
-@functools.cache
-def _thresholds(
-    webhook_fail_rate: float, webhook_min_attempts: int, error_rate: float, error_min_requests: int
-) -> Thresholds:
-    return Thresholds(
-        webhook_fail_rate=webhook_fail_rate,
-        webhook_min_attempts=webhook_min_attempts,
-        error_rate=error_rate,
-        error_min_requests=error_min_requests,
-    )
-
-
 def next_heartbeat_s(settings: Settings, heartbeat: Heartbeat, urgent: bool) -> int:
     """docs/contracts.md, adaptive next_heartbeat_s: the configured interval, or
     SELFHEAL_HEARTBEAT_FAST_S while the installation has an open incident, a command waiting or
@@ -135,12 +123,7 @@ def next_heartbeat_s(settings: Settings, heartbeat: Heartbeat, urgent: bool) -> 
         return fast
     t = heartbeat.telemetry
     if looks_unhealthy(
-        _thresholds(
-            settings.webhook_fail_rate_threshold,
-            settings.webhook_min_attempts,
-            settings.error_rate_threshold,
-            settings.error_min_requests,
-        ),
+        thresholds(settings),
         requests=t.requests,
         errors=t.errors,
         webhook_attempts=t.webhook_attempts,
@@ -234,7 +217,7 @@ async def signed_command_request(
 async def ack(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandAck)
     result_json = _storable(lambda: json_for_postgres("result", payload.result))
-    async with once_only(svc, verified), svc.sessionmaker() as session, session.begin():
+    async with once_only(svc, verified), transaction(request) as session:
         state = await service.acknowledge(
             session, verified.installation_id, command_id, result_json
         )
@@ -245,7 +228,7 @@ async def ack(command_id: str, request: Request) -> Response:
 async def fail(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandFail)
     _storable(lambda: json_for_postgres("error", payload.error))
-    async with once_only(svc, verified), svc.sessionmaker() as session, session.begin():
+    async with once_only(svc, verified), transaction(request) as session:
         state = await service.report_failure(
             session, verified.installation_id, command_id, payload.error, payload.retryable
         )
