@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
@@ -35,6 +37,7 @@ from arq.worker import func
 
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
+from app.core.errors import DomainError
 from app.core.logging import configure_logging
 from app.core.redis import decision_breaker_key, health_check_key, queue_name
 from app.core.settings import Settings
@@ -52,12 +55,38 @@ log = structlog.get_logger("selfheal.worker")
 HEALTH_CHECK_INTERVAL_S = 5
 PRUNE_EVERY_S = 60
 
+Job = TypeVar("Job", bound=Callable[..., Awaitable[Any]])
 
+
+def reporting_domain_errors(job: Job) -> Job:
+    """Where the worker maps a DomainError (app/core/errors.py): a job that meets one (a
+    release gone, a state that forbids the step) logs one warning naming it and ends; it is
+    not retried, and the next tick looks again. Anything else is a crash arq reports."""
+
+    @functools.wraps(job)
+    async def run(ctx: dict[str, Any], *args: Any) -> Any:
+        try:
+            return await job(ctx, *args)
+        except DomainError as exc:
+            log.warning(
+                "job_refused",
+                job=job.__name__,
+                kind=type(exc).__name__,
+                error=exc.message,
+                field=exc.field,
+            )
+            return {"refused": type(exc).__name__}
+
+    return cast(Job, run)
+
+
+@reporting_domain_errors
 async def detect(ctx: dict[str, Any]) -> dict[str, int]:
     result = await detect_once(ctx["sessionmaker"], ctx["settings"])
     return {"opened": result.opened, "resolved": result.resolved}
 
 
+@reporting_domain_errors
 async def heal(ctx: dict[str, Any]) -> dict[str, int]:
     """Claim the incidents that are due and hand each to an `advance` job (any worker)."""
     healer: Healer = ctx["healer"]
@@ -83,11 +112,13 @@ async def heal(ctx: dict[str, Any]) -> dict[str, int]:
     return {"claimed": len(claimed), "sql_rollbacks": rollbacks, "queue_full": 0}
 
 
+@reporting_domain_errors
 async def advance(ctx: dict[str, Any], incident_id: str) -> str | None:
     healer: Healer = ctx["healer"]
     return await healer.advance(uuid.UUID(incident_id))
 
 
+@reporting_domain_errors
 async def deliver(ctx: dict[str, Any]) -> dict[str, int]:
     settings: Settings = ctx["settings"]
     result = await deliver_due(
@@ -102,6 +133,7 @@ async def deliver(ctx: dict[str, Any]) -> dict[str, int]:
     return {"delivered": result.delivered, "retried": result.retried, "dead": result.dead}
 
 
+@reporting_domain_errors
 async def prune(ctx: dict[str, Any]) -> dict[str, int]:
     settings: Settings = ctx["settings"]
     deleted = await prune_heartbeats(

@@ -1,6 +1,6 @@
 """Database engine and sessions, and the raw psycopg connections of the heartbeat path. One
-request = one session = one transaction: the request dependency commits or rolls back;
-services and repositories only flush."""
+request = one session = one transaction: the handler's `transaction(request)` (app/services.py)
+commits or rolls back; services and repositories only flush."""
 
 from __future__ import annotations
 

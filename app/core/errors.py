@@ -8,7 +8,9 @@
   `install_error_handlers` below (`DOMAIN_STATUS`), the CLI in app/cli/_common.py
   (`reporting_domain_errors`), the worker by recording the message where the step failed.
 
-One JSON error shape everywhere: {"error": {"code", "message", "field"?}}."""
+One JSON error shape everywhere: {"error": {"code", "message", "field"?}}. `ErrorBody` describes
+it to the OpenAPI document, and `error_responses` declares it for the statuses a router or a
+route can answer."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -85,6 +88,61 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="What went wrong, for programs: not_found, conflict, ...")
+    message: str = Field(description="What went wrong, for the person who acts on it")
+    # Absent, never null, when the error is not about one field.
+    field: str | SkipJsonSchema[None] = Field(
+        None, description="The input field at fault (dotted path), when it is one field"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the API (`error_body`)."""
+
+    error: ErrorDetail
+
+
+# What each status means across the API; a router may say more for its own callers.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The request could not be read (the client went away while sending it)",
+    401: "Missing, invalid or revoked credentials",
+    403: "Refused: the caller's role, the ops policy or a rule about who may act says no",
+    404: "The thing named does not exist (or is not the caller's to see)",
+    409: "The thing exists, but its state forbids this now",
+    413: "The request body is larger than the server accepts",
+    415: "The request body's media type is not accepted",
+    422: "The input is invalid; `field` names it when it is one field",
+    503: "A dependency (PostgreSQL, Redis) is unavailable; retry after Retry-After seconds",
+}
+
+_RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def error_responses(
+    *statuses: int, descriptions: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` entries: each status answers with ErrorBody.
+
+    Declaring 422 replaces FastAPI's own 422 schema (HTTPValidationError), which is not what
+    this API sends. FastAPI adds that schema to every route with parameters or a body, so such
+    a route declares 422 even when none of its input can be invalid (a path id that names
+    nothing is a 404)."""
+    described = {**ERROR_DESCRIPTIONS, **(descriptions or {})}
+    entries: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": described[status]}
+        if status == 503:
+            entry["headers"] = _RETRY_AFTER_HEADER
+        entries[status] = entry
+    return entries
 
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 
 from app.core import states
+from app.core.errors import error_responses
 from app.healing import actions
 from app.healing.schemas import ApproveBody, Approved, ManualActionBody, ManualActionTaken
 from app.incidents import queries
@@ -18,7 +19,7 @@ from app.incidents.schemas import AttemptList
 from app.ops.security import Operator, OpsUser, Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"])
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
 
 AttemptStatus = Literal[
     "pending", "staging", "applying", "verifying", "success", "failed", "rolled_back", "cancelled"
@@ -33,7 +34,7 @@ def _acting(user: OpsUser) -> actions.ActingUser:
 # The statement is app/incidents/queries.py's `list_attempts`, not this package's: an
 # incident's detail embeds the same list, and app/incidents cannot import app/healing (healing
 # imports incidents; the import contracts forbid the cycle).
-@router.get("/autopatch-attempts", response_model=AttemptList)
+@router.get("/autopatch-attempts", response_model=AttemptList, responses=error_responses(422))
 async def list_attempts(
     request: Request,
     _: Viewer,
@@ -49,7 +50,11 @@ async def list_attempts(
     return AttemptList.model_validate({"items": items})
 
 
-@router.post("/plugin-incidents/{incident_id}/approve", response_model=Approved)
+@router.post(
+    "/plugin-incidents/{incident_id}/approve",
+    response_model=Approved,
+    responses=error_responses(403, 404, 409, 422),
+)
 async def approve(
     incident_id: str, body: ApproveBody, request: Request, user: Operator
 ) -> Approved:
@@ -65,6 +70,7 @@ async def approve(
     "/plugin-incidents/{incident_id}/manual-action",
     response_model=ManualActionTaken,
     response_model_exclude_unset=True,
+    responses=error_responses(403, 404, 409, 422),
 )
 async def manual_action(
     incident_id: str, body: ManualActionBody, request: Request, user: Operator

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import structlog
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
+from starlette.responses import PlainTextResponse, Response
 
 from app.core.metrics import (
     ATTEMPTS_IN_FLIGHT,
@@ -27,6 +29,64 @@ router = APIRouter(tags=["operations"])
 log = structlog.get_logger("selfheal.health")
 
 _CHECK_TIMEOUT_S = 2.0
+
+# --- The /health answer, for the OpenAPI document ---------------------------------------------
+# The route builds the body as a dict (below); these models describe it. A key a check did not
+# report is absent, never null (hence SkipJsonSchema[None]).
+
+HealthStatus = Literal["ok", "degraded", "down"]
+
+
+class ComponentCheck(BaseModel):
+    """One component's check: ok with its latency, or down with the error's type."""
+
+    status: HealthStatus
+    latency_ms: float | SkipJsonSchema[None] = None
+    error: str | SkipJsonSchema[None] = Field(
+        None, description="Why it is down (the details go to the server log)"
+    )
+
+
+class PostgresCheck(ComponentCheck):
+    plugins_overdue: int | SkipJsonSchema[None] = Field(
+        None, description="Active installations whose heartbeat is overdue"
+    )
+
+
+class WorkersCheck(ComponentCheck):
+    last_report: str | SkipJsonSchema[None] = Field(
+        None, description="What the last live worker reported"
+    )
+
+
+class DecisionServiceCheck(ComponentCheck):
+    breaker: Literal["closed", "half_open", "open", "unknown"] | SkipJsonSchema[None] = Field(
+        None, description="The worst circuit breaker state among the live workers"
+    )
+    workers: dict[str, str] | SkipJsonSchema[None] = Field(
+        None, description="Each live worker's breaker state"
+    )
+    note: str | SkipJsonSchema[None] = None
+
+
+class CredentialChangesCheck(BaseModel):
+    status: Literal["ok", "down"]
+
+
+class HealthComponents(BaseModel):
+    postgres: PostgresCheck
+    redis: ComponentCheck
+    credential_changes: CredentialChangesCheck
+    workers: WorkersCheck
+    decision_service: DecisionServiceCheck
+
+
+class Health(BaseModel):
+    status: HealthStatus = Field(
+        description="ok; degraded (200) when a component other than PostgreSQL is not ok;"
+        " down (503) without PostgreSQL"
+    )
+    components: HealthComponents
 
 
 async def _timed(check: Any) -> dict[str, Any]:
@@ -100,7 +160,11 @@ async def _check_decision_service(svc: Services) -> dict[str, Any]:
     return detail
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Down: PostgreSQL does not answer"}},
+)
 async def health(request: Request) -> Response:
     svc = services(request)
     postgres, redis, workers, decision = await asyncio.gather(
@@ -137,7 +201,11 @@ async def health(request: Request) -> Response:
     return Response(orjson.dumps(body), status_code=code, media_type="application/json")
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text exposition format"}},
+)
 async def metrics(request: Request) -> Response:
     svc = services(request)
     update_pool_gauges(svc)

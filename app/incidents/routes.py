@@ -8,14 +8,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.core.errors import Invalid, NotFound
+from app.core.errors import Invalid, NotFound, error_responses
 from app.core.models import IncidentType, Severity
 from app.incidents import queries
 from app.incidents.schemas import IncidentDetail, IncidentList, Kpis
 from app.ops.security import Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"])
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
 
 
 def incident_key(incident_id: str) -> uuid.UUID:
@@ -26,7 +26,7 @@ def incident_key(incident_id: str) -> uuid.UUID:
         raise NotFound("no such incident") from None
 
 
-@router.get("/plugin-incidents", response_model=IncidentList)
+@router.get("/plugin-incidents", response_model=IncidentList, responses=error_responses(422))
 async def list_incidents(
     request: Request,
     _: Viewer,
@@ -66,6 +66,7 @@ async def list_incidents(
     "/plugin-incidents/{incident_id}",
     response_model=IncidentDetail,
     response_model_exclude_unset=True,
+    responses=error_responses(404, 422),
 )
 async def incident_detail(incident_id: str, request: Request, _: Viewer) -> IncidentDetail:
     key = incident_key(incident_id)
@@ -76,7 +77,7 @@ async def incident_detail(incident_id: str, request: Request, _: Viewer) -> Inci
     return IncidentDetail.model_validate(incident)
 
 
-@router.get("/kpis", response_model=Kpis)
+@router.get("/kpis", response_model=Kpis, responses=error_responses(422))
 async def kpis(request: Request, _: Viewer, days: Annotated[int, Query(ge=1, le=365)] = 7) -> Kpis:
     async with transaction(request) as session:
         return Kpis.model_validate(await queries.kpis(session, days=days))

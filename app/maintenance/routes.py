@@ -8,16 +8,23 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from app.core.errors import error_responses
 from app.maintenance import service
 from app.maintenance.repository import WindowFilter
 from app.maintenance.schemas import Window, WindowCreate, WindowList
 from app.ops.security import Operator, Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"])
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
 
 
-@router.post("/maintenance-windows", status_code=201, response_model=Window)
+# 404: the tenant or installation the body names does not exist.
+@router.post(
+    "/maintenance-windows",
+    status_code=201,
+    response_model=Window,
+    responses=error_responses(403, 404, 422),
+)
 async def create_window(body: WindowCreate, request: Request, user: Operator) -> Window:
     """Open (or schedule) a window for one tenant or one installation. A snooze is a window
     starting now: give only duration_s."""
@@ -25,7 +32,7 @@ async def create_window(body: WindowCreate, request: Request, user: Operator) ->
         return await service.create_window(session, body, actor=f"user:{user.username}")
 
 
-@router.get("/maintenance-windows", response_model=WindowList)
+@router.get("/maintenance-windows", response_model=WindowList, responses=error_responses(422))
 async def list_windows(
     request: Request,
     _: Viewer,
@@ -42,7 +49,11 @@ async def list_windows(
         return await service.list_windows(session, where, limit=limit)
 
 
-@router.post("/maintenance-windows/{window_id}/end", response_model=Window)
+@router.post(
+    "/maintenance-windows/{window_id}/end",
+    response_model=Window,
+    responses=error_responses(403, 404, 409, 422),
+)
 async def end_window(window_id: str, request: Request, user: Operator) -> Window:
     """End an open or scheduled window now. The row stays, with who ended it in its reason;
     a window that had not started becomes a 1 µs window ending now (ends_at > starts_at)."""

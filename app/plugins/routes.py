@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
-from app.core.errors import ApiError, DomainError, validation_error
+from app.core.errors import ApiError, DomainError, error_responses, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.settings import Settings
@@ -26,12 +26,40 @@ from app.incidents.rules import looks_unhealthy, thresholds
 from app.plugins import service
 from app.plugins.auth import AuthFailed, VerifiedRequest
 from app.plugins.ingest import IngestRejected, IngestUnavailable, InstallationGone
-from app.plugins.schemas import CommandAck, CommandFail, Heartbeat
+from app.plugins.schemas import (
+    CommandAck,
+    CommandAcked,
+    CommandFail,
+    CommandFailed,
+    Heartbeat,
+    HeartbeatAnswer,
+)
 from app.releases import repository as releases
 from app.releases.artifacts import ArtifactCapabilities
 from app.services import Services, services, transaction
 
-router = APIRouter(prefix="/api/plugins", tags=["plugins"])
+# The answers are raw signed bytes; `responses=` describes them to the OpenAPI document. Error
+# answers are not signed (docs/contracts.md, "Plugin API").
+_SIGNED = "Signed: X-Timestamp and X-Signature cover the status, the path and these exact bytes"
+router = APIRouter(
+    prefix="/api/plugins",
+    tags=["plugins"],
+    responses=error_responses(
+        401,
+        503,
+        descriptions={
+            401: "Missing or bad signature headers, an unknown or disabled installation, a stale"
+            " timestamp, or a request already received (`code` says which)"
+        },
+    ),
+)
+# What a signed request with a body can meet before it is handled.
+_BODY_ERRORS = error_responses(
+    400,
+    413,
+    422,
+    descriptions={400: "The client went away while sending the body"},
+)
 
 _RETRY_LATER = {"Retry-After": "5"}
 
@@ -175,7 +203,10 @@ async def accept_heartbeat(
     return SignedAnswer(body, verified.response_headers(200, path, body))
 
 
-@router.post("/heartbeat")
+@router.post(
+    "/heartbeat",
+    responses={200: {"model": HeartbeatAnswer, "description": _SIGNED}, **_BODY_ERRORS},
+)
 async def heartbeat(request: Request) -> Response:
     """Documents the route; requests are served by HeartbeatFastPath with the same code."""
     answer = await accept_heartbeat(
@@ -213,7 +244,14 @@ async def signed_command_request(
     return svc, verified, _parse(model, body)
 
 
-@router.post("/commands/{command_id}/ack")
+@router.post(
+    "/commands/{command_id}/ack",
+    responses={
+        200: {"model": CommandAcked, "description": _SIGNED},
+        **_BODY_ERRORS,
+        **error_responses(404, 409),
+    },
+)
 async def ack(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandAck)
     result_json = _storable(lambda: json_for_postgres("result", payload.result))
@@ -224,7 +262,14 @@ async def ack(command_id: str, request: Request) -> Response:
     return _signed_json(verified, request, state)
 
 
-@router.post("/commands/{command_id}/fail")
+@router.post(
+    "/commands/{command_id}/fail",
+    responses={
+        200: {"model": CommandFailed, "description": _SIGNED},
+        **_BODY_ERRORS,
+        **error_responses(404, 409),
+    },
+)
 async def fail(command_id: str, request: Request) -> Response:
     svc, verified, payload = await signed_command_request(request, CommandFail)
     _storable(lambda: json_for_postgres("error", payload.error))
@@ -244,7 +289,36 @@ def _capabilities(secret_key: str) -> ArtifactCapabilities:
     return ArtifactCapabilities(secret_key)
 
 
-@router.get("/releases/{plugin}/{version}/artifact", response_model=None)
+# 422: see error_responses (a route with parameters declares it).
+@router.get(
+    "/releases/{plugin}/{version}/artifact",
+    response_model=None,
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The release's stored bytes (not HMAC-signed: check them against"
+            " the sha256 of the signed release statement)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "headers": {
+                "X-Artifact-Sha256": {
+                    "description": "The stored bytes' sha256 (hex)",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        **error_responses(
+            403,
+            404,
+            422,
+            descriptions={
+                403: "The capability URL (expires, token) is not valid or has expired",
+                404: "No stored artifact for this release, or another plugin's release",
+            },
+        ),
+    },
+)
 async def artifact(plugin: str, version: str, request: Request) -> Response:
     """The stored bytes of a release, for a signed request of an installation of that plugin,
     or for the capability URL the worker hands the staging runner (app/releases/artifacts.py).

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from app.core.errors import error_responses
 from app.ops.security import Admin, Viewer
 from app.policy import service
 from app.policy.schemas import Policy, PolicyUpdate
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"])
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
 
 
 @router.get("/policy", response_model=Policy)
@@ -19,7 +20,7 @@ async def get_policy(request: Request, _: Viewer) -> Policy:
         return await service.read_policy(session)
 
 
-@router.put("/policy", response_model=Policy)
+@router.put("/policy", response_model=Policy, responses=error_responses(403, 422))
 async def put_policy(update: PolicyUpdate, request: Request, user: Admin) -> Policy:
     async with transaction(request) as session:
         # The audit trigger records this change under the ops user's name.
