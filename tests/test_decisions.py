@@ -8,7 +8,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +27,7 @@ from app.decisions import (
 )
 from app.decisions.fallback import wilson_lower_bound
 from tests.support.decisions import DETECTED, incident
+from tests.support.scripted import ScriptedPeer
 
 SIRA = "http://sira.test"
 TOKEN = "sira-token"
@@ -55,28 +56,7 @@ def answer(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
-
-
-class Service:
-    """A scripted decision service: each call takes the next response (the last repeats)."""
-
-    def __init__(self, *responses: httpx.Response | Handler | Exception) -> None:
-        self.responses = list(responses)
-        self.requests: list[httpx.Request] = []
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        step = self.responses[min(len(self.requests), len(self.responses)) - 1]
-        if isinstance(step, Exception):
-            raise step
-        if isinstance(step, httpx.Response):
-            return step
-        return await step(request)
+Service = ScriptedPeer  # a scripted decision service
 
 
 def ok(body: Any = None) -> httpx.Response:

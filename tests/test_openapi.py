@@ -6,19 +6,16 @@ not send. The last tests check real answers against the documented models."""
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from app.core.db import create_engine, create_sessionmaker
 from app.core.errors import ErrorBody, error_body
 from app.health.routes import Health
 from app.main import create_app
-from app.plugins.repository import insert_command
 from app.plugins.schemas import CommandAcked, CommandFailed, HeartbeatAnswer
-from tests.support.plugins import Plugin, send_heartbeat
+from tests.support.plugins import queue_command, send_heartbeat
 from tests.support.settings import make_settings
 
 no_services = pytest.mark.no_services
@@ -175,27 +172,9 @@ async def test_the_health_answer_is_its_model(client):
     described(Health, response.json())
 
 
-async def add_command(settings: Any, plugin: Plugin, type: str, payload: dict[str, Any]) -> str:
-    engine = create_engine(settings, role="test")
-    try:
-        async with create_sessionmaker(engine)() as session, session.begin():
-            command_id = await insert_command(
-                session,
-                installation_id=uuid.UUID(plugin.id),
-                type=type,
-                payload=payload,
-                ttl_s=3600,
-                max_deliveries=5,
-                automatic=False,
-            )
-    finally:
-        await engine.dispose()
-    return str(command_id)
-
-
 async def test_the_heartbeat_ack_and_fail_answers_are_their_models(client, settings, plugin):
-    update = await add_command(settings, plugin, "update", {"version": "1.2.3"})
-    config = await add_command(settings, plugin, "config", {"values": {"x": 1}})
+    update = await queue_command(settings, plugin, type="update", payload={"version": "1.2.3"})
+    config = await queue_command(settings, plugin, type="config", payload={"values": {"x": 1}})
     response = await send_heartbeat(client, plugin)
     assert response.status_code == 200, response.text
     described(HeartbeatAnswer, response.json())

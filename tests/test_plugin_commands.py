@@ -13,10 +13,8 @@ from typing import Any
 import httpx
 import orjson
 
-from app.core.db import create_engine, create_sessionmaker
-from app.plugins.repository import insert_command
 from tests.support.api import serve
-from tests.support.plugins import Plugin, send_heartbeat
+from tests.support.plugins import Plugin, queue_command, send_heartbeat
 from tests.support.settings import make_settings
 
 PAYLOAD = {
@@ -37,25 +35,11 @@ async def add_command(
     *,
     type: str = "update",
     payload: dict[str, Any] | None = None,
-    ttl_s: int = 3600,
-    max_deliveries: int = 5,
-    automatic: bool = False,
+    **options: Any,
 ) -> str:
-    engine = create_engine(settings, role="test")
-    try:
-        async with create_sessionmaker(engine)() as session, session.begin():
-            command_id = await insert_command(
-                session,
-                installation_id=uuid.UUID(plugin.id),
-                type=type,
-                payload=PAYLOAD if payload is None else payload,
-                ttl_s=ttl_s,
-                max_deliveries=max_deliveries,
-                automatic=automatic,
-            )
-    finally:
-        await engine.dispose()
-    return str(command_id)
+    return await queue_command(
+        settings, plugin, type=type, payload=PAYLOAD if payload is None else payload, **options
+    )
 
 
 def command_row(db: Any, command_id: str) -> dict[str, Any]:

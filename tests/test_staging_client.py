@@ -7,39 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from app.healing.staging import RunLost, StagingClient, StagingUnavailable
+from tests.support.scripted import ScriptedPeer
 
 pytestmark = pytest.mark.no_services
 
 RUNNER = "http://staging.test"
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
-
-
-class Runner:
-    """A scripted staging runner: each call takes the next step (the last repeats)."""
-
-    def __init__(self, *steps: httpx.Response | Handler | Exception) -> None:
-        self.steps = list(steps)
-        self.requests: list[httpx.Request] = []
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        step = self.steps[min(len(self.requests), len(self.steps)) - 1]
-        if isinstance(step, Exception):
-            raise step
-        if isinstance(step, httpx.Response):
-            return step
-        return await step(request)
+Runner = ScriptedPeer  # a scripted staging runner
 
 
 def run(status: str = "running") -> httpx.Response:

@@ -243,11 +243,8 @@ def _wait_postgres(
 ) -> str | None:
     """Wait until PostgreSQL on `port` accepts a query; its data directory, or None if the
     process exited first. Raises when the deadline passes."""
-    while True:
-        if proc is not None and proc.poll() is not None:
-            return None
-        if pid is not None and not supervise.pid_alive(pid):
-            return None
+
+    def data_directory() -> str | None:
         try:
             with psycopg.connect(
                 host=LOOPBACK,
@@ -260,13 +257,16 @@ def _wait_postgres(
                 row = conn.execute("select current_setting('data_directory')").fetchone()
                 return str(row[0]) if row else ""
         except psycopg.OperationalError:
-            pass
-        if time.monotonic() > deadline:
-            raise EmbeddedServiceError(
-                f"PostgreSQL did not accept connections on {LOOPBACK}:{port} within "
-                f"{START_TIMEOUT_S:.0f} s; log: {log_path}"
-            )
-        time.sleep(0.05)
+            return None
+
+    return supervise.wait_until_ready(
+        data_directory,
+        f"PostgreSQL did not accept connections on {LOOPBACK}:{port} within"
+        f" {START_TIMEOUT_S:.0f} s; log: {log_path}",
+        deadline,
+        proc=proc,
+        pid=pid,
+    )
 
 
 def _read_postmaster(pid_file: Path) -> _Postmaster | None:

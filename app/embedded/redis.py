@@ -125,11 +125,8 @@ def _wait_redis(
     pid: int | None = None,
 ) -> str | None:
     """Wait until Redis on `port` answers PING; its `dir`, or None if the process exited."""
-    while True:
-        if proc is not None and proc.poll() is not None:
-            return None
-        if pid is not None and not supervise.pid_alive(pid):
-            return None
+
+    def data_directory() -> str | None:
         try:
             with redis.Redis(
                 host=LOOPBACK,
@@ -142,14 +139,17 @@ def _wait_redis(
                     config: dict[str, str] = client.config_get("dir")
                     return config.get("dir", "")
         except redis.RedisError:
-            # Includes BusyLoadingError while the AOF is replayed.
-            pass
-        if time.monotonic() > deadline:
-            raise EmbeddedServiceError(
-                f"Redis did not answer PING on {LOOPBACK}:{port} within {START_TIMEOUT_S:.0f} s; "
-                f"log: {log_path}"
-            )
-        time.sleep(0.05)
+            pass  # includes BusyLoadingError while the AOF is replayed
+        return None
+
+    return supervise.wait_until_ready(
+        data_directory,
+        f"Redis did not answer PING on {LOOPBACK}:{port} within {START_TIMEOUT_S:.0f} s;"
+        f" log: {log_path}",
+        deadline,
+        proc=proc,
+        pid=pid,
+    )
 
 
 def _redis_config(port: int, redis_dir: Path, pid_file: Path) -> str:

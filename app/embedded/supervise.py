@@ -238,6 +238,30 @@ def process_cwd(pid: int) -> Path | None:
         return None
 
 
+def wait_until_ready(
+    probe: Callable[[], str | None],
+    failure: str,
+    deadline: float,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    pid: int | None = None,
+) -> str | None:
+    """Call `probe` until it answers (not None), every 50 ms; None if the server's process
+    (`proc`, or `pid` for one we did not spawn) exited first. Past `deadline`: raises
+    EmbeddedServiceError(`failure`)."""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            return None
+        if pid is not None and not pid_alive(pid):
+            return None
+        answer = probe()
+        if answer is not None:
+            return answer
+        if time.monotonic() > deadline:
+            raise EmbeddedServiceError(failure)
+        time.sleep(0.05)
+
+
 def started(server: Server, wait: Callable[..., str | None], deadline: float) -> bool:
     """Wait for a server we just spawned; False if it exited. On a timeout it is stopped
     before the error propagates, since no one else knows about it yet."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import orjson
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
 from app.core.settings import Settings
+from app.plugins.repository import insert_command
 from app.plugins.service import register_installation
 from app.plugins.signatures import sign
 
@@ -114,3 +116,32 @@ async def send_heartbeat(
     return await client.post(
         HEARTBEAT, content=body, headers=plugin.headers(body, HEARTBEAT, **header_options)
     )
+
+
+async def queue_command(
+    settings: Settings,
+    plugin: Plugin,
+    *,
+    type: str,
+    payload: dict[str, Any],
+    ttl_s: int = 3600,
+    max_deliveries: int = 5,
+    automatic: bool = False,
+) -> str:
+    """Queue a command for `plugin` as the control plane does (the next heartbeat hands it
+    out); its id."""
+    engine = create_engine(settings, role="test")
+    try:
+        async with create_sessionmaker(engine)() as session, session.begin():
+            command_id = await insert_command(
+                session,
+                installation_id=uuid.UUID(plugin.id),
+                type=type,
+                payload=payload,
+                ttl_s=ttl_s,
+                max_deliveries=max_deliveries,
+                automatic=automatic,
+            )
+    finally:
+        await engine.dispose()
+    return str(command_id)
