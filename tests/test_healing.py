@@ -305,6 +305,40 @@ async def test_high_severity_needs_a_quorum_of_distinct_operators(
         await loop.until(db, lambda: incident_status(db)[0] == "applying")
 
 
+async def test_an_approval_names_the_action_its_voter_saw(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin
+):
+    enable_autopatch(db, plugin.tenant, approval_min_severity="medium")
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        key = incident_id(db)
+        detail = await loop.client.get(f"/api/ops/plugin-incidents/{key}", headers=operator.auth)
+        seen = detail.json()["pending_action_key"]
+        first = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/approve",
+            json={"action_key": seen},
+            headers=operator.auth,
+        )
+        assert (first.status_code, first.json()["action_key"]) == (200, seen), first.text
+        # The action changes (another target version) before the second operator votes for
+        # what they saw: their vote is refused, and names why.
+        db.execute(
+            "UPDATE plugin_incidents SET pending_action ="
+            " jsonb_set(pending_action, '{to_version}', '\"1.2.4\"') WHERE id = %s",
+            (key,),
+        )
+        stale = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/approve",
+            json={"action_key": seen},
+            headers=admin.auth,
+        )
+        assert stale.status_code == 409, stale.text
+        assert stale.json()["error"]["field"] == "action_key"
+        assert "changed since you saw it" in stale.json()["error"]["message"]
+        assert db.execute("SELECT count(*) FROM approvals").fetchone()[0] == 1
+
+
 async def test_expired_approval_does_not_count(
     loop_settings, plugin, db, releases, sira, runner, operator, admin
 ):

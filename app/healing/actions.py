@@ -22,9 +22,11 @@ from app.healing.schemas import Approved, ManualAction, ManualActionTaken, Pendi
 from app.policy import repository as policy_repo
 from app.policy.gate import (
     ProposedAction,
-    action_key,
     record_approval,
     requester_username,
+)
+from app.policy.gate import (
+    action_key as key_for,
 )
 
 # Open statuses without an attempt under way: an operator may take over.
@@ -77,9 +79,17 @@ def proposed_from_pending(
 
 
 async def approve(
-    session: AsyncSession, incident_id: uuid.UUID, user: ActingUser, comment: str | None
+    session: AsyncSession,
+    incident_id: uuid.UUID,
+    user: ActingUser,
+    comment: str | None,
+    *,
+    action_key: str | None = None,
 ) -> Approved:
-    """One vote of `user` for the exact action the incident waits to take."""
+    """One vote of `user` for the exact action the incident waits to take. `action_key`, the
+    key of the action the approver saw (the dashboard's form always sends it; optional in the
+    ops API): a Conflict when the incident now waits for another action, so a vote never
+    counts for something its voter did not see."""
     await set_actor(session, user.actor)
     incident = await _incident(session, incident_id)
     pending = (
@@ -97,6 +107,13 @@ async def approve(
         severity=incident.severity,
         pending=pending,
     )
+    key = key_for(proposed)
+    if action_key is not None and action_key != key:
+        raise Conflict(
+            "the action waiting for approval has changed since you saw it (it is now"
+            f" {pending.action} to {pending.to_version}); look again and approve that one",
+            field="action_key",
+        )
     # ApprovalRefused (a vote that cannot count) is a Refused: the caller's to answer.
     await record_approval(session, incident.id, user.id, proposed, comment=comment)
     # A plain read: only the gate share-locks the policy (see app/policy/gate.py on why).
@@ -105,7 +122,7 @@ async def approve(
         await policy_repo.count_valid_approvals(
             session,
             incident.id,
-            action_key(proposed),
+            key,
             now=policy.now,
             requester_username=requester_username(proposed.requested_by),
         )
@@ -116,6 +133,7 @@ async def approve(
     return Approved(
         incident_id=incident.id,
         action=PendingActionOut.model_validate(pending.as_json()),
+        action_key=key,
         approvals=have,
         approvals_required=policy.approvals_required if policy else None,
         status=incident.status,

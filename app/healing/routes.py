@@ -62,7 +62,9 @@ async def approve(
     asked for the action cannot approve it). The healing loop re-checks the gate at once."""
     key = incident_key(incident_id)
     async with transaction(request) as session:
-        return await actions.approve(session, key, _acting(user), body.comment)
+        return await actions.approve(
+            session, key, _acting(user), body.comment, action_key=body.action_key
+        )
 
 
 # exclude_unset: `action` is there for a patch or rollback only, as before.

@@ -16,6 +16,9 @@ ManualAction = Literal["patch", "rollback", "ignore", "resolve", "escalate"]
 class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     comment: Annotated[str | None, Field(max_length=2000)] = None
+    # The key of the action the approver saw (the incident's `pending_action_key`): when
+    # given, a vote for an action that has changed since is refused (409).
+    action_key: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
 
 
 class ManualActionBody(BaseModel):
@@ -43,6 +46,7 @@ class PendingActionOut(BaseModel):
 class Approved(BaseModel):
     incident_id: uuid.UUID
     action: PendingActionOut
+    action_key: str
     # Valid votes for this exact action now, and how many the policy asks for.
     approvals: int
     approvals_required: int | None

@@ -13,6 +13,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.policy.gate import key_of
+
 INCIDENT_COLUMNS = (
     "id, installation_id, tenant_id, plugin_name, plugin_version, type, severity, status,"
     " status_reason, first_bad_signal_at, detected_at, resolved_at, occurrences, updated_at,"
@@ -91,6 +93,18 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
     if row is None:
         return None
     incident = _plain(row._mapping)
+    pending = incident["pending_action"]
+    incident["pending_action_key"] = (
+        key_of(
+            incident["id"],
+            incident["installation_id"],
+            str(pending.get("action")),
+            pending.get("from_version"),
+            pending.get("to_version"),
+        )
+        if isinstance(pending, dict)
+        else None
+    )
     if incident["installation_id"] is None:
         # A fleet incident (app/incidents/fleet.py): the installations' incidents it groups.
         members = await session.execute(

@@ -86,6 +86,8 @@ class IncidentDetail(Incident):
     sira_decision: dict[str, Any] | None
     # The action waiting for the policy gate or approvals (app/healing/pending.py).
     pending_action: dict[str, Any] | None
+    # What an approval of the pending action names (ApproveBody.action_key).
+    pending_action_key: str | None
     decided_at: datetime | None
     escalated_at: datetime | None
     next_check_at: datetime | None

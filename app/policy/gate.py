@@ -145,14 +145,25 @@ def action_key(action: ProposedAction) -> str:
     """A stable hash of what exactly would be done: incident, installation, action, from and
     to version. An approval carries it, so it counts for that action only; a different target
     version is a different action and needs its own approvals."""
-    bound = [
-        "v1",
-        str(action.incident_id),
-        str(action.installation_id),
+    return key_of(
+        action.incident_id,
+        action.installation_id,
         action.action,
         action.from_version,
         action.to_version,
-    ]
+    )
+
+
+def key_of(
+    incident_id: uuid.UUID,
+    installation_id: uuid.UUID | None,
+    action: str,
+    from_version: str | None,
+    to_version: str | None,
+) -> str:
+    """`action_key` from its parts, for the readers that hold an incident's stored pending
+    action rather than a ProposedAction (the ops API's incident detail, the dashboard)."""
+    bound = ["v1", str(incident_id), str(installation_id), action, from_version, to_version]
     return hashlib.sha256(orjson.dumps(bound)).hexdigest()
 
 
