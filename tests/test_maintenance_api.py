@@ -305,6 +305,15 @@ async def test_every_bad_input_is_a_clear_4xx_and_writes_nothing(client, operato
     )
     assert not_json.status_code == 422
     assert not_json.json()["error"]["code"] == "invalid_json"
+    # curl -d sends JSON as a form unless told otherwise: the answer says what to send.
+    as_form = await client.post(
+        WINDOWS,
+        content=b'{"tenant_id": "t", "duration_s": 600, "reason": "x"}',
+        headers={**operator.auth, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert as_form.status_code == 422
+    assert as_form.json()["error"]["field"] == "body"
+    assert "Content-Type: application/json" in as_form.json()["error"]["message"]
     assert window_rows(db) == []
 
 

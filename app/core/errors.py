@@ -186,6 +186,19 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
     field = field_path(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return ApiError(422, "invalid_json", "request body is not valid JSON")
+    if (
+        first.get("type") == "model_attributes_type"
+        and tuple(first.get("loc", ())) == ("body",)
+        and isinstance(first.get("input"), str | bytes)
+    ):
+        # A JSON body sent as another media type (curl -d sends a form's): FastAPI hands the
+        # raw text on instead of parsing it.
+        return ApiError(
+            422,
+            "validation_error",
+            "body: send a JSON object with Content-Type: application/json",
+            field="body",
+        )
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "extra_forbidden":
         message = "unknown field"
