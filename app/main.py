@@ -17,6 +17,7 @@ from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.redis import create_redis
 from app.core.settings import Settings, get_settings, libpq_url
+from app.dashboard.routes import install as install_dashboard
 from app.healing.routes import router as healing_router
 from app.health.routes import router as health_router
 from app.health.routes import update_pool_gauges
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(incidents_router)
     app.include_router(healing_router)
     app.include_router(maintenance_router)
+    install_dashboard(app)
     return app
 
 

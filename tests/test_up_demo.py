@@ -61,7 +61,7 @@ def test_up_demo_heals_a_plugin_and_stops_cleanly_on_sigint(settings, tmp_path):
         base = f"http://127.0.0.1:{port}"
         for url in (base, f"{base}/health", f"{base}/metrics", f"{base}/api/ops/plugin-incidents"):
             assert url in text, text
-        assert "/ops/ comes in a later release" in text
+        assert f"dashboard: {base}/ops/login" in text
         assert "password" in text
 
         response = httpx.get(

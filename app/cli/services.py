@@ -128,7 +128,8 @@ def _serve(settings: Settings, *, port: int, workers: int) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     typer.echo(
         f"selfheal API listening on http://{settings.host}:{port}"
-        f" ({workers} worker{'s' if workers > 1 else ''}; health: /health, metrics: /metrics)",
+        f" ({workers} worker{'s' if workers > 1 else ''}; health: /health, metrics: /metrics;"
+        f" dashboard: http://{settings.host}:{port}/ops/login)",
         err=True,
     )
     try:

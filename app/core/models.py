@@ -522,6 +522,26 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class OpsSession(Base):
+    """A dashboard sign-in (app/dashboard/sessions.py). Only the SHA-256 of the session id is
+    stored: the cookie's value is 256 random bits, so a slow hash adds nothing, and a
+    database read does not hand out live sessions. Deleted at logout and when found expired
+    (idle or absolute timeout)."""
+
+    __tablename__ = "ops_sessions"
+    id_hash: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("ops_users.id", ondelete="CASCADE"), nullable=False
+    )
+    # The session's CSRF token: every dashboard form carries it back.
+    csrf_token: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    last_seen_at: Mapped[datetime] = _now()
+    # A message for the next page (after a POST and its redirect), then cleared.
+    flash: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_ops_sessions_user_id", "user_id"),)
+
+
 class Approval(Base):
     __tablename__ = "approvals"
     id: Mapped[uuid.UUID] = _uuid_pk()

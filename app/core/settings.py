@@ -199,6 +199,25 @@ class Settings(BaseSettings):
         3, ge=1, le=1000, validation_alias=_env("SELFHEAL_QUARANTINE_AFTER_ROLLBACKS")
     )
 
+    # The ops dashboard (/ops/): its sign-in sessions and the slowing of failed sign-ins.
+    # Secure cookies: unset means yes when SELFHEAL_ENV=prod or SELFHEAL_PUBLIC_URL is https.
+    cookie_secure: bool | None = Field(None, validation_alias=_env("SELFHEAL_COOKIE_SECURE"))
+    session_idle_s: int = Field(
+        1800, ge=60, le=7 * 86400, validation_alias=_env("SELFHEAL_SESSION_IDLE_S")
+    )
+    session_max_s: int = Field(
+        12 * 3600, ge=60, le=30 * 86400, validation_alias=_env("SELFHEAL_SESSION_MAX_S")
+    )
+    login_failures_per_account: int = Field(
+        5, ge=1, le=1000, validation_alias=_env("SELFHEAL_LOGIN_FAILURES_PER_ACCOUNT")
+    )
+    login_failures_per_address: int = Field(
+        20, ge=1, le=100_000, validation_alias=_env("SELFHEAL_LOGIN_FAILURES_PER_ADDRESS")
+    )
+    login_lockout_s: int = Field(
+        900, ge=1, le=86400, validation_alias=_env("SELFHEAL_LOGIN_LOCKOUT_S")
+    )
+
     @field_validator("database_url")
     @classmethod
     def _psycopg_driver(cls, value: str | None) -> str | None:
@@ -229,6 +248,14 @@ class Settings(BaseSettings):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether the dashboard's cookies carry Secure (SELFHEAL_COOKIE_SECURE, else: in prod
+        or behind an https public URL)."""
+        if self.cookie_secure is not None:
+            return self.cookie_secure
+        return self.env == "prod" or (self.public_url or "").startswith("https://")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret_in_prod(self) -> Settings:

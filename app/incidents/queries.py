@@ -1,18 +1,32 @@
 """Read side for ops: incident lists with keyset paging, one incident with its timeline,
-attempts, KPIs. Every statement here only reads."""
+attempts, KPIs and the series the dashboard charts (severity over time, time to approval,
+decision confidence, calibration). Every statement here only reads."""
 
 from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.models import SEVERITIES
+from app.incidents.schemas import (
+    Calibration,
+    CalibrationBucket,
+    CalibrationSeries,
+    ConfidenceBucket,
+    ConfidenceDistribution,
+    KpiPoint,
+    KpiSeries,
+    SeverityPoint,
+    SeveritySeries,
+    TimeToApproval,
+)
 from app.policy.gate import key_of
 
 INCIDENT_COLUMNS = (
@@ -54,18 +68,10 @@ async def list_incidents(
     limit: int,
 ) -> list[dict[str, Any]]:
     """Newest first; `after` is the (detected_at, id) of the last row of the previous page."""
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {"limit": limit}
-    for column, value in (
-        ("status", status),
-        ("severity", severity),
-        ("tenant_id", tenant),
-        ("plugin_name", plugin),
-        ("type", incident_type),
-    ):
-        if value is not None:
-            conditions.append(f"{column} = :{column}")
-            params[column] = value
+    conditions, params = _incident_filters(
+        status=status, severity=severity, tenant=tenant, plugin=plugin, incident_type=incident_type
+    )
+    params["limit"] = limit
     if after is not None:
         conditions.append("(detected_at, id) < (:after_at, :after_id)")
         params.update(after_at=after[0], after_id=after[1])
@@ -77,6 +83,52 @@ async def list_incidents(
         params,
     )
     return [_plain(row._mapping) for row in rows]
+
+
+def _incident_filters(
+    *,
+    status: str | None,
+    severity: str | None,
+    tenant: str | None,
+    plugin: str | None,
+    incident_type: str | None,
+) -> tuple[list[str], dict[str, Any]]:
+    conditions = ["TRUE"]
+    params: dict[str, Any] = {}
+    for column, value in (
+        ("status", status),
+        ("severity", severity),
+        ("tenant_id", tenant),
+        ("plugin_name", plugin),
+        ("type", incident_type),
+    ):
+        if value is not None:
+            conditions.append(f"{column} = :{column}")
+            params[column] = value
+    return conditions, params
+
+
+async def count_by_severity(
+    session: AsyncSession,
+    *,
+    status: str | None,
+    tenant: str | None,
+    plugin: str | None,
+    incident_type: str | None,
+) -> dict[str, int]:
+    """How many incidents of each severity match the filters (all pages; severity aside, so
+    the counts say what each severity filter would show)."""
+    conditions, params = _incident_filters(
+        status=status, severity=None, tenant=tenant, plugin=plugin, incident_type=incident_type
+    )
+    rows = await session.execute(
+        text(
+            "SELECT severity, count(*) FROM plugin_incidents"
+            f" WHERE {' AND '.join(conditions)} GROUP BY severity"
+        ),
+        params,
+    )
+    return {row[0]: row[1] for row in rows}
 
 
 async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict[str, Any] | None:
@@ -210,8 +262,22 @@ async def list_attempts(
     return [_plain(row._mapping) for row in rows]
 
 
+# An incident the loop healed (resolved, with a successful attempt) or rolled back
+# (rolled_back, with a rolled-back attempt): what MTTR of the loop counts.
+_LOOP_CLOSED = (
+    "i.resolved_at IS NOT NULL AND i.status IN ('resolved', 'rolled_back')"
+    " AND EXISTS (SELECT 1 FROM plugin_autopatch_attempts a WHERE a.incident_id = i.id"
+    "  AND a.status IN ('success', 'rolled_back'))"
+)
+
+
 async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
-    """The brief's KPIs, NULL-safe: a window without attempts has no rate, not an error."""
+    """The brief's KPIs, NULL-safe: a window without attempts has no rate, not an error.
+
+    `mttr_s` is the mean over every incident of the window closed with a resolved_at (an
+    operator's resolve, a recovery, an ignore included); `mttr_loop_s` only over the
+    incidents the loop healed or rolled back (`_LOOP_CLOSED`). The time to approval is
+    `time_to_approval`'s means (an approximation: see there)."""
     attempts = (
         await session.execute(
             text(
@@ -244,6 +310,21 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
             " WHERE detected_at > now() - interval '24 hours' GROUP BY severity"
         )
     )
+    # MTTR of the loop's own work: incidents it healed (resolved, with a successful attempt)
+    # or rolled back (rolled_back, with a rolled-back attempt); an incident resolved by hand
+    # or by recovery alone, without such an attempt, is not the loop's.
+    loop = (
+        await session.execute(
+            text(
+                "SELECT count(*) AS incidents,"
+                " extract(epoch FROM avg(i.resolved_at - i.detected_at)) AS mttr_s"
+                " FROM plugin_incidents i"
+                f" WHERE i.detected_at > now() - make_interval(days => :days) AND {_LOOP_CLOSED}"
+            ),
+            {"days": days},
+        )
+    ).one()
+    approval = await time_to_approval(session, days=days)
     return {
         "window_days": days,
         "attempts": attempts.attempts,
@@ -253,7 +334,249 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
         "mttd_s": _number(times.mttd_s),
         "mttr_s": _number(times.mttr_s),
         "incidents_by_severity_24h": {row[0]: row[1] for row in severity},
+        "mttr_loop_s": _number(loop.mttr_s),
+        "loop_closed_incidents": loop.incidents,
+        "time_to_first_approval_s": approval.first_vote_mean_s,
+        "time_to_quorum_s": approval.quorum_mean_s,
     }
+
+
+async def severity_series(
+    session: AsyncSession, *, bucket: Literal["hour", "day"], count: int
+) -> SeveritySeries:
+    """Incidents detected per `bucket` (UTC) and severity, the last `count` buckets, the
+    current one (partial) last; every bucket and every severity present, 0 when none. The
+    dashboard's two: `bucket="hour", count=24` and `bucket="day", count=7`."""
+    step = {"hour": "1 hour", "day": "1 day"}[bucket]
+    rows = (
+        await session.execute(
+            text(
+                "WITH b AS (SELECT date_trunc(:unit, now() AT TIME ZONE 'UTC') AS current)"
+                " SELECT b.current, date_trunc(:unit, i.detected_at AT TIME ZONE 'UTC') AS start,"
+                "  i.severity, count(i.id) AS n"
+                " FROM b LEFT JOIN plugin_incidents i ON i.detected_at >="
+                "  (b.current - CAST(:step AS interval) * (:count - 1)) AT TIME ZONE 'UTC'"
+                " GROUP BY 1, 2, 3"
+            ),
+            {"unit": bucket, "step": step, "count": count},
+        )
+    ).all()
+    current: datetime = rows[0].current
+    width = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+    starts = [current - width * (count - 1 - k) for k in range(count)]
+    counts: dict[datetime, dict[str, int]] = {s: dict.fromkeys(SEVERITIES, 0) for s in starts}
+    for row in rows:
+        if row.start in counts and row.severity is not None:
+            counts[row.start][row.severity] = counts[row.start].get(row.severity, 0) + row.n
+    return SeveritySeries(
+        bucket=bucket,
+        points=[
+            SeverityPoint(
+                start=s.replace(tzinfo=UTC), counts=counts[s], total=sum(counts[s].values())
+            )
+            for s in starts
+        ],
+    )
+
+
+async def kpi_series(session: AsyncSession, *, days: int = 7) -> KpiSeries:
+    """The brief's four KPIs per UTC day, the last `days` days (today, partial, last), as
+    `kpis` counts them: rates (percent) over the attempts executed that day, MTTD and the
+    loop's MTTR over the incidents detected that day. None where a day has nothing."""
+    current = (
+        await session.execute(text("SELECT date_trunc('day', now() AT TIME ZONE 'UTC')"))
+    ).scalar_one()
+    since = (current - timedelta(days=days - 1)).replace(tzinfo=UTC)
+    attempts = await session.execute(
+        text(
+            "SELECT date_trunc('day', executed_at AT TIME ZONE 'UTC') AS day, count(*) AS n,"
+            " count(*) FILTER (WHERE status = 'success') * 100.0 / count(*) AS ok,"
+            " count(*) FILTER (WHERE status = 'rolled_back') * 100.0 / count(*) AS back"
+            " FROM plugin_autopatch_attempts WHERE executed_at >= :since GROUP BY 1"
+        ),
+        {"since": since},
+    )
+    by_day = {row.day: row for row in attempts}
+    incidents = await session.execute(
+        text(
+            "SELECT date_trunc('day', i.detected_at AT TIME ZONE 'UTC') AS day,"
+            " extract(epoch FROM avg(i.detected_at - i.first_bad_signal_at)) AS mttd_s,"
+            " extract(epoch FROM avg(i.resolved_at - i.detected_at)"
+            f"  FILTER (WHERE {_LOOP_CLOSED})) AS mttr_s"
+            " FROM plugin_incidents i WHERE i.detected_at >= :since GROUP BY 1"
+        ),
+        {"since": since},
+    )
+    times = {row.day: row for row in incidents}
+    points = []
+    for k in range(days):
+        day = current - timedelta(days=days - 1 - k)
+        a, t = by_day.get(day), times.get(day)
+        points.append(
+            KpiPoint(
+                start=day.replace(tzinfo=UTC),
+                attempts=a.n if a else 0,
+                success_rate=_number(a.ok) if a else None,
+                rollback_rate=_number(a.back) if a else None,
+                mttd_s=_number(t.mttd_s) if t else None,
+                mttr_loop_s=_number(t.mttr_s) if t else None,
+            )
+        )
+    return KpiSeries(points=points)
+
+
+async def time_to_approval(session: AsyncSession, *, days: int) -> TimeToApproval:
+    """How long incidents detected in the last `days` waited for operators' votes.
+
+    An approximation, because no column records when an incident entered awaiting_approval:
+    the wait is counted from the incident's `decided_at` (the loop records its decision and
+    runs the gate that asks for approvals in one transaction, so for the loop's own decisions
+    this is the moment the wait began), or from `detected_at` when nothing was decided (an
+    operator's manual action, which stamps no time). Not exact for an operator's action
+    asked after a loop decision (counted from the decision: longer than the real wait) nor
+    for a second wait after a cancelled attempt (votes before the latest decision are not
+    counted). First vote: the earliest vote after that moment. Quorum: the moment the
+    `approvals_required`-th vote for one same action (action_key) arrived, with today's
+    policy value (the value at the time is not kept with the votes); a vote's expiry is not
+    taken into account."""
+    row = (
+        await session.execute(
+            text(
+                "WITH required AS (SELECT approvals_required AS n FROM ops_policy WHERE id = 1),"
+                " votes AS ("
+                "  SELECT i.id, coalesce(i.decided_at, i.detected_at) AS began, v.created_at,"
+                "   row_number() OVER (PARTITION BY i.id, v.action_key"
+                "                      ORDER BY v.created_at, v.id) AS nth"
+                "  FROM plugin_incidents i JOIN approvals v ON v.incident_id = i.id"
+                "   AND v.created_at >= coalesce(i.decided_at, i.detected_at)"
+                "  WHERE i.detected_at > now() - make_interval(days => :days)),"
+                " per_incident AS ("
+                "  SELECT extract(epoch FROM min(created_at) - began) AS first_s,"
+                "   extract(epoch FROM min(created_at) FILTER"
+                "    (WHERE nth = (SELECT n FROM required)) - began) AS quorum_s"
+                "  FROM votes GROUP BY id, began)"
+                " SELECT (SELECT n FROM required) AS required, count(*) AS incidents,"
+                "  avg(first_s) AS first_mean,"
+                "  percentile_cont(0.5) WITHIN GROUP (ORDER BY first_s) AS first_median,"
+                "  count(quorum_s) AS quorum_incidents, avg(quorum_s) AS quorum_mean,"
+                "  percentile_cont(0.5) WITHIN GROUP (ORDER BY quorum_s) AS quorum_median"
+                " FROM per_incident"
+            ),
+            {"days": days},
+        )
+    ).one()
+    return TimeToApproval(
+        incidents=row.incidents,
+        first_vote_mean_s=_number(row.first_mean),
+        first_vote_median_s=_number(row.first_median),
+        quorum_incidents=row.quorum_incidents,
+        quorum_mean_s=_number(row.quorum_mean),
+        quorum_median_s=_number(row.quorum_median),
+        approvals_required=row.required,
+    )
+
+
+# A confidence's bucket of 0.1 (0..9; 1.0 falls in the last one), from a numeric expression;
+# NULL without a confidence (greatest and least skip NULLs: the CASE keeps it NULL).
+def _bucket_sql(confidence: str) -> str:
+    return (
+        f"CASE WHEN {confidence} IS NOT NULL"
+        f" THEN greatest(0, least(9, floor({confidence} * 10)))::int END"
+    )
+
+
+_DECISION_CONFIDENCE = (
+    "CASE WHEN jsonb_typeof(i.sira_decision -> 'confidence') = 'number'"
+    " THEN (i.sira_decision ->> 'confidence')::numeric END"
+)
+
+
+def _bounds(k: int) -> tuple[float, float]:
+    return round(k / 10, 1), round((k + 1) / 10, 1)
+
+
+async def confidence_distribution(session: AsyncSession, *, days: int) -> ConfidenceDistribution:
+    """The decisions recorded in the last `days` (`plugin_incidents.sira_decision`, by
+    `decided_at`: the decision service's and the fallback's), by confidence in buckets of
+    0.1, with each bucket's split by `source` and by `action`."""
+    rows = await session.execute(
+        text(
+            f"SELECT {_bucket_sql(_DECISION_CONFIDENCE)} AS bucket,"
+            " coalesce(i.sira_decision ->> 'source', 'unknown') AS source,"
+            " coalesce(i.sira_decision ->> 'action', 'unknown') AS action, count(*) AS n"
+            " FROM plugin_incidents i"
+            " WHERE jsonb_typeof(i.sira_decision) = 'object'"
+            "   AND i.decided_at > now() - make_interval(days => :days)"
+            " GROUP BY 1, 2, 3"
+        ),
+        {"days": days},
+    )
+    buckets = [
+        ConfidenceBucket(lower=lo, upper=hi, count=0, by_source={}, by_action={})
+        for lo, hi in map(_bounds, range(10))
+    ]
+    without = 0
+    for row in rows:
+        if row.bucket is None:
+            without += row.n
+            continue
+        b = buckets[row.bucket]
+        b.count += row.n
+        b.by_source[row.source] = b.by_source.get(row.source, 0) + row.n
+        b.by_action[row.action] = b.by_action.get(row.action, 0) + row.n
+    return ConfidenceDistribution(
+        total=sum(b.count for b in buckets), without_confidence=without, buckets=buckets
+    )
+
+
+CALIBRATION_SOURCES = ("sira", "fallback")
+
+
+async def calibration(session: AsyncSession, *, days: int) -> Calibration:
+    """Predicted confidence against actual success, by bucket of 0.1, for the decision
+    service (`sira`) and the fallback separately. Counted over the attempts created in the
+    last `days` that finished with an outcome that says whether the change worked: success
+    (a success later rolled back counts as rolled_back), failed or rolled_back; cancelled
+    and in-flight attempts say nothing and are left out, so are operators' (source
+    `manual`). Source and confidence are the attempt's own columns, and the incident's
+    recorded decision only where the attempt has none."""
+    rows = await session.execute(
+        text(
+            "WITH finished AS ("
+            "  SELECT coalesce(a.decision_source, i.sira_decision ->> 'source') AS source,"
+            f"  coalesce(a.confidence, {_DECISION_CONFIDENCE}) AS confidence, a.status"
+            "  FROM plugin_autopatch_attempts a"
+            "  LEFT JOIN plugin_incidents i ON i.id = a.incident_id"
+            "  WHERE a.status IN ('success', 'failed', 'rolled_back')"
+            "    AND a.created_at > now() - make_interval(days => :days))"
+            f" SELECT source, {_bucket_sql('confidence')} AS bucket, count(*) AS n,"
+            "  count(*) FILTER (WHERE status = 'success') AS ok, avg(confidence) AS predicted"
+            " FROM finished"
+            " WHERE source IN :sources AND confidence IS NOT NULL"
+            " GROUP BY 1, 2"
+        ).bindparams(bindparam("sources", expanding=True)),
+        {"days": days, "sources": list(CALIBRATION_SOURCES)},
+    )
+    found = {(row.source, row.bucket): row for row in rows}
+    series = []
+    for source in CALIBRATION_SOURCES:
+        buckets = []
+        for k in range(10):
+            lo, hi = _bounds(k)
+            row = found.get((source, k))
+            n, ok = (row.n, row.ok) if row is not None else (0, 0)
+            buckets.append(
+                CalibrationBucket(
+                    lower=lo,
+                    upper=hi,
+                    attempts=n,
+                    successes=ok,
+                    predicted=_number(row.predicted) if row is not None else None,
+                    actual=round(ok / n, 3) if n else None,
+                )
+            )
+        series.append(CalibrationSeries(source=source, buckets=buckets))
+    return Calibration(series=series)
 
 
 def _plain(mapping: Any) -> dict[str, Any]:

@@ -107,3 +107,81 @@ class Kpis(BaseModel):
     mttd_s: float | None
     mttr_s: float | None
     incidents_by_severity_24h: dict[str, int]
+    # Added for the dashboard; the fields above keep their meaning. MTTR over the incidents
+    # the loop healed or rolled back (resolved or rolled_back, with an attempt); mttr_s
+    # counts every incident closed in the window.
+    mttr_loop_s: float | None = None
+    loop_closed_incidents: int = 0
+    # Means over the window's incidents that got votes (queries.time_to_approval).
+    time_to_first_approval_s: float | None = None
+    time_to_quorum_s: float | None = None
+
+
+# --- KPIs for the dashboard's charts (app/incidents/queries.py) ---------------------------
+# Rates are percentages (0-100), durations seconds, confidences 0-1, like `Kpis`.
+
+
+class SeverityPoint(BaseModel):
+    start: datetime  # the bucket's start (UTC, truncated to the hour or the day)
+    counts: dict[str, int]  # every severity, 0 included
+    total: int
+
+
+class SeveritySeries(BaseModel):
+    bucket: str  # "hour" or "day"
+    points: list[SeverityPoint]  # oldest first, the current bucket last, no gaps
+
+
+class KpiPoint(BaseModel):
+    start: datetime  # the UTC day
+    attempts: int  # executed that day
+    success_rate: float | None
+    rollback_rate: float | None
+    mttd_s: float | None  # over the incidents detected that day
+    mttr_loop_s: float | None  # idem, those the loop healed or rolled back
+
+
+class KpiSeries(BaseModel):
+    points: list[KpiPoint]  # oldest first, today last, no gaps
+
+
+class TimeToApproval(BaseModel):
+    incidents: int  # incidents of the window with at least one vote after their wait began
+    first_vote_mean_s: float | None
+    first_vote_median_s: float | None
+    quorum_incidents: int  # of those, the ones whose votes on one action reached the quorum
+    quorum_mean_s: float | None
+    quorum_median_s: float | None
+    approvals_required: int  # the quorum counted: today's policy value
+
+
+class ConfidenceBucket(BaseModel):
+    lower: float  # the bucket is [lower, upper); the last one includes 1.0
+    upper: float
+    count: int
+    by_source: dict[str, int]  # sira, fallback (or another recorded source)
+    by_action: dict[str, int]  # patch, rollback, ignore, escalate
+
+
+class ConfidenceDistribution(BaseModel):
+    total: int  # decisions with a numeric confidence
+    without_confidence: int  # decisions recorded without one
+    buckets: list[ConfidenceBucket]  # always 10, 0.0-0.1 ... 0.9-1.0
+
+
+class CalibrationBucket(BaseModel):
+    lower: float
+    upper: float
+    attempts: int  # finished attempts: success, failed or rolled_back
+    successes: int
+    predicted: float | None  # mean confidence of those attempts
+    actual: float | None  # successes / attempts (0-1)
+
+
+class CalibrationSeries(BaseModel):
+    source: str  # "sira" or "fallback"
+    buckets: list[CalibrationBucket]  # always 10; empty buckets have attempts 0, None values
+
+
+class Calibration(BaseModel):
+    series: list[CalibrationSeries]  # sira first, then fallback

@@ -45,3 +45,16 @@ async def use_token(session: AsyncSession, token_hash: bytes) -> Row[Any] | None
         {"h": token_hash},
     )
     return row.first()
+
+
+async def user_by_name(session: AsyncSession, username: str) -> Row[Any] | None:
+    """(id, username, role, password_hash) of the enabled user of that name, for a password
+    sign-in."""
+    row = await session.execute(
+        text(
+            "SELECT id, username, role, password_hash FROM ops_users"
+            " WHERE username = :u AND disabled_at IS NULL"
+        ),
+        {"u": username},
+    )
+    return row.first()

@@ -3,6 +3,7 @@ endpoint declares through `require_role`, or through the aliases Viewer, Operato
 
 from __future__ import annotations
 
+import functools
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
@@ -70,6 +71,24 @@ async def add_user(session: AsyncSession, username: str, role: str) -> NewUser:
 async def user_for_token(session: AsyncSession, token: str) -> OpsUser | None:
     found = await repository.use_token(session, token_digest(token))
     return OpsUser(found.id, found.username, found.role) if found else None
+
+
+# Verified against when the name is unknown, so that a wrong name costs the same argon2 time
+# as a wrong password and the answer's timing does not tell which names exist.
+@functools.cache
+def _no_user_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(18))
+
+
+async def user_for_password(session: AsyncSession, username: str, password: str) -> OpsUser | None:
+    """The enabled user with this name and password (argon2id), else None."""
+    found = await repository.user_by_name(session, username) if username else None
+    if found is None:
+        verify_password(_no_user_hash(), password)
+        return None
+    if not verify_password(found.password_hash, password):
+        return None
+    return OpsUser(found.id, found.username, found.role)
 
 
 def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:

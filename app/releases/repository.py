@@ -330,3 +330,81 @@ async def artifact_chunk(
     )
     chunk = result.scalar_one_or_none()
     return bytes(chunk) if chunk is not None else b""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    """A release with its quarantine state and how the patches to it went. Rates are
+    percentages of the finished patches (success, failed, rolled_back), None without any."""
+
+    plugin_name: str
+    version: str
+    created_at: datetime
+    quarantined_at: datetime | None
+    quarantine_reason: str | None
+    installations: int  # installations running it now
+    patches: int  # patch attempts to it, all statuses
+    successes: int  # success and still so (a success rolled back later counts as rolled back)
+    rollbacks: int
+    failures: int
+    in_flight: int
+    cancelled: int
+    success_rate: float | None
+    rollback_rate: float | None
+
+
+async def release_outcomes(
+    session: AsyncSession, plugin: str | None = None
+) -> list[ReleaseOutcome]:
+    """Every release (of `plugin`), by plugin name then newest version first, with the
+    outcomes of the patch attempts to it (`to_version`, on installations of that plugin).
+    Rollback attempts to a version are not counted: they say how leaving a bad version went,
+    not how this one behaves."""
+    result = await session.execute(
+        text(
+            "SELECT r.plugin_name, r.version, r.created_at, r.quarantined_at,"
+            " r.quarantine_reason,"
+            " (SELECT count(*) FROM merchant_plugins m WHERE m.plugin_name = r.plugin_name"
+            "   AND m.plugin_version = r.version) AS installations,"
+            " count(a.id) AS patches,"
+            " count(a.id) FILTER (WHERE a.status = 'success') AS successes,"
+            " count(a.id) FILTER (WHERE a.status = 'rolled_back') AS rollbacks,"
+            " count(a.id) FILTER (WHERE a.status = 'failed') AS failures,"
+            " count(a.id) FILTER (WHERE a.status IN ('pending', 'staging', 'applying',"
+            "   'verifying')) AS in_flight,"
+            " count(a.id) FILTER (WHERE a.status = 'cancelled') AS cancelled"
+            " FROM plugin_releases r"
+            " LEFT JOIN (plugin_autopatch_attempts a"
+            "   JOIN merchant_plugins am ON am.id = a.installation_id)"
+            "  ON a.to_version = r.version AND am.plugin_name = r.plugin_name"
+            "  AND a.action = 'patch'"
+            " WHERE CAST(:plugin AS text) IS NULL OR r.plugin_name = :plugin"
+            " GROUP BY r.plugin_name, r.version, r.created_at, r.quarantined_at,"
+            "  r.quarantine_reason"
+        ),
+        {"plugin": plugin},
+    )
+    outcomes = []
+    for row in result.mappings():
+        finished = row["successes"] + row["rollbacks"] + row["failures"]
+        outcomes.append(
+            ReleaseOutcome(
+                plugin_name=row["plugin_name"],
+                version=row["version"],
+                created_at=row["created_at"],
+                quarantined_at=row["quarantined_at"],
+                quarantine_reason=row["quarantine_reason"],
+                installations=row["installations"],
+                patches=row["patches"],
+                successes=row["successes"],
+                rollbacks=row["rollbacks"],
+                failures=row["failures"],
+                in_flight=row["in_flight"],
+                cancelled=row["cancelled"],
+                success_rate=round(row["successes"] * 100 / finished, 3) if finished else None,
+                rollback_rate=round(row["rollbacks"] * 100 / finished, 3) if finished else None,
+            )
+        )
+    outcomes.sort(key=lambda r: (version_sort_key(r.version), r.created_at), reverse=True)
+    outcomes.sort(key=lambda r: r.plugin_name)
+    return outcomes

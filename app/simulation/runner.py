@@ -805,7 +805,7 @@ class DemoRun(_Run):
             f"  health:    {public}/health",
             f"  metrics:   {public}/metrics",
             f"  ops API:   curl -H 'Authorization: Bearer {token}' {public}/api/ops/plugin-incidents",
-            "  dashboard: /ops/ comes in a later release",
+            f"  dashboard: {public}/ops/login (sign in as demo with the password below)",
             f"  demo operator: user demo (admin), password {user.user.password}",
             f"  demo token: {token}",
             "  (shown once; "

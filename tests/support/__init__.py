@@ -14,7 +14,10 @@ module; no test module imports another.
   `selfheal worker`).
 - services.py: Server / running for the reference decision service and staging runner, and
   their tokens (SIRA_TOKEN, RUNNER_TOKEN).
-- personas.py: Persona and make_user (ops users and their bearer tokens).
+- personas.py: Persona and make_user (ops users, their bearer tokens and passwords).
+- dashboard.py: the ops dashboard through httpx (csrf_of, try_sign_in, sign_in, post_form).
+- reads.py: the ops read side from a test: reading (a session) and rows put in place
+  (add_incident, add_attempt, add_vote, add_release).
 - plugins.py: signed plugin requests: signed_headers, Plugin, register, heartbeat_body,
   send_heartbeat, HEARTBEAT.
 - detection.py: tick (one detection pass) and beat (a heartbeat with threshold telemetry).

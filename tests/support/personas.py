@@ -1,4 +1,5 @@
-"""Ops users of the API (viewer, operator, admin) with their bearer tokens."""
+"""Ops users of the API (viewer, operator, admin) with their bearer tokens, and the passwords
+they sign in to the dashboard with."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class Persona:
     username: str
     role: str
     token: str
+    password: str = ""
 
     @property
     def auth(self) -> dict[str, str]:
@@ -27,4 +29,4 @@ async def make_user(settings: Settings, username: str, role: str) -> Persona:
             user = await add_user(session, username, role)
     finally:
         await engine.dispose()
-    return Persona(user.username, user.role, user.token)
+    return Persona(user.username, user.role, user.token, user.password)

@@ -1,0 +1,275 @@
+"""Incident pages: the list (/ops/incidents: filters, the API's keyset paging, counts by
+severity, what happens next) and one incident (/ops/incidents/{id}: telemetry, decision,
+pending action, approvals, timeline, attempts) with its forms: approve and manual action,
+which call app/healing/actions.py as the ops API does, and snooze, which opens a maintenance
+window on the installation through app/maintenance/service.py."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.models import INCIDENT_STATUSES, INCIDENT_TYPES, SEVERITIES
+from app.core.states import INCIDENT_CLOSED
+from app.dashboard.sessions import SignedIn
+from app.dashboard.web import act, form_of, render, signed_in
+from app.healing import actions
+from app.healing.schemas import ApproveBody, ManualActionBody
+from app.incidents import queries
+from app.maintenance import service as maintenance
+from app.maintenance.schemas import WindowCreate
+from app.policy import service as policy_service
+from app.services import transaction
+
+router = APIRouter(prefix="/ops", include_in_schema=False)
+
+PAGE_SIZE = 50
+REFRESH_S = 15
+MANUAL_ACTIONS = ("patch", "rollback", "ignore", "resolve", "escalate")
+
+# What the healing loop does next, by status; the incident's status_reason says the rest.
+NEXT_STEP = {
+    "detected": "The healing loop will pick it up and decide what to do.",
+    "deciding": "A decision is being made (decision service, or the fallback).",
+    "awaiting_approval": "Waiting for operators' approval",
+    "blocked_by_policy": "Held by the policy gate; checked again regularly",
+    "staging": "Being tried in staging before it reaches the plugin",
+    "applying": "Sent to the plugin; waiting for it to acknowledge",
+    "verifying": "Applied; health is being verified",
+    "rolling_back": "Rolling back; the rollback will be verified too",
+    "escalated": "Escalated: an operator has to act (nothing happens on its own)",
+}
+
+
+def what_happens_next(status: str, reason: str | None) -> str:
+    """One honest line from the incident's status and status_reason."""
+    if status in INCIDENT_CLOSED:
+        return f"Nothing more: {status.replace('_', ' ')}" + (f" ({reason})" if reason else ".")
+    line = NEXT_STEP.get(status, status)
+    if reason and status not in ("detected", "deciding"):
+        # The gate's reasons start "waiting: ", which the line already says.
+        reason = reason.removeprefix("waiting: ")
+        line = f"{line.rstrip('.')}: {reason}"
+    return line
+
+
+def _choice(value: str | None, allowed: tuple[str, ...]) -> str | None:
+    return value if value in allowed else None
+
+
+def _text(value: str | None, limit: int) -> str | None:
+    value = (value or "").strip()
+    return value[:limit] if value else None
+
+
+@router.get("/incidents")
+async def incident_list(request: Request) -> Response:
+    who = await signed_in(request)
+    q = request.query_params
+    filters = {
+        "status": _choice(q.get("status"), INCIDENT_STATUSES),
+        "severity": _choice(q.get("severity"), SEVERITIES),
+        "type": _choice(q.get("type"), INCIDENT_TYPES),
+        "tenant": _text(q.get("tenant"), 200),
+        "plugin": _text(q.get("plugin"), 100),
+    }
+    problem = None
+    after = None
+    cursor = _text(q.get("cursor"), 400)
+    if cursor:
+        try:
+            after = queries.decode_cursor(cursor)
+        except queries.BadCursor as exc:
+            problem = str(exc)
+    async with transaction(request) as session:
+        items = await queries.list_incidents(
+            session,
+            status=filters["status"],
+            severity=filters["severity"],
+            tenant=filters["tenant"],
+            plugin=filters["plugin"],
+            incident_type=filters["type"],
+            after=after,
+            limit=PAGE_SIZE,
+        )
+        counts = await queries.count_by_severity(
+            session,
+            status=filters["status"],
+            tenant=filters["tenant"],
+            plugin=filters["plugin"],
+            incident_type=filters["type"],
+        )
+    active = {name: value for name, value in filters.items() if value}
+    next_cursor = (
+        queries.encode_cursor(items[-1]["detected_at"], items[-1]["id"])
+        if len(items) == PAGE_SIZE
+        else None
+    )
+    for item in items:
+        item["next"] = what_happens_next(item["status"], item["status_reason"])
+    return await render(
+        request,
+        "incidents.html",
+        who,
+        {
+            "items": items,
+            "filters": filters,
+            "counts": [(severity, counts.get(severity, 0)) for severity in SEVERITIES],
+            "severities": SEVERITIES,
+            "statuses": INCIDENT_STATUSES,
+            "types": INCIDENT_TYPES,
+            "next_page": "?" + urlencode({**active, "cursor": next_cursor})
+            if next_cursor
+            else None,
+            "first_page": ("?" + urlencode(active)) if cursor else None,
+            "severity_link": lambda severity: (
+                "?" + urlencode({k: v for k, v in {**active, "severity": severity}.items() if v})
+            ),
+            "refresh_url": "/ops/incidents?" + urlencode({**dict(q.items()), "refresh": "1"}),
+            "refresh_s": REFRESH_S,
+            "problem": problem,
+        },
+    )
+
+
+def _incident_id(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+@router.get("/incidents/{incident_id}")
+async def incident_page(incident_id: str, request: Request) -> Response:
+    who = await signed_in(request)
+    key = _incident_id(incident_id)
+    async with transaction(request) as session:
+        incident = await queries.incident_detail(session, key) if key else None
+        policy = await policy_service.read_policy(session)
+    if incident is None:
+        return await render(
+            request,
+            "error.html",
+            who,
+            {"heading": "Not found", "message": "No such incident."},
+            status_code=404,
+        )
+    now = datetime.now(UTC)
+    pending_key = incident["pending_action_key"]
+    votes = [
+        a for a in incident["approvals"] if a["action_key"] == pending_key and a["expires_at"] > now
+    ]
+    return await render(
+        request,
+        "incident.html",
+        who,
+        {
+            "incident": incident,
+            "next": what_happens_next(incident["status"], incident["status_reason"]),
+            "votes": votes,
+            "approvals_required": policy.approvals_required,
+            "approvable": incident["status"] in ("awaiting_approval", "blocked_by_policy")
+            and incident["pending_action"] is not None,
+            "closed": incident["status"] in INCIDENT_CLOSED,
+            "manual_actions": MANUAL_ACTIONS,
+            "can_act": who.user.can("operator"),
+        },
+    )
+
+
+def _acting(who: SignedIn) -> actions.ActingUser:
+    return actions.ActingUser(who.user.id, who.user.username)
+
+
+def _back(key: uuid.UUID | None) -> str:
+    return f"/ops/incidents/{key}" if key else "/ops/incidents"
+
+
+def _known(key: uuid.UUID | None) -> uuid.UUID:
+    if key is None:
+        raise NotFound("no such incident")
+    return key
+
+
+@router.post("/incidents/{incident_id}/approve")
+async def approve(incident_id: str, request: Request) -> Response:
+    who, form = await form_of(request, "operator")
+    key = _incident_id(incident_id)
+
+    async def work(session: AsyncSession) -> str:
+        body = ApproveBody.model_validate(
+            {"comment": _text(form.get("comment"), 2000), "action_key": form.get("action_key")}
+        )
+        if body.action_key is None:
+            raise Invalid("the form did not name the action to approve", field="action_key")
+        done = await actions.approve(
+            session, _known(key), _acting(who), body.comment, action_key=body.action_key
+        )
+        required = done.approvals_required
+        return (
+            f"Approved {done.action.action} to {done.action.to_version}:"
+            f" {done.approvals} of {required if required is not None else '?'} approvals."
+        )
+
+    return await act(request, who, _back(key), work)
+
+
+@router.post("/incidents/{incident_id}/act")
+async def manual_action(incident_id: str, request: Request) -> Response:
+    who, form = await form_of(request, "operator")
+    key = _incident_id(incident_id)
+
+    async def work(session: AsyncSession) -> str:
+        body = ManualActionBody.model_validate(
+            {
+                "action": form.get("action"),
+                "patch_version": _text(form.get("patch_version"), 200),
+                "comment": _text(form.get("comment"), 2000),
+            }
+        )
+        done = await actions.manual_action(
+            session, _known(key), _acting(who), body.action, body.patch_version, body.comment
+        )
+        target = f" to {done.action.to_version}" if done.action else ""
+        return f"Done: {body.action}{target}; the incident is now {done.status.value}."
+
+    return await act(request, who, _back(key), work)
+
+
+@router.post("/incidents/{incident_id}/snooze")
+async def snooze(incident_id: str, request: Request) -> Response:
+    """A maintenance window on the incident's installation from now: no new incident is
+    opened for it meanwhile (the open one stays as it is)."""
+    who, form = await form_of(request, "operator")
+    key = _incident_id(incident_id)
+
+    async def work(session: AsyncSession) -> str:
+        incident = await queries.incident_detail(session, _known(key))
+        if incident is None:
+            raise NotFound("no such incident")
+        if incident["installation_id"] is None:
+            raise Conflict("a fleet incident has no installation to snooze; snooze its members")
+        try:
+            minutes = int(form.get("minutes", ""))
+        except ValueError:
+            raise Invalid("minutes: a whole number is needed", field="minutes") from None
+        body = WindowCreate.model_validate(
+            {
+                "installation_id": incident["installation_id"],
+                "duration_s": minutes * 60,
+                "reason": _text(form.get("reason"), 500) or f"snoozed from incident {key}",
+            }
+        )
+        window = await maintenance.create_window(session, body, actor=f"user:{who.user.username}")
+        return (
+            "Snoozed: no new incident for this installation until"
+            f" {window.ends_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC."
+        )
+
+    return await act(request, who, _back(key), work)

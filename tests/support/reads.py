@@ -1,0 +1,132 @@
+"""The ops read side from a test: a session to call the queries with (`reading`), and rows put
+in place the way an operator in psql would (incidents, attempts, votes, releases), with their
+times relative to the database's now()."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import psycopg
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.db import create_engine, create_sessionmaker
+from app.core.settings import Settings
+
+Db = psycopg.Connection[Any]
+
+
+@contextlib.asynccontextmanager
+async def reading(settings: Settings) -> AsyncIterator[AsyncSession]:
+    """One session in one transaction, as a handler's `transaction(request)` gives."""
+    engine = create_engine(settings, role="test")
+    try:
+        async with create_sessionmaker(engine)() as session, session.begin():
+            yield session
+    finally:
+        await engine.dispose()
+
+
+def add_incident(
+    db: Db,
+    installation_id: str,
+    *,
+    tenant: str = "merchant-1",
+    plugin: str = "payments",
+    severity: str = "medium",
+    status: str = "detected",
+    incident_type: str = "error_spike",
+    detected_ago_s: float = 60,
+    first_bad_before_s: float | None = None,
+    resolved_after_s: float | None = None,
+    decision: dict[str, Any] | None = None,
+    decided_ago_s: float | None = None,
+) -> str:
+    """An incident detected `detected_ago_s` ago (its first bad signal `first_bad_before_s`
+    earlier, resolved `resolved_after_s` after detection, decided `decided_ago_s` ago with
+    the `decision` recorded as sira_decision); its id."""
+    row = db.execute(
+        "INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name, type, severity,"
+        " status, detected_at, first_bad_signal_at, resolved_at, sira_decision, decided_at)"
+        " VALUES (%(inst)s, %(tenant)s, %(plugin)s, %(type)s, %(severity)s, %(status)s,"
+        "  now() - make_interval(secs => %(ago)s),"
+        "  now() - make_interval(secs => %(ago)s + %(bad)s),"
+        "  now() - make_interval(secs => %(ago)s) + make_interval(secs => %(resolved)s),"
+        "  CAST(%(decision)s AS jsonb), now() - make_interval(secs => %(decided)s))"
+        " RETURNING id::text",
+        {
+            "inst": installation_id,
+            "tenant": tenant,
+            "plugin": plugin,
+            "type": incident_type,
+            "severity": severity,
+            "status": status,
+            "ago": detected_ago_s,
+            "bad": first_bad_before_s,
+            "resolved": resolved_after_s,
+            "decision": None if decision is None else orjson.dumps(decision).decode(),
+            "decided": decided_ago_s,
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def add_attempt(
+    db: Db,
+    *,
+    incident_id: str | None,
+    installation_id: str,
+    status: str = "success",
+    action: str = "patch",
+    to_version: str = "1.2.3",
+    source: str | None = "sira",
+    confidence: float | None = None,
+    executed_ago_s: float = 0,
+) -> str:
+    """An attempt inserted with its status, executed `executed_ago_s` ago (the event log
+    records the insert; executed_at cannot be changed afterwards); its id."""
+    row = db.execute(
+        "INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, action,"
+        " from_version, to_version, status, decision_source, confidence, executed_at)"
+        " VALUES (%s, %s, %s, '1.2.2', %s, %s, %s, %s, now() - make_interval(secs => %s))"
+        " RETURNING id::text",
+        (
+            incident_id,
+            installation_id,
+            action,
+            to_version,
+            status,
+            source,
+            confidence,
+            executed_ago_s,
+        ),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def add_vote(
+    db: Db, incident_id: str, username: str, *, action_key: str, after_decision_s: float
+) -> None:
+    """`username`'s approval of `action_key`, cast `after_decision_s` after the incident's
+    decided_at."""
+    db.execute(
+        "INSERT INTO approvals (incident_id, user_id, action_key, created_at, expires_at)"
+        " SELECT i.id, u.id, %s, i.decided_at + make_interval(secs => %s), now() + interval '1 h'"
+        " FROM plugin_incidents i, ops_users u WHERE i.id = %s AND u.username = %s",
+        (action_key, after_decision_s, incident_id, username),
+    )
+
+
+def add_release(db: Db, plugin: str, version: str, *, quarantined: bool = False) -> None:
+    """A release row (not signed for real: the read side does not check signatures)."""
+    db.execute(
+        "INSERT INTO plugin_releases (plugin_name, version, artifact_url, sha256, signature,"
+        " signed_statement, quarantined_at, quarantine_reason)"
+        " VALUES (%s, %s, 'https://artifacts.test/x.zip', %s, 'sig', 'statement',"
+        "  CASE WHEN %s THEN now() END, CASE WHEN %s THEN 'rolled back twice' END)",
+        (plugin, version, "a" * 64, quarantined, quarantined),
+    )
