@@ -1,10 +1,15 @@
 """The policy page (/ops/policy): every viewer reads it; admins change it through
 app/policy/service.py, as PUT /api/ops/policy does. The kill switch has its own form with a
-confirmation step: the admin types DISABLE (or ENABLE) to flip it."""
+confirmation step: the admin types DISABLE (or ENABLE) to flip it. The page also lists the
+maintenance windows open now or to come, with a form to end one (operators, through
+app/maintenance/service.py as POST /api/ops/maintenance-windows/{id}/end does), and the
+history of policy changes from the audit log (SQL typed in psql included), with who made
+them."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,7 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.errors import Conflict, Invalid
 from app.core.models import SEVERITIES
 from app.dashboard.web import act, form_of, render, signed_in
-from app.policy import service
+from app.maintenance import service as maintenance
+from app.maintenance.repository import WindowFilter
+from app.maintenance.schemas import Window
+from app.policy import repository, service
+from app.policy.repository import POLICY_FIELDS
 from app.policy.schemas import Policy, PolicyUpdate
 from app.services import transaction
 
@@ -32,6 +41,48 @@ INTEGER_FIELDS = (
 SEVERITY_FIELDS = ("autopatch_max_severity", "approval_min_severity")
 # The words the kill switch form asks for, by the state it moves to.
 CONFIRM_WORD = {False: "DISABLE", True: "ENABLE"}
+HISTORY_SHOWN = 50
+WINDOWS_READ = 500
+
+
+async def _open_windows(session: AsyncSession) -> list[Window]:
+    """The windows open now, then those still to come (soonest first)."""
+    now = datetime.now(UTC)
+    active = await maintenance.list_windows(session, WindowFilter(active=True), limit=WINDOWS_READ)
+    others = await maintenance.list_windows(session, WindowFilter(active=False), limit=WINDOWS_READ)
+    upcoming = sorted((w for w in others.items if w.starts_at > now), key=lambda w: w.starts_at)
+    return [*sorted(active.items, key=lambda w: w.ends_at), *upcoming]
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _history_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One audit row as the page shows it: who, and each policy field it changed."""
+    old, new = row["old"] or {}, row["new"] or {}
+    changes = [
+        f"{name}: {_shown(old.get(name))} → {_shown(new.get(name))}"
+        for name in POLICY_FIELDS
+        if row["action"] == "update" and old.get(name) != new.get(name)
+    ]
+    if row["action"] == "insert":
+        changes = ["the policy row was created with the defaults"]
+    elif row["action"] == "delete":
+        changes = ["the policy row was deleted"]
+    return {
+        "at": row["at"],
+        "actor": row["actor"],
+        "db_user": row["db_user"],
+        "application_name": row["application_name"],
+        "changes": changes or ["no rule changed"],
+    }
 
 
 @router.get("/policy")
@@ -39,6 +90,8 @@ async def policy_page(request: Request) -> Response:
     who = await signed_in(request)
     async with transaction(request) as session:
         policy = await service.read_policy(session)
+        windows = await _open_windows(session)
+        history = await repository.policy_history(session, limit=HISTORY_SHOWN)
     return await render(
         request,
         "policy.html",
@@ -48,6 +101,10 @@ async def policy_page(request: Request) -> Response:
             "severities": SEVERITIES,
             "can_edit": who.user.can("admin"),
             "confirm_word": CONFIRM_WORD[not policy.autopatch_enabled],
+            "windows": windows,
+            "can_end_windows": who.user.can("operator"),
+            "history": [_history_entry(row) for row in history],
+            "history_shown": HISTORY_SHOWN,
         },
     )
 
@@ -120,5 +177,20 @@ async def kill_switch(request: Request) -> Response:
         if enable:
             return "Autopatch is ON: the loop may patch automatically within the policy."
         return "Autopatch is OFF (kill switch): no automatic change reaches a plugin."
+
+    return await act(request, who, BACK, work)
+
+
+@router.post("/policy/windows/{window_id}/end")
+async def end_window(window_id: str, request: Request) -> Response:
+    who, _ = await form_of(request, "operator")
+
+    async def work(session: AsyncSession) -> str:
+        window = await maintenance.end_window(session, window_id, actor=f"user:{who.user.username}")
+        target = window.tenant_id or f"installation {window.installation_id}"
+        return (
+            f"Maintenance window for {target} ended at"
+            f" {window.ends_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC."
+        )
 
     return await act(request, who, BACK, work)

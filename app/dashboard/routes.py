@@ -1,6 +1,7 @@
 """The dashboard's door: /ops/login, /ops/logout, the stylesheet, and `install`, which
 app/main.py calls to add every dashboard router and the answers to its refusals. The pages
-are in incidents.py and policy.py. None of it is in the OpenAPI document (it is not the API)."""
+are in incidents.py, policy.py, attempts.py, fleet.py (with the releases) and kpis.py. None
+of it is in the OpenAPI document (it is not the API)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
-from app.dashboard import incidents, policy, sessions
+from app.dashboard import attempts, fleet, incidents, kpis, policy, sessions
 from app.dashboard.web import (
     TEMPLATES_DIR,
     Forbidden,
@@ -44,6 +45,9 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
     app.include_router(incidents.router)
     app.include_router(policy.router)
+    app.include_router(kpis.router)
+    app.include_router(attempts.router)
+    app.include_router(fleet.router)
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(_: Request, exc: SignInRequired) -> Response:

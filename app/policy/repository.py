@@ -316,3 +316,18 @@ async def upsert_approval(
             "ttl": ttl_s,
         },
     )
+
+
+async def policy_history(session: AsyncSession, *, limit: int) -> list[dict[str, Any]]:
+    """The policy row's changes, newest first, as the `ops_policy_audit` trigger recorded them
+    in `audit_log` (migration 0002_invariants): the API's and the dashboard's, and SQL typed in
+    psql alike. `actor` is the ops user the application named (None for plain SQL),
+    `db_user` the database user; `old` and `new` are the whole row before and after."""
+    rows = await session.execute(
+        text(
+            "SELECT id, at, db_user, application_name, actor, action, old, new FROM audit_log"
+            " WHERE entity = 'ops_policy' ORDER BY id DESC LIMIT :limit"
+        ),
+        {"limit": limit},
+    )
+    return [dict(row._mapping) for row in rows]

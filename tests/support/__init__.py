@@ -17,7 +17,7 @@ module; no test module imports another.
 - personas.py: Persona and make_user (ops users, their bearer tokens and passwords).
 - dashboard.py: the ops dashboard through httpx (csrf_of, try_sign_in, sign_in, post_form).
 - reads.py: the ops read side from a test: reading (a session) and rows put in place
-  (add_incident, add_attempt, add_vote, add_release).
+  (add_incident, add_attempt, add_vote, add_release, add_window).
 - plugins.py: signed plugin requests: signed_headers, Plugin, register, heartbeat_body,
   send_heartbeat, HEARTBEAT.
 - detection.py: tick (one detection pass) and beat (a heartbeat with threshold telemetry).
@@ -25,6 +25,11 @@ module; no test module imports another.
 - healing.py: the in-process healing loop harness: healing_settings, Loop, healing_loop,
   add_release, beat, ack, enable_autopatch and the incident / attempt / command readers.
 - cli.py: the `selfheal` console script as a subprocess (SELFHEAL, runner, one_json_object).
+- control_plane.py: the control plane as processes at the settings given (ControlPlane,
+  control_plane_processes: `selfheal api`, `selfheal worker`, the reference services) and
+  simulated plugins embedding the real plugin_client (SimulatedPlugin, plugins_running).
+- browser.py: the dashboard in Debian's chromium through Playwright (browser_unavailable,
+  REQUIRED, launch, Shots, sign_in, submit, until_shows, text_in).
 - fakes.py: fake peers on loopback: FakeControlPlane (plugin_client's control plane, with
   command and agent_options) and Receiver (a webhook receiver).
 - artifacts.py: ReleaseSigner and the archive builders of the plugin_client tests (PLUGIN,

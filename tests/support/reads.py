@@ -1,6 +1,6 @@
 """The ops read side from a test: a session to call the queries with (`reading`), and rows put
-in place the way an operator in psql would (incidents, attempts, votes, releases), with their
-times relative to the database's now()."""
+in place the way an operator in psql would (incidents, attempts, votes, releases, maintenance
+windows), with their times relative to the database's now()."""
 
 from __future__ import annotations
 
@@ -130,3 +130,32 @@ def add_release(db: Db, plugin: str, version: str, *, quarantined: bool = False)
         "  CASE WHEN %s THEN now() END, CASE WHEN %s THEN 'rolled back twice' END)",
         (plugin, version, "a" * 64, quarantined, quarantined),
     )
+
+
+def add_window(
+    db: Db,
+    *,
+    tenant: str | None = None,
+    installation_id: str | None = None,
+    starts_in_s: float = -60,
+    lasts_s: float = 3600,
+    reason: str = "deploying",
+) -> str:
+    """A maintenance window for a tenant or an installation starting `starts_in_s` from now
+    (negative: already open) and lasting `lasts_s`, opened by user:otto; its id."""
+    row = db.execute(
+        "INSERT INTO maintenance_windows (tenant_id, installation_id, starts_at, ends_at,"
+        " reason, created_by)"
+        " VALUES (%(tenant)s, %(inst)s, now() + make_interval(secs => %(starts)s),"
+        "  now() + make_interval(secs => %(starts)s + %(lasts)s), %(reason)s, 'user:otto')"
+        " RETURNING id::text",
+        {
+            "tenant": tenant,
+            "inst": installation_id,
+            "starts": starts_in_s,
+            "lasts": lasts_s,
+            "reason": reason,
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0])

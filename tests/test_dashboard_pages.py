@@ -1,0 +1,426 @@
+"""The ops dashboard's reading pages (issue 9) through httpx against the app: KPIs with their
+charts and target lines, attempts with their proof, the fleet and one installation, the
+releases, and the policy page's maintenance windows and change history; the forms they add
+(ending a window) refused without the role or the CSRF token. Data is put in place as an
+operator in psql would (tests/support/reads.py)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from app.core.settings import Settings
+from tests.support.api import serve
+from tests.support.dashboard import SESSION_COOKIE, post_form, sign_in
+from tests.support.plugins import heartbeat_body, register, send_heartbeat
+from tests.support.reads import add_attempt, add_incident, add_release, add_vote, add_window
+
+SIRA = {"source": "sira", "action": "patch", "confidence": 0.95}
+FALLBACK = {"source": "fallback", "action": "patch", "confidence": 0.55}
+
+
+@pytest.fixture
+async def browser(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A second client on its own app instance (its own cookie jar)."""
+    async with serve(settings) as (_, http):
+        yield http
+
+
+async def page_of(client: httpx.AsyncClient, path: str) -> str:
+    response = await client.get(path)
+    assert response.status_code == 200, (path, response.text)
+    assert response.headers["cache-control"] == "no-store"
+    return response.text
+
+
+def charts_in(html: str) -> list[str]:
+    """The inline SVG charts of a page, each as its text."""
+    return re.findall(r'<svg xmlns="http://www.w3.org/2000/svg" class="chart".*?</svg>', html, re.S)
+
+
+def chart_titled(html: str, title: str) -> str:
+    found = [svg for svg in charts_in(html) if f"<title>{title}</title>" in svg]
+    assert found, f"no chart titled {title!r}"
+    return found[0]
+
+
+async def flash_after(client: httpx.AsyncClient, response: httpx.Response) -> str:
+    """The page a form's 303 leads to (where its message shows)."""
+    assert response.status_code == 303, response.text
+    page = await client.get(response.headers["location"])
+    assert page.status_code == 200, page.text
+    return page.text
+
+
+# --- KPIs ----------------------------------------------------------------------------------
+
+
+async def test_kpi_page_draws_each_kpi_against_its_target_with_the_numbers(
+    client, db, plugin, viewer, operator
+):
+    def closed(status: str, minutes: float, decision: dict[str, object]) -> str:
+        return add_incident(
+            db,
+            plugin.id,
+            status=status,
+            severity="high",
+            detected_ago_s=3600,
+            first_bad_before_s=30,
+            resolved_after_s=minutes * 60,
+            decision=decision,
+            decided_ago_s=3500,
+        )
+
+    healed = closed("resolved", 4, SIRA)
+    add_attempt(
+        db, incident_id=healed, installation_id=plugin.id, status="success", confidence=0.95
+    )
+    rolled = closed("rolled_back", 6, FALLBACK)
+    add_attempt(
+        db,
+        incident_id=rolled,
+        installation_id=plugin.id,
+        status="rolled_back",
+        source="fallback",
+        confidence=0.55,
+    )
+    closed("resolved", 40, SIRA)  # recovered by itself: not the loop's MTTR
+    add_vote(db, healed, operator.username, action_key="k" * 64, after_decision_s=90)
+    add_incident(db, plugin.id, severity="critical", detected_ago_s=10)
+
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/kpis")
+    assert 'aria-current="page">KPIs</a>' in page
+    assert '<meta http-equiv="refresh" content="60;url=/ops/kpis?days=7&amp;refresh=1">' in page
+    # The numbers beside the charts, with the verdict in words.
+    assert "<strong>50 %</strong>" in page  # 1 success of 2 attempts
+    assert "misses the target" in page
+    assert "<strong>30 s</strong>" in page  # MTTD
+    assert "<strong>5 min</strong>" in page  # the loop's MTTR: (4 + 6) / 2
+    assert "Counted over only the 2 incidents the loop healed" in page
+    assert "Over every closed incident: 16.7 min" in page
+    # Each KPI as a chart with its target line, and per day with the target line too.
+    for title, target in (
+        ("Autopatch success rate", "target &gt; 95 %"),
+        ("Rollback rate", "target &lt; 2 %"),
+        ("MTTD (first bad signal to detection)", "target &lt; 2 min"),
+        ("MTTR of the loop (detection to closed)", "target &lt; 10 min"),
+    ):
+        for chart in (chart_titled(page, title), chart_titled(page, f"{title} per day")):
+            assert '<g class="target">' in chart and target in chart, title
+    assert "50 % (misses the target)" in chart_titled(page, "Autopatch success rate")
+    # Severity over 24 h and 7 days, time to approval, confidence, calibration per source.
+    hourly = chart_titled(page, "Incidents per hour, last 24 h")
+    assert "critical 1" in hourly and "high 3" in hourly
+    assert "Last 7 days: critical <strong>1</strong>, high <strong>3</strong>" in page
+    assert "first vote, mean: 90 s" in chart_titled(page, "Time to approval")
+    confidence = chart_titled(page, "Decision confidence")
+    assert "0.9-1.0: 2" in confidence and "0.5-0.6: 1" in confidence
+    sira = chart_titled(page, "Calibration: decision service (sira)")
+    fallback = chart_titled(page, "Calibration: fallback (local rules)")
+    assert "perfect calibration" in sira and "perfect calibration" in fallback
+    assert "sira: predicted 0.95, actual 100 %" in sira and "fallback" not in sira
+    assert "fallback: predicted 0.55, actual 0 %" in fallback
+
+
+async def test_kpi_page_without_data_and_its_window_selector(client, viewer):
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/kpis?days=30")
+    assert '<option value="30" selected>last 30 days</option>' in page
+    assert "Numbers over the last 30 days" in page
+    assert page.count("no data yet") >= 8
+    assert "<strong>n/a</strong>" in page
+    # A window not offered falls back to the default one.
+    assert '<option value="7" selected>' in await page_of(client, "/ops/kpis?days=5000")
+    assert '<option value="7" selected>' in await page_of(client, "/ops/kpis?days=soon")
+
+
+async def test_kpi_page_needs_a_session(client):
+    response = await client.get("/ops/kpis?days=1")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ops/login?next=%2Fops%2Fkpis%3Fdays%3D1"
+
+
+# --- attempts ------------------------------------------------------------------------------
+
+
+async def test_attempt_history_with_filters_links_each_attempt(
+    client, db, plugin, viewer, settings
+):
+    incident = add_incident(db, plugin.id, status="resolved")
+    done = add_attempt(db, incident_id=incident, installation_id=plugin.id, status="success")
+    orders = await register(settings, tenant="merchant-2", name="orders")
+    failed = add_attempt(db, incident_id=None, installation_id=orders.id, status="failed")
+
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/attempts")
+    assert 'aria-current="page">Attempts</a>' in page
+    assert f'href="/ops/attempts/{done}"' in page and f'href="/ops/attempts/{failed}"' in page
+    assert f'href="/ops/incidents/{incident}"' in page
+    assert f'href="/ops/fleet/{orders.id}"' in page
+    for query, shown, hidden in (
+        ("?status=failed", failed, done),
+        ("?plugin=payments", done, failed),
+        (f"?incident={incident}", done, failed),
+    ):
+        filtered = await page_of(client, "/ops/attempts" + query)
+        assert f"/ops/attempts/{shown}" in filtered, query
+        assert f"/ops/attempts/{hidden}" not in filtered, query
+    bad = await page_of(client, "/ops/attempts?incident=nope&status=exploded")
+    assert "The incident filter is not an incident id" in bad
+    assert f"/ops/attempts/{done}" in bad and f"/ops/attempts/{failed}" in bad
+    assert "No attempt matches." in await page_of(client, "/ops/attempts?plugin=nothing")
+    # The incident page links its attempts.
+    assert f'href="/ops/attempts/{done}"' in await page_of(client, f"/ops/incidents/{incident}")
+
+
+async def test_attempt_page_shows_its_event_log_and_says_the_chain_verifies(
+    client, db, plugin, viewer
+):
+    attempt = add_attempt(db, incident_id=None, installation_id=plugin.id, status="pending")
+    db.execute("SELECT set_config('selfheal.actor', 'user:otto', false)")
+    db.execute("UPDATE plugin_autopatch_attempts SET status = 'staging' WHERE id = %s", (attempt,))
+    await sign_in(client, viewer)
+    page = await page_of(client, f"/ops/attempts/{attempt}")
+    assert "<strong>Hash chain: verified</strong>" in page
+    assert "NOT verified" not in page
+    assert "created → pending" in page and "pending → staging" in page
+    assert "not named (plain SQL)" in page and "user:otto" in page
+    assert "<td>postgres</td>" in page
+    assert page.count("hash ok, linked") == 2
+    # In flight: the page refreshes itself.
+    assert f'content="15;url=/ops/attempts/{attempt}?refresh=1"' in page
+    for missing in (uuid.uuid4(), "not-a-uuid"):
+        assert (await client.get(f"/ops/attempts/{missing}")).status_code == 404
+
+
+async def test_attempt_page_names_the_first_broken_event(client, db, plugin, viewer):
+    attempt = add_attempt(db, incident_id=None, installation_id=plugin.id, status="success")
+    db.execute("ALTER TABLE plugin_autopatch_attempt_events DISABLE TRIGGER ALL")
+    tampered = db.execute(
+        "UPDATE plugin_autopatch_attempt_events SET actor = 'user:mallory'"
+        " WHERE attempt_id = %s RETURNING id",
+        (attempt,),
+    ).fetchone()[0]
+    await sign_in(client, viewer)
+    page = await page_of(client, f"/ops/attempts/{attempt}")
+    assert f"<strong>Hash chain: NOT verified: first broken event {tampered}</strong>" in page
+    assert "HASH MISMATCH, linked" in page
+    assert "refresh" not in page.split("<title>")[0]  # finished: no automatic refresh
+
+
+# --- the fleet and the releases --------------------------------------------------------------
+
+
+async def test_fleet_lists_installations_with_health_counts_filters_and_paging(
+    client, db, viewer, settings
+):
+    ok = await register(settings, tenant="merchant-a")
+    unseen = await register(settings, tenant="merchant-b")
+    sick = await register(settings, tenant="merchant-c", name="orders")
+    for installation in (ok, sick):
+        assert (await send_heartbeat(client, installation, heartbeat_body())).status_code == 200
+    incident = add_incident(db, sick.id, tenant="merchant-c", plugin="orders", severity="high")
+
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/fleet")
+    assert 'aria-current="page">Fleet</a>' in page
+    for installation in (ok, unseen, sick):
+        assert f'href="/ops/fleet/{installation.id}"' in page
+    # Health as text and colour, counts by health, the open incident linked.
+    assert '<span class="badge h-ok">ok</span> <strong>1</strong>' in page
+    assert '<span class="badge h-unseen">unseen</span> <strong>1</strong>' in page
+    assert '<span class="badge h-incident">incident</span> <strong>1</strong>' in page
+    assert "all <strong>3</strong>" in page
+    assert f'<a href="/ops/incidents/{incident}"><span class="badge sev-high">high</span>' in page
+    assert "registered, no heartbeat yet" in page
+    for query, shown, hidden in (
+        ("?health=unseen", unseen, ok),
+        ("?plugin=orders", sick, ok),
+        ("?tenant=merchant-a", ok, sick),
+    ):
+        filtered = await page_of(client, "/ops/fleet" + query)
+        assert f"/ops/fleet/{shown.id}" in filtered, query
+        assert f"/ops/fleet/{hidden.id}" not in filtered, query
+    assert "No installation matches." in await page_of(client, "/ops/fleet?version=9.9.9")
+    bad = await page_of(client, "/ops/fleet?cursor=nonsense")
+    assert "cursor is not one this page handed out" in bad
+
+
+async def test_fleet_pages_through_every_installation(client, viewer, settings, monkeypatch):
+    from app.dashboard import fleet
+
+    monkeypatch.setattr(fleet, "PAGE_SIZE", 2)
+    installed = [await register(settings, tenant=f"merchant-{n}") for n in range(3)]
+    await sign_in(client, viewer)
+    first = await page_of(client, "/ops/fleet")
+    assert "First page" not in first
+    next_href = re.search(r'<a href="(\?[^"]*cursor=[^"]+)">Next page</a>', first)
+    assert next_href, first
+    second = await page_of(client, "/ops/fleet" + next_href.group(1).replace("&amp;", "&"))
+    assert "Next page" not in second and "First page" in second
+    seen = [i.id for i in installed if f"/ops/fleet/{i.id}" in first]
+    seen += [i.id for i in installed if f"/ops/fleet/{i.id}" in second]
+    assert sorted(seen) == sorted(i.id for i in installed)
+
+
+async def test_installation_page_heartbeat_charts_version_history_and_known_good(
+    client, db, plugin, viewer
+):
+    for uptime, version in enumerate(["1.2.2", "1.2.3", "1.2.2"], start=100):
+        body = heartbeat_body(plugin_version=version, uptime_s=uptime)
+        assert (await send_heartbeat(client, plugin, body)).status_code == 200
+    db.execute(
+        "UPDATE merchant_plugins SET known_good_version = '1.2.2', known_good_at = now()"
+        " WHERE id = %s",
+        (plugin.id,),
+    )
+    await sign_in(client, viewer)
+    page = await page_of(client, f"/ops/fleet/{plugin.id}")
+    assert "Known-good version</th><td><strong>1.2.2</strong>" in page
+    assert "(before: 1.2.3)" in page
+    requests = chart_titled(page, "Requests per heartbeat")
+    assert "requests: 1200" in requests and "<polyline" in requests
+    assert "errors: 3" in chart_titled(page, "Errors and webhook failures per heartbeat")
+    history = page.split('id="versions"', 1)[1]
+    assert history.count("<tr><td>1.2.2") == 2 and history.count("<tr><td>1.2.3") == 1
+    assert "known good</span>" in history
+    assert "Latest: 1200 requests, 3 errors" in page
+    for missing in (uuid.uuid4(), "nope"):
+        assert (await client.get(f"/ops/fleet/{missing}")).status_code == 404
+
+
+async def test_releases_show_quarantine_and_rates_per_version(client, db, plugin, viewer):
+    add_release(db, "payments", "1.2.3")
+    add_release(db, "payments", "1.2.4", quarantined=True)
+    for status in ("success", "success", "success", "rolled_back"):
+        add_attempt(db, incident_id=None, installation_id=plugin.id, status=status)
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/releases")
+    assert 'aria-current="page">Releases</a>' in page
+    rows = page.split("<tbody>", 1)[1].split("<tr>")[1:]
+    quarantined, current = rows
+    assert ">1.2.4</a>" in quarantined and "quarantined</span>" in quarantined
+    assert "rolled back twice" in quarantined and quarantined.count("<td>n/a</td>") == 2
+    assert ">1.2.3</a>" in current and "available</span>" in current
+    assert "<td>75 %</td>" in current and "<td>25 %</td>" in current
+    assert "No release of orders." in await page_of(client, "/ops/releases?plugin=orders")
+
+
+# --- the policy page: maintenance windows and the history of changes -------------------------
+
+
+def window_ends(db, window: str) -> tuple[bool, str]:
+    """(over, reason) of a window."""
+    row = db.execute(
+        "SELECT ends_at <= now(), reason FROM maintenance_windows WHERE id = %s", (window,)
+    ).fetchone()
+    return bool(row[0]), str(row[1])
+
+
+async def test_policy_page_lists_open_and_coming_windows_and_an_operator_ends_one(
+    client, db, plugin, operator
+):
+    open_now = add_window(db, installation_id=plugin.id, reason="deploying")
+    coming = add_window(db, tenant=plugin.tenant, starts_in_s=7200, reason="db upgrade")
+    over = add_window(db, tenant=plugin.tenant, starts_in_s=-7200, lasts_s=60, reason="old one")
+    csrf = await sign_in(client, operator)
+    page = await page_of(client, "/ops/policy")
+    windows = page.split('id="windows"', 1)[1].split('id="history"', 1)[0]
+    assert windows.index(open_now) < windows.index(coming)
+    assert over not in windows and "old one" not in windows
+    assert "open now</span>" in windows and "to come</span>" in windows
+    assert f'<a href="/ops/fleet/{plugin.id}">installation {plugin.id}</a>' in windows
+    assert f"tenant {plugin.tenant}" in windows and "db upgrade" in windows
+    assert f'action="/ops/policy/windows/{open_now}/end"' in windows
+
+    response = await post_form(client, f"/ops/policy/windows/{open_now}/end", csrf)
+    assert response.headers["location"] == "/ops/policy"
+    after = await flash_after(client, response)
+    assert f"Maintenance window for installation {plugin.id} ended at" in after
+    assert window_ends(db, open_now) == (True, "deploying (ended early by user:otto)")
+    assert open_now not in after.split('id="windows"', 1)[1].split('id="history"', 1)[0]
+    again = await post_form(client, f"/ops/policy/windows/{open_now}/end", csrf)
+    assert "Not done: this window is already over" in await flash_after(client, again)
+    unknown = await post_form(client, f"/ops/policy/windows/{uuid.uuid4()}/end", csrf)
+    assert "Not done: no such maintenance window" in await flash_after(client, unknown)
+
+
+async def test_a_viewer_cannot_end_a_window_and_the_form_needs_its_csrf_token(
+    client, browser, db, plugin, viewer, operator
+):
+    window = add_window(db, installation_id=plugin.id)
+    csrf = await sign_in(client, viewer)
+    page = await page_of(client, "/ops/policy")
+    assert "/end" not in page and "Only an operator can end a window." in page
+    refused = await post_form(client, f"/ops/policy/windows/{window}/end", csrf)
+    assert refused.status_code == 403
+    assert "this needs the operator role; you are viewer" in refused.text
+
+    other = browser
+    operator_csrf = await sign_in(other, operator)
+    for token in (None, "wrong", csrf):  # none, made up, another session's
+        forged = await post_form(other, f"/ops/policy/windows/{window}/end", token)
+        assert forged.status_code == 403, token
+        assert "security token is missing or out of date" in forged.text
+    assert window_ends(db, window) == (False, "deploying")
+    assert (
+        await post_form(other, f"/ops/policy/windows/{window}/end", operator_csrf)
+    ).status_code == 303
+    assert window_ends(db, window)[0]
+
+
+async def test_policy_history_shows_changes_with_who_made_them_sql_included(
+    client, db, admin, viewer
+):
+    csrf = await sign_in(client, admin)
+    on = await post_form(client, "/ops/policy/kill-switch", csrf, autopatch="on", confirm="ENABLE")
+    assert on.status_code == 303
+    db.execute("UPDATE ops_policy SET canary_percent = 30, cooldown_s = 60")
+    await sign_in(client, viewer)
+    page = await page_of(client, "/ops/policy")
+    history = page.split('id="history"', 1)[1]
+    rows = history.split("<tbody>", 1)[1].split("<tr>")[1:]
+    psql, dashboard = rows  # newest first
+    assert "not named: SQL without an ops user" in psql and "<td>postgres</td>" in psql
+    assert "canary_percent: 100 → 30" in psql and "cooldown_s: 3600 → 60" in psql
+    assert "autopatch_enabled" not in psql
+    assert "<td>user:ada</td>" in dashboard and "autopatch_enabled: off → on" in dashboard
+
+
+# --- every new page ----------------------------------------------------------------------------
+
+
+async def test_new_pages_need_a_session_link_each_other_and_show_no_secret(
+    client, db, plugin, viewer, operator, admin
+):
+    incident = add_incident(db, plugin.id)
+    attempt = add_attempt(db, incident_id=incident, installation_id=plugin.id, status="pending")
+    add_window(db, installation_id=plugin.id)
+    assert (await send_heartbeat(client, plugin, heartbeat_body())).status_code == 200
+    pages = [
+        "/ops/kpis",
+        "/ops/attempts",
+        f"/ops/attempts/{attempt}",
+        "/ops/fleet",
+        f"/ops/fleet/{plugin.id}",
+        "/ops/releases",
+        "/ops/policy",
+    ]
+    for path in pages:
+        response = await client.get(path)
+        assert response.status_code == 303, path
+        assert response.headers["location"].startswith("/ops/login?next="), path
+    await sign_in(client, viewer)
+    secrets = [plugin.secret, viewer.token, operator.token, admin.token]
+    session_id = client.cookies[SESSION_COOKIE]
+    for path in pages:
+        page = await page_of(client, path)
+        for link in ("/ops/incidents", "/ops/attempts", "/ops/fleet", "/ops/releases", "/ops/kpis"):
+            assert f'<a href="{link}"' in page, (path, link)
+        for secret in [*secrets, session_id]:
+            assert secret not in page, path
