@@ -16,8 +16,8 @@ from fastapi.responses import Response
 
 from app.core.models import ATTEMPT_STATUSES
 from app.core.states import ATTEMPT_IN_FLIGHT
-from app.dashboard import repository
 from app.dashboard.web import render, signed_in
+from app.healing import queries as healing_queries
 from app.healing.queries import AttemptProof, attempt_proof
 from app.incidents import queries
 from app.services import transaction
@@ -95,7 +95,7 @@ async def attempt_page(attempt_id: str, request: Request) -> Response:
     who = await signed_in(request)
     key = _uuid(attempt_id)
     async with transaction(request) as session:
-        attempt = await repository.attempt_facts(session, key) if key else None
+        attempt = await healing_queries.attempt_facts(session, key) if key else None
         proof = await attempt_proof(session, key) if key and attempt else None
     if attempt is None or proof is None:
         return await render(

@@ -1,6 +1,4 @@
-"""SQL for dashboard sessions (`ops_sessions`; app/dashboard/sessions.py holds the rules), and
-the one attempt the attempt page shows (`attempt_facts`; the list is app/incidents/queries.py's
-`list_attempts`, the event log app/healing/queries.py's `attempt_proof`)."""
+"""SQL for dashboard sessions (`ops_sessions`; app/dashboard/sessions.py holds the rules)."""
 
 from __future__ import annotations
 
@@ -80,23 +78,3 @@ async def set_flash(session: AsyncSession, id_hash: bytes, message: str) -> None
 
 async def delete_session(session: AsyncSession, id_hash: bytes) -> None:
     await session.execute(text("DELETE FROM ops_sessions WHERE id_hash = :h"), {"h": id_hash})
-
-
-async def attempt_facts(session: AsyncSession, attempt_id: uuid.UUID) -> dict[str, Any] | None:
-    """One attempt with its installation's tenant and plugin and its incident's type; None
-    when no attempt has this id. Read only."""
-    row = await session.execute(
-        text(
-            "SELECT a.id, a.incident_id, a.installation_id, a.action, a.from_version,"
-            " a.to_version, a.status, a.decision_source, a.confidence, a.requested_by,"
-            " a.created_at, a.executed_at, a.finished_at, a.failure_reason, a.rollback_reason,"
-            " a.rolled_back_at, m.tenant_id, m.plugin_name, i.type AS incident_type"
-            " FROM plugin_autopatch_attempts a"
-            " LEFT JOIN merchant_plugins m ON m.id = a.installation_id"
-            " LEFT JOIN plugin_incidents i ON i.id = a.incident_id"
-            " WHERE a.id = :id"
-        ),
-        {"id": attempt_id},
-    )
-    found = row.first()
-    return None if found is None else dict(found._mapping)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.incidents.queries import ATTEMPT_COLUMNS
 
 # The chain's first link: migration 0002's selfheal_append_attempt_event starts from it.
 GENESIS = b"\x00" * 32
@@ -102,3 +105,20 @@ async def attempt_proof(session: AsyncSession, attempt_id: uuid.UUID) -> Attempt
         # An attempt always has its insert event; none at all means the log lost it.
         verified=last is not None and (broken is None or broken > last),
     )
+
+
+async def attempt_facts(session: AsyncSession, attempt_id: uuid.UUID) -> dict[str, Any] | None:
+    """One attempt (the columns of the attempts' list) with its installation's tenant and
+    plugin and its incident's type; None when no attempt has this id."""
+    row = await session.execute(
+        text(
+            f"SELECT {ATTEMPT_COLUMNS}, m.tenant_id, m.plugin_name, i.type AS incident_type"
+            " FROM plugin_autopatch_attempts a"
+            " LEFT JOIN merchant_plugins m ON m.id = a.installation_id"
+            " LEFT JOIN plugin_incidents i ON i.id = a.incident_id"
+            " WHERE a.id = :id"
+        ),
+        {"id": attempt_id},
+    )
+    found = row.first()
+    return None if found is None else dict(found._mapping)

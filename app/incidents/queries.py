@@ -34,6 +34,12 @@ INCIDENT_COLUMNS = (
     " status_reason, first_bad_signal_at, detected_at, resolved_at, occurrences, updated_at,"
     " fleet_incident_id"
 )
+# An attempt as the ops read side shows it (alias `a` for plugin_autopatch_attempts).
+ATTEMPT_COLUMNS = (
+    "a.id, a.incident_id, a.installation_id, a.action, a.from_version, a.to_version, a.status,"
+    " a.decision_source, a.confidence, a.requested_by, a.created_at, a.executed_at,"
+    " a.finished_at, a.failure_reason, a.rollback_reason, a.rolled_back_at"
+)
 # Members listed with a fleet incident's detail; its snapshot has the full count.
 FLEET_MEMBERS_SHOWN = 500
 
@@ -249,10 +255,7 @@ async def list_attempts(
         params["status"] = status
     rows = await session.execute(
         text(
-            "SELECT a.id, a.incident_id, a.installation_id, a.action, a.from_version,"
-            " a.to_version, a.status, a.decision_source, a.confidence, a.requested_by,"
-            " a.created_at, a.executed_at, a.finished_at, a.failure_reason, a.rollback_reason,"
-            " a.rolled_back_at"
+            f"SELECT {ATTEMPT_COLUMNS}"
             " FROM plugin_autopatch_attempts a"
             " LEFT JOIN merchant_plugins m ON m.id = a.installation_id"
             f" WHERE {' AND '.join(conditions)} ORDER BY a.created_at DESC LIMIT :limit"
