@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from app.dashboard import charts
 from app.dashboard.kpis import inline_svg
-from app.dashboard.web import render, signed_in
+from app.dashboard.web import render, signed_in, text_field
 from app.plugins import queries
 from app.releases.repository import release_outcomes
 from app.services import transaction
@@ -33,24 +33,19 @@ HEALTH_MEANING = {
 }
 
 
-def _text(value: str | None, limit: int) -> str | None:
-    value = (value or "").strip()
-    return value[:limit] if value else None
-
-
 @router.get("/fleet")
 async def fleet_page(request: Request) -> Response:
     who = await signed_in(request)
     q = request.query_params
     filters = {
-        "tenant": _text(q.get("tenant"), 200),
-        "plugin": _text(q.get("plugin"), 100),
-        "version": _text(q.get("version"), 128),
+        "tenant": text_field(q.get("tenant"), 200),
+        "plugin": text_field(q.get("plugin"), 100),
+        "version": text_field(q.get("version"), 128),
     }
     health = next((h for h in queries.HEALTHS if h == q.get("health")), None)
     problem = None
     after = None
-    cursor = _text(q.get("cursor"), 600)
+    cursor = text_field(q.get("cursor"), 600)
     if cursor:
         try:
             after = queries.decode_fleet_cursor(cursor)
@@ -137,7 +132,7 @@ async def installation_page(installation_id: str, request: Request) -> Response:
 @router.get("/releases")
 async def releases_page(request: Request) -> Response:
     who = await signed_in(request)
-    plugin = _text(request.query_params.get("plugin"), 100)
+    plugin = text_field(request.query_params.get("plugin"), 100)
     async with transaction(request) as session:
         releases = await release_outcomes(session, plugin)
     return await render(

@@ -18,7 +18,7 @@ from app.core.errors import Conflict, Invalid, NotFound
 from app.core.models import INCIDENT_STATUSES, INCIDENT_TYPES, SEVERITIES
 from app.core.states import INCIDENT_CLOSED
 from app.dashboard.sessions import SignedIn
-from app.dashboard.web import act, form_of, render, signed_in
+from app.dashboard.web import act, choice, form_of, render, signed_in, text_field
 from app.healing import actions
 from app.healing.schemas import ApproveBody, ManualActionBody
 from app.incidents import queries
@@ -59,29 +59,20 @@ def what_happens_next(status: str, reason: str | None) -> str:
     return line
 
 
-def _choice(value: str | None, allowed: tuple[str, ...]) -> str | None:
-    return value if value in allowed else None
-
-
-def _text(value: str | None, limit: int) -> str | None:
-    value = (value or "").strip()
-    return value[:limit] if value else None
-
-
 @router.get("/incidents")
 async def incident_list(request: Request) -> Response:
     who = await signed_in(request)
     q = request.query_params
     filters = {
-        "status": _choice(q.get("status"), INCIDENT_STATUSES),
-        "severity": _choice(q.get("severity"), SEVERITIES),
-        "type": _choice(q.get("type"), INCIDENT_TYPES),
-        "tenant": _text(q.get("tenant"), 200),
-        "plugin": _text(q.get("plugin"), 100),
+        "status": choice(q.get("status"), INCIDENT_STATUSES),
+        "severity": choice(q.get("severity"), SEVERITIES),
+        "type": choice(q.get("type"), INCIDENT_TYPES),
+        "tenant": text_field(q.get("tenant"), 200),
+        "plugin": text_field(q.get("plugin"), 100),
     }
     problem = None
     after = None
-    cursor = _text(q.get("cursor"), 400)
+    cursor = text_field(q.get("cursor"), 400)
     if cursor:
         try:
             after = queries.decode_cursor(cursor)
@@ -204,7 +195,7 @@ async def approve(incident_id: str, request: Request) -> Response:
 
     async def work(session: AsyncSession) -> str:
         body = ApproveBody.model_validate(
-            {"comment": _text(form.get("comment"), 2000), "action_key": form.get("action_key")}
+            {"comment": text_field(form.get("comment"), 2000), "action_key": form.get("action_key")}
         )
         if body.action_key is None:
             raise Invalid("the form did not name the action to approve", field="action_key")
@@ -229,8 +220,8 @@ async def manual_action(incident_id: str, request: Request) -> Response:
         body = ManualActionBody.model_validate(
             {
                 "action": form.get("action"),
-                "patch_version": _text(form.get("patch_version"), 200),
-                "comment": _text(form.get("comment"), 2000),
+                "patch_version": text_field(form.get("patch_version"), 200),
+                "comment": text_field(form.get("comment"), 2000),
             }
         )
         done = await actions.manual_action(
@@ -263,7 +254,7 @@ async def snooze(incident_id: str, request: Request) -> Response:
             {
                 "installation_id": incident["installation_id"],
                 "duration_s": minutes * 60,
-                "reason": _text(form.get("reason"), 500) or f"snoozed from incident {key}",
+                "reason": text_field(form.get("reason"), 500) or f"snoozed from incident {key}",
             }
         )
         window = await maintenance.create_window(session, body, actor=f"user:{who.user.username}")

@@ -187,3 +187,14 @@ async def render(
         status_code=status_code,
     )
     return harden(response)
+
+
+def choice(value: str | None, allowed: tuple[str, ...]) -> str | None:
+    """A filter's value when it is one of `allowed` (anything else: no filter)."""
+    return value if value in allowed else None
+
+
+def text_field(value: str | None, limit: int) -> str | None:
+    """A free-text query or form value, trimmed and cut at `limit`; None when empty."""
+    value = (value or "").strip()
+    return value[:limit] if value else None
