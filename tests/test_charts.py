@@ -273,3 +273,11 @@ def test_formats():
     assert charts.duration(150) == "2.5 min"
     assert charts.duration(7200) == "2 h"
     assert charts.percent(2) == "2 %"
+
+
+def test_a_percentage_at_100_fills_its_bar():
+    from app.dashboard.charts import TARGETS, kpi_chart, percent
+
+    svg = kpi_chart("success", 100.0, TARGETS["success_rate"], fmt=percent, ceiling=100.0)
+    assert "200 %" not in svg  # the scale ends at 100 %, where the bar ends
+    assert percent(100.0) in svg

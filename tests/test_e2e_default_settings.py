@@ -20,100 +20,33 @@ heartbeat of a plugin at the default 120 s interval)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from redis import Redis as SyncRedis
 
-from app.core.redis import health_check_key
 from app.core.settings import Settings
-from app.releases.signing import generate_key
-from plugin_client import AsyncAgent
+from tests.support.control_plane import (
+    SELFHEAL,
+    ControlPlane,
+    SimulatedPlugin,
+    control_plane_processes,
+    plugins_running,
+)
 from tests.support.fakes import Receiver
 from tests.support.healing import add_release
 from tests.support.plugins import Plugin, register
 from tests.support.ports import free_port
-from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
-from tests.support.settings import REPO, settings_env
+from tests.support.settings import REPO
 
 pytestmark = pytest.mark.timeout(420)
-
-SELFHEAL = [sys.executable, "-m", "app.cli"]
-
-
-# --- the control plane, as processes -----------------------------------------------------------
-
-
-@dataclass
-class ControlPlane:
-    settings: Settings
-    url: str
-    sira: Server
-    runner: Server
-    public_key: str
-    env: dict[str, str]
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start_api(self) -> None:
-        proc = subprocess.Popen(
-            [*SELFHEAL, "api", "--port", str(self.settings.port)], env=self.env, cwd=REPO
-        )
-        self.procs["api"] = proc
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"selfheal api exited with {proc.returncode}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code in (200, 503):
-                    return
-            assert time.monotonic() < deadline, "selfheal api did not answer within 60 s"
-            time.sleep(0.1)
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def start_worker(self) -> None:
-        proc = subprocess.Popen([*SELFHEAL, "worker"], env=self.env, cwd=REPO)
-        self.procs["worker"] = proc
-        redis = SyncRedis.from_url(self.settings.redis_url or "")
-        try:
-            deadline = time.monotonic() + 60
-            while not redis.exists(health_check_key(self.settings)):
-                assert proc.poll() is None, f"selfheal worker exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "selfheal worker did not report healthy"
-                time.sleep(0.1)
-        finally:
-            redis.close()
-
-    def agent(self, plugin: Plugin, version: str, state_dir: Path) -> AsyncAgent:
-        return AsyncAgent(
-            self.url,
-            plugin.id,
-            plugin.secret,
-            plugin=plugin.name,
-            version=version,
-            public_keys=[self.public_key],
-            state_dir=state_dir,
-        )
 
 
 @pytest.fixture
@@ -127,29 +60,8 @@ def defaults(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def control_plane(defaults: Settings) -> Iterator[ControlPlane]:
-    sira = Server(["sim", "decision-service"], SIRA_TOKEN)
-    runner = Server(["sim", "staging-runner"], RUNNER_TOKEN)
-    key = generate_key(defaults.data_dir / "keys" / "release-signing.pem")
-    env = settings_env(defaults) | {
-        "SELFHEAL_DATA_DIR": str(defaults.data_dir),
-        "SIRA_API_URL": sira.url,
-        "SIRA_API_TOKEN": SIRA_TOKEN,
-        "STAGING_RUNNER_URL": runner.url,
-        "STAGING_RUNNER_TOKEN": RUNNER_TOKEN,
-        "LOG_LEVEL": "info",
-    }
-    plane = ControlPlane(defaults, defaults.api_base_url, sira, runner, key.public_key_b64, env)
-    try:
-        sira.start()
-        runner.start()
-        plane.start_api()
-        plane.start_worker()
+    with control_plane_processes(defaults) as plane:
         yield plane
-    finally:
-        for name in ("worker", "api"):
-            plane.stop(name)
-        sira.stop()
-        runner.stop()
 
 
 def allow_autopatch(db: Any, *tenants: str) -> None:
@@ -160,71 +72,6 @@ def allow_autopatch(db: Any, *tenants: str) -> None:
         " autopatch_max_severity = 'high', approval_min_severity = 'critical' WHERE id = 1",
         (orjson.dumps(list(tenants)).decode(),),
     )
-
-
-# --- a simulated plugin: traffic that depends on the version it runs ----------------------------
-
-
-@dataclass
-class SimulatedPlugin:
-    """Counts what a real plugin would: requests and webhook calls, every 0.5 s, failing the
-    share of webhooks its running version fails (by the truth below), into the agent."""
-
-    agent: AsyncAgent
-    webhook_fail_share: Callable[[str], float]
-    running: str = ""
-    task: asyncio.Task[None] | None = None
-    applied: list[tuple[str, str]] = field(default_factory=list)
-
-    def attach(self) -> None:
-        self.running = self.agent.version
-
-        @self.agent.on_update
-        def _update(version: str, artifact: Path) -> None:
-            assert artifact.is_file()
-            self.applied.append(("update", version))
-            self.running = version
-
-        @self.agent.on_rollback
-        def _rollback(version: str) -> None:
-            self.applied.append(("rollback", version))
-            self.running = version
-
-    async def traffic(self) -> None:
-        tick = 0
-        while True:
-            tick += 1
-            self.agent.record_request(count=20)
-            failing = self.webhook_fail_share(self.running)
-            # Five webhook calls per tick, failing that share of them (deterministically).
-            failed = round(5 * failing)
-            self.agent.record_webhook(ok=False, count=failed)
-            self.agent.record_webhook(ok=True, count=5 - failed)
-            await asyncio.sleep(0.5)
-
-    async def start(self) -> None:
-        self.attach()
-        self.task = asyncio.create_task(self.traffic())
-        await self.agent.start()
-
-    async def stop(self) -> None:
-        await self.agent.stop()
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        await self.agent.aclose()
-
-
-@contextlib.asynccontextmanager
-async def plugins_running(*plugins: SimulatedPlugin) -> AsyncIterator[None]:
-    for plugin in plugins:
-        await plugin.start()
-    try:
-        yield
-    finally:
-        for plugin in plugins:
-            await plugin.stop()
 
 
 async def wait_for(db: Any, what: str, predicate: Callable[[], bool], timeout_s: float) -> None:

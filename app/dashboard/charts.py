@@ -461,13 +461,17 @@ def kpi_chart(
     fmt: Formatter = number,
     width: int = WIDTH,
     height: int = 70,
+    ceiling: float | None = None,
 ) -> str:
     """One KPI as a horizontal bar on its scale (0 to a round value above the KPI and the
-    target) against its target (a vertical reference line); the value and whether it meets
-    the target written to the right of the scale."""
+    target, or `ceiling` for a KPI that cannot exceed it, such as a percentage's 100) against
+    its target (a vertical reference line); the value and whether it meets the target written
+    to the right of the scale."""
     if value is None:
         return no_data(title, width=width, height=height)
     top_value = _nice_max(max(value, target.value) * 1.1)
+    if ceiling is not None:
+        top_value = min(top_value, ceiling)
     plot = width - _LEFT - 200
 
     def px(v: float) -> float:

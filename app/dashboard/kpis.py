@@ -77,7 +77,11 @@ def _kpi_row(
         target=target.label,
         verdict=verdict,
         counted=counted,
-        chart=inline_svg(charts.kpi_chart(name, value, target, fmt=fmt)),
+        chart=inline_svg(
+            charts.kpi_chart(
+                name, value, target, fmt=fmt, ceiling=100.0 if key.endswith("_rate") else None
+            )
+        ),
         trend=inline_svg(charts.kpi_trend_chart(f"{name} per day", series, key)),  # type: ignore[arg-type]
     )
 
