@@ -17,7 +17,15 @@ from app.core.settings import Settings
 from tests.support.api import serve
 from tests.support.dashboard import SESSION_COOKIE, post_form, sign_in
 from tests.support.plugins import heartbeat_body, register, send_heartbeat
-from tests.support.reads import add_attempt, add_incident, add_release, add_vote, add_window
+from tests.support.reads import (
+    add_attempt,
+    add_command,
+    add_heartbeat,
+    add_incident,
+    add_release,
+    add_vote,
+    add_window,
+)
 
 SIRA = {"source": "sira", "action": "patch", "confidence": 0.95}
 FALLBACK = {"source": "fallback", "action": "patch", "confidence": 0.55}
@@ -424,3 +432,101 @@ async def test_new_pages_need_a_session_link_each_other_and_show_no_secret(
             assert f'<a href="{link}"' in page, (path, link)
         for secret in [*secrets, session_id]:
             assert secret not in page, path
+
+
+# --- one incident: baseline, staging, commands, verification ---------------------------------
+
+
+async def test_incident_page_shows_baseline_staging_commands_and_verification(
+    client, db, plugin, viewer
+):
+    # Ten quiet heartbeats before the first bad signal (and one older, outside the baseline),
+    # then two bad ones before detection.
+    add_heartbeat(db, plugin.id, ago_s=4000, requests=1000, errors=900)
+    for n in range(10):
+        add_heartbeat(
+            db,
+            plugin.id,
+            ago_s=1000 + n * 60,
+            requests=1000,
+            errors=1,
+            webhook_attempts=10,
+            webhook_failures=0,
+        )
+    for ago in (110, 70):
+        add_heartbeat(
+            db,
+            plugin.id,
+            ago_s=ago,
+            requests=500,
+            errors=100,
+            webhook_attempts=20,
+            webhook_failures=5,
+        )
+    incident = add_incident(
+        db,
+        plugin.id,
+        status="verifying",
+        detected_ago_s=60,
+        first_bad_before_s=60,
+        decision=SIRA,
+        decided_ago_s=50,
+    )
+    failed = add_attempt(
+        db,
+        incident_id=incident,
+        installation_id=plugin.id,
+        status="failed",
+        to_version="1.2.3",
+        staging_report={"status": "passed", "run_id": "run-1"},
+    )
+    add_command(db, failed, status="failed", error="disk full on the shop", deliveries=2)
+    verifying = add_attempt(
+        db,
+        incident_id=incident,
+        installation_id=plugin.id,
+        status="verifying",
+        to_version="1.2.4",
+        verify_in_s=600,
+        staging_report={
+            "status": "passed",
+            "run_id": "run-2",
+            "report": {"summary": "42 checks passed"},
+        },
+    )
+    add_command(db, verifying, version="1.2.4", status="acked", deliveries=1)
+    deadline = db.execute(
+        "SELECT to_char(verify_deadline_at AT TIME ZONE 'UTC', 'HH24:MI:SS')"
+        " FROM plugin_autopatch_attempts WHERE id = %s",
+        (verifying,),
+    ).fetchone()[0]
+
+    await sign_in(client, viewer)
+    page = await page_of(client, f"/ops/incidents/{incident}")
+    compare = page.split("Telemetry at detection vs baseline", 1)[1].split("</table>", 1)[0]
+    assert "2 heartbeats" in compare and "the 10 heartbeats before" in compare
+    assert '<th scope="row">Requests</th><td>1000</td><td>10000</td>' in compare
+    assert '<th scope="row">Error ratio</th><td>20.00 %</td><td>0.10 %</td>' in compare
+    assert '<th scope="row">Webhook fail rate</th><td>25.00 %</td><td>0.00 %</td>' in compare
+    # Each attempt: its staging report, its commands with their states, its verification.
+    assert '<span class="badge stg-passed">passed</span> 42 checks passed' in page
+    assert "update 1.2.4" in page and '<span class="badge cmd-acked">acked</span>' in page
+    assert "acked <time" in page
+    assert '<span class="badge cmd-failed">failed</span>' in page
+    assert "failed <time" in page and "disk full on the shop" in page
+    assert f"verifying until {deadline} UTC" in page
+    assert 'never reached: the attempt ended <span class="badge at-failed">failed</span>' in page
+    assert f"verifying health until {deadline} UTC" in page  # what happens next
+
+    listing = await page_of(client, "/ops/incidents")
+    assert f"verifying health until {deadline} UTC" in listing
+
+
+async def test_incident_page_without_baseline_or_commands_says_so(client, db, plugin, viewer):
+    incident = add_incident(db, plugin.id, status="staging", first_bad_before_s=0)
+    add_attempt(db, incident_id=incident, installation_id=plugin.id, status="staging")
+    await sign_in(client, viewer)
+    page = await page_of(client, f"/ops/incidents/{incident}")
+    assert "No heartbeat before the first bad signal: no baseline to compare with." in page
+    assert "no staging report" in page and "No command sent for this attempt." in page
+    assert "not yet: the attempt is staging" in page

@@ -1,6 +1,7 @@
 """Incident pages: the list (/ops/incidents: filters, the API's keyset paging, counts by
-severity, what happens next) and one incident (/ops/incidents/{id}: telemetry, decision,
-pending action, approvals, timeline, attempts) with its forms: approve and manual action,
+severity, what happens next) and one incident (/ops/incidents/{id}: telemetry against the
+installation's baseline, decision, pending action, approvals, timeline, attempts with their
+staging report, commands and health verification) with its forms: approve and manual action,
 which call app/healing/actions.py as the ops API does, and snooze, which opens a maintenance
 window on the installation through app/maintenance/service.py."""
 
@@ -20,10 +21,12 @@ from app.core.states import INCIDENT_CLOSED
 from app.dashboard.sessions import SignedIn
 from app.dashboard.web import act, choice, form_of, render, signed_in, text_field
 from app.healing import actions
+from app.healing import queries as healing_queries
 from app.healing.schemas import ApproveBody, ManualActionBody
 from app.incidents import queries
 from app.maintenance import service as maintenance
 from app.maintenance.schemas import WindowCreate
+from app.plugins import queries as plugin_queries
 from app.policy import service as policy_service
 from app.services import transaction
 
@@ -47,8 +50,16 @@ NEXT_STEP = {
 }
 
 
-def what_happens_next(status: str, reason: str | None) -> str:
-    """One honest line from the incident's status and status_reason."""
+BASELINE_HEARTBEATS = 10
+# Heartbeats summed between the first bad signal and detection, at most.
+DETECTION_HEARTBEATS = 100
+
+
+def what_happens_next(status: str, reason: str | None, verify_until: datetime | None = None) -> str:
+    """One honest line from the incident's status and status_reason (and, while verifying,
+    the attempt's verification deadline)."""
+    if status == "verifying" and verify_until is not None:
+        return f"Applied; verifying health until {verify_until.astimezone(UTC):%H:%M:%S} UTC"
     if status in INCIDENT_CLOSED:
         return f"Nothing more: {status.replace('_', ' ')}" + (f" ({reason})" if reason else ".")
     line = NEXT_STEP.get(status, status)
@@ -89,6 +100,9 @@ async def incident_list(request: Request) -> Response:
             after=after,
             limit=PAGE_SIZE,
         )
+        deadlines = await healing_queries.verify_deadlines(
+            session, [item["id"] for item in items if item["status"] == "verifying"]
+        )
         counts = await queries.count_by_severity(
             session,
             status=filters["status"],
@@ -103,7 +117,9 @@ async def incident_list(request: Request) -> Response:
         else None
     )
     for item in items:
-        item["next"] = what_happens_next(item["status"], item["status_reason"])
+        item["next"] = what_happens_next(
+            item["status"], item["status_reason"], deadlines.get(item["id"])
+        )
     return await render(
         request,
         "incidents.html",
@@ -143,6 +159,24 @@ async def incident_page(incident_id: str, request: Request) -> Response:
     async with transaction(request) as session:
         incident = await queries.incident_detail(session, key) if key else None
         policy = await policy_service.read_policy(session)
+        progress = await healing_queries.attempts_progress(session, key) if key and incident else {}
+        baseline = at_detection = None
+        if incident is not None and incident["installation_id"] is not None:
+            first_bad = incident["first_bad_signal_at"]
+            baseline = await plugin_queries.heartbeat_summary(
+                session,
+                incident["installation_id"],
+                before=first_bad or incident["detected_at"],
+                limit=BASELINE_HEARTBEATS,
+            )
+            if first_bad is not None:
+                at_detection = await plugin_queries.heartbeat_summary(
+                    session,
+                    incident["installation_id"],
+                    since=first_bad,
+                    before=incident["detected_at"],
+                    limit=DETECTION_HEARTBEATS,
+                )
     if incident is None:
         return await render(
             request,
@@ -156,14 +190,20 @@ async def incident_page(incident_id: str, request: Request) -> Response:
     votes = [
         a for a in incident["approvals"] if a["action_key"] == pending_key and a["expires_at"] > now
     ]
+    verifying = [p for p in progress.values() if p.status == "verifying"]
+    verify_until = verifying[-1].verify_deadline_at if verifying else None
     return await render(
         request,
         "incident.html",
         who,
         {
             "incident": incident,
-            "next": what_happens_next(incident["status"], incident["status_reason"]),
+            "next": what_happens_next(incident["status"], incident["status_reason"], verify_until),
             "votes": votes,
+            "progress": progress,
+            "baseline": baseline,
+            "at_detection": at_detection,
+            "baseline_size": BASELINE_HEARTBEATS,
             "approvals_required": policy.approvals_required,
             "approvable": incident["status"] in ("awaiting_approval", "blocked_by_policy")
             and incident["pending_action"] is not None,

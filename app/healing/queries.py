@@ -122,3 +122,129 @@ async def attempt_facts(session: AsyncSession, attempt_id: uuid.UUID) -> dict[st
     )
     found = row.first()
     return None if found is None else dict(found._mapping)
+
+
+class AttemptCommand(BaseModel):
+    """One command queued for the plugin on an attempt's behalf (plugin_agent_commands)."""
+
+    id: uuid.UUID
+    type: str  # update, rollback or config
+    version: str | None  # the payload's version, when it names one
+    status: str  # pending, delivered, acked, failed, expired or cancelled
+    created_at: datetime
+    delivered_at: datetime | None
+    acked_at: datetime | None
+    failed_at: datetime | None
+    expires_at: datetime  # when status is expired, the time it expired
+    error: str | None
+    delivery_count: int
+
+
+class AttemptProgress(BaseModel):
+    """What an attempt went through after the decision: staging, commands, verification."""
+
+    attempt_id: uuid.UUID
+    status: str
+    staging_report: dict[str, Any] | None
+    verify_deadline_at: datetime | None
+    finished_at: datetime | None
+    failure_reason: str | None
+    rollback_reason: str | None
+    commands: list[AttemptCommand]  # oldest first
+
+    @property
+    def staging_status(self) -> str | None:
+        report = self.staging_report or {}
+        status = report.get("status")
+        return None if status is None else str(status)
+
+    @property
+    def staging_summary(self) -> str | None:
+        """The report's own words: its summary or detail, or why staging was skipped."""
+        report = self.staging_report or {}
+        inner = report.get("report")
+        for value in (
+            report.get("summary"),
+            report.get("detail"),
+            report.get("skipped"),
+            inner.get("summary") if isinstance(inner, dict) else None,
+        ):
+            if value:
+                return str(value)
+        return None
+
+
+async def attempts_progress(
+    session: AsyncSession, incident_id: uuid.UUID
+) -> dict[uuid.UUID, AttemptProgress]:
+    """The incident's attempts' staging reports, verification deadlines and commands, by
+    attempt id (empty when it has none)."""
+    attempts = await session.execute(
+        text(
+            "SELECT id, status, staging_report, verify_deadline_at, finished_at,"
+            " failure_reason, rollback_reason"
+            " FROM plugin_autopatch_attempts WHERE incident_id = :id ORDER BY created_at, id"
+        ),
+        {"id": incident_id},
+    )
+    found = {
+        row.id: AttemptProgress(
+            attempt_id=row.id,
+            status=row.status,
+            staging_report=row.staging_report,
+            verify_deadline_at=row.verify_deadline_at,
+            finished_at=row.finished_at,
+            failure_reason=row.failure_reason,
+            rollback_reason=row.rollback_reason,
+            commands=[],
+        )
+        for row in attempts
+    }
+    if not found:
+        return found
+    commands = await session.execute(
+        text(
+            "SELECT id, attempt_id, type, payload->>'version' AS version, status, created_at,"
+            " delivered_at, acked_at, failed_at, expires_at, error, delivery_count"
+            " FROM plugin_agent_commands WHERE attempt_id = ANY(:ids)"
+            " ORDER BY created_at, id"
+        ),
+        {"ids": list(found)},
+    )
+    for row in commands:
+        found[row.attempt_id].commands.append(
+            AttemptCommand(
+                id=row.id,
+                type=row.type,
+                version=row.version,
+                status=row.status,
+                created_at=row.created_at,
+                delivered_at=row.delivered_at,
+                acked_at=row.acked_at,
+                failed_at=row.failed_at,
+                expires_at=row.expires_at,
+                error=row.error,
+                delivery_count=row.delivery_count,
+            )
+        )
+    return found
+
+
+async def verify_deadlines(
+    session: AsyncSession, incident_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, datetime]:
+    """For each of these incidents with an attempt being verified, its verification
+    deadline (the latest such attempt's); one statement for a page of incidents."""
+    if not incident_ids:
+        return {}
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT ON (incident_id) incident_id, verify_deadline_at"
+            " FROM plugin_autopatch_attempts"
+            " WHERE incident_id = ANY(:ids) AND verify_deadline_at IS NOT NULL"
+            "  AND status = 'verifying'"
+            " ORDER BY incident_id, created_at DESC"
+        ),
+        {"ids": incident_ids},
+    )
+    return {row.incident_id: row.verify_deadline_at for row in rows}

@@ -312,3 +312,53 @@ async def installation_detail(
             for r in runs
         ],
     )
+
+
+class HeartbeatSummary(BaseModel):
+    """Heartbeats of one installation summed up: the baseline before an incident, or the
+    heartbeats between its first bad signal and its detection."""
+
+    heartbeats: int
+    first_at: datetime | None
+    last_at: datetime | None
+    requests: int
+    errors: int
+    webhook_attempts: int
+    webhook_failures: int
+
+    @property
+    def error_ratio(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def webhook_fail_rate(self) -> float | None:
+        return self.webhook_failures / self.webhook_attempts if self.webhook_attempts else None
+
+
+async def heartbeat_summary(
+    session: AsyncSession,
+    installation_id: uuid.UUID,
+    *,
+    before: datetime,
+    since: datetime | None = None,
+    limit: int = 10,
+) -> HeartbeatSummary:
+    """The installation's last `limit` heartbeats received before `before` (and at or after
+    `since` when given), summed: requests, errors, webhook attempts and failures."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT count(*) AS heartbeats, min(received_at) AS first_at,"
+                " max(received_at) AS last_at,"
+                " coalesce(sum(requests), 0) AS requests, coalesce(sum(errors), 0) AS errors,"
+                " coalesce(sum(webhook_attempts), 0) AS webhook_attempts,"
+                " coalesce(sum(webhook_failures), 0) AS webhook_failures"
+                " FROM (SELECT received_at, requests, errors, webhook_attempts, webhook_failures"
+                "  FROM plugin_heartbeats WHERE installation_id = :id AND received_at < :before"
+                "   AND (CAST(:since AS timestamptz) IS NULL OR received_at >= :since)"
+                "  ORDER BY received_at DESC LIMIT :limit) last"
+            ),
+            {"id": installation_id, "before": before, "since": since, "limit": limit},
+        )
+    ).one()
+    return HeartbeatSummary.model_validate(dict(row._mapping))

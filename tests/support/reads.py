@@ -85,13 +85,18 @@ def add_attempt(
     source: str | None = "sira",
     confidence: float | None = None,
     executed_ago_s: float = 0,
+    staging_report: dict[str, Any] | None = None,
+    verify_in_s: float | None = None,
 ) -> str:
     """An attempt inserted with its status, executed `executed_ago_s` ago (the event log
-    records the insert; executed_at cannot be changed afterwards); its id."""
+    records the insert; executed_at cannot be changed afterwards), with its staging report
+    and a verification deadline `verify_in_s` from now; its id."""
     row = db.execute(
         "INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, action,"
-        " from_version, to_version, status, decision_source, confidence, executed_at)"
-        " VALUES (%s, %s, %s, '1.2.2', %s, %s, %s, %s, now() - make_interval(secs => %s))"
+        " from_version, to_version, status, decision_source, confidence, executed_at,"
+        " staging_report, verify_deadline_at)"
+        " VALUES (%s, %s, %s, '1.2.2', %s, %s, %s, %s, now() - make_interval(secs => %s),"
+        "  CAST(%s AS jsonb), now() + make_interval(secs => %s))"
         " RETURNING id::text",
         (
             incident_id,
@@ -102,6 +107,8 @@ def add_attempt(
             source,
             confidence,
             executed_ago_s,
+            None if staging_report is None else orjson.dumps(staging_report).decode(),
+            verify_in_s,
         ),
     ).fetchone()
     assert row is not None
@@ -159,3 +166,60 @@ def add_window(
     ).fetchone()
     assert row is not None
     return str(row[0])
+
+
+def add_command(
+    db: Db,
+    attempt_id: str,
+    *,
+    command_type: str = "update",
+    version: str = "1.2.3",
+    status: str = "pending",
+    error: str | None = None,
+    deliveries: int = 0,
+    ago_s: float = 30,
+) -> str:
+    """A command queued for the attempt's installation `ago_s` ago, in `status`: acked or
+    failed (with `error`) at now(); its id."""
+    row = db.execute(
+        "INSERT INTO plugin_agent_commands (installation_id, attempt_id, type, payload, status,"
+        " created_at, expires_at, delivered_at, delivery_count, acked_at, failed_at, error)"
+        " SELECT a.installation_id, a.id, %(type)s, jsonb_build_object('version', CAST(%(version)s AS text)),"
+        "  CAST(%(status)s AS text), now() - make_interval(secs => %(ago)s), now() + interval '1 h',"
+        "  CASE WHEN CAST(%(deliveries)s AS integer) > 0 THEN now() END, %(deliveries)s,"
+        "  CASE WHEN CAST(%(status)s AS text) = 'acked' THEN now() END,"
+        "  CASE WHEN CAST(%(status)s AS text) = 'failed' THEN now() END, CAST(%(error)s AS text)"
+        " FROM plugin_autopatch_attempts a WHERE a.id = %(attempt)s"
+        " RETURNING id::text",
+        {
+            "type": command_type,
+            "version": version,
+            "status": status,
+            "ago": ago_s,
+            "deliveries": deliveries,
+            "error": error,
+            "attempt": attempt_id,
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def add_heartbeat(
+    db: Db,
+    installation_id: str,
+    *,
+    ago_s: float,
+    requests: int = 1000,
+    errors: int = 0,
+    webhook_attempts: int = 0,
+    webhook_failures: int = 0,
+) -> None:
+    """A heartbeat sample received `ago_s` ago (as ingest stores it, without the request)."""
+    db.execute(
+        "INSERT INTO plugin_heartbeats (installation_id, received_at, plugin_version, env,"
+        " requests, errors, webhook_attempts, webhook_failures, msg_digest)"
+        " VALUES (%s, now() - make_interval(secs => %s), '1.2.2', 'prod', %s, %s, %s, %s,"
+        "  decode(md5(random()::text || clock_timestamp()::text), 'hex'))",
+        (installation_id, ago_s, requests, errors, webhook_attempts, webhook_failures),
+    )
