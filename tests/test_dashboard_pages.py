@@ -1,11 +1,13 @@
 """The ops dashboard's reading pages (issue 9) through httpx against the app: KPIs with their
 charts and target lines, attempts with their proof, the fleet and one installation, the
 releases, and the policy page's maintenance windows and change history; the forms they add
-(ending a window) refused without the role or the CSRF token. Data is put in place as an
+(ending a window) refused without the role or the CSRF token; the admin's user management
+page and its forms. Data is put in place as an
 operator in psql would (tests/support/reads.py)."""
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +17,7 @@ import pytest
 
 from app.core.settings import Settings
 from tests.support.api import serve
-from tests.support.dashboard import SESSION_COOKIE, post_form, sign_in
+from tests.support.dashboard import SESSION_COOKIE, post_form, sign_in, try_sign_in
 from tests.support.plugins import heartbeat_body, register, send_heartbeat
 from tests.support.reads import (
     add_attempt,
@@ -530,3 +532,189 @@ async def test_incident_page_without_baseline_or_commands_says_so(client, db, pl
     assert "No heartbeat before the first bad signal: no baseline to compare with." in page
     assert "no staging report" in page and "No command sent for this attempt." in page
     assert "not yet: the attempt is staging" in page
+
+
+# --- users (admin) ---------------------------------------------------------------------------
+
+
+def user_row(db, username: str) -> tuple[str, str, bool]:
+    """(id, role, disabled) of an ops user."""
+    row = db.execute(
+        "SELECT id::text, role, disabled_at IS NOT NULL FROM ops_users WHERE username = %s",
+        (username,),
+    ).fetchone()
+    assert row, username
+    return row[0], row[1], row[2]
+
+
+def stored_secrets(db) -> list[str]:
+    """Every password hash and API token hash in the database, in the forms a page could show."""
+    hashes = [row[0] for row in db.execute("SELECT password_hash FROM ops_users")]
+    for (digest,) in db.execute("SELECT token_hash FROM ops_api_tokens"):
+        hashes += [bytes(digest).hex(), base64.urlsafe_b64encode(bytes(digest)).decode()[:20]]
+    return hashes
+
+
+def shown(html: str, element: str) -> str:
+    found = re.search(rf'<code class="secret" id="{element}">([^<]+)</code>', html)
+    assert found, element
+    return found.group(1)
+
+
+async def test_an_admin_adds_a_user_whose_password_shows_once_and_signs_in(
+    client, browser, db, admin
+):
+    csrf = await sign_in(client, admin)
+    listed = await page_of(client, "/ops/users")
+    assert '<a href="/ops/users" aria-current="page">Users</a>' in listed
+    assert 'id="user-ada"' in listed and "ada (you)" in listed
+
+    added = await post_form(client, "/ops/users", csrf, username="nina", role="operator")
+    assert added.status_code == 200, added.text  # the page itself: no redirect, no URL
+    assert added.headers["cache-control"] == "no-store"
+    password, token = shown(added.text, "new-password"), shown(added.text, "new-token")
+    assert "nina (operator) is added" in added.text and "Shown once" in added.text
+    assert user_row(db, "nina")[1:] == ("operator", False)
+
+    again = await page_of(client, "/ops/users")  # a reload, or the back-and-forth to the list
+    assert 'id="user-nina"' in again
+    assert password not in again and token not in again and "new-password" not in again
+    for secret in stored_secrets(db):
+        assert secret not in added.text and secret not in again
+    assert "$argon2" not in added.text + again
+
+    response = await try_sign_in(browser, "nina", password)
+    assert response.status_code == 303, response.text
+    nina = await page_of(browser, "/ops/incidents")
+    assert "Signed in as <strong>nina</strong> (operator)" in nina
+    assert 'href="/ops/users"' not in nina  # the link is for admins
+    api = await client.get("/api/ops/policy", headers={"Authorization": f"Bearer {token}"})
+    assert api.status_code == 200, api.text
+
+    taken = await post_form(client, "/ops/users", csrf, username="nina", role="viewer")
+    page = await flash_after(client, taken)
+    assert "Not added: user &#39;nina&#39; already exists" in page and password not in page
+    bad = await post_form(client, "/ops/users", csrf, username="no spaces", role="viewer")
+    assert "Not added: &#39;no spaces&#39; is not a valid user name" in await flash_after(
+        client, bad
+    )
+    odd = await post_form(client, "/ops/users", csrf, username="zed", role="root")
+    assert "Not added: --role must be one of" in await flash_after(client, odd)
+    assert db.execute("SELECT count(*) FROM ops_users").fetchone()[0] == 2
+
+
+async def test_an_admin_changes_a_role_but_not_their_own_nor_disables_themself(
+    client, db, admin, viewer
+):
+    csrf = await sign_in(client, admin)
+    vera, _, _ = user_row(db, "vera")
+    ada, _, _ = user_row(db, "ada")
+    page = await page_of(client, "/ops/users")
+    assert f'action="/ops/users/{vera}/role"' in page
+    assert f'action="/ops/users/{ada}/' not in page  # no form against oneself
+
+    changed = await post_form(client, f"/ops/users/{vera}/role", csrf, role="operator")
+    assert changed.headers["location"] == "/ops/users"
+    assert "vera is now operator." in await flash_after(client, changed)
+    assert user_row(db, "vera")[1] == "operator"
+    same = await post_form(client, f"/ops/users/{vera}/role", csrf, role="operator")
+    assert "Role not changed: vera is already operator" in await flash_after(client, same)
+    wrong = await post_form(client, f"/ops/users/{vera}/role", csrf, role="root")
+    assert "Role not changed: the role must be one of" in await flash_after(client, wrong)
+    unknown = await post_form(client, f"/ops/users/{uuid.uuid4()}/role", csrf, role="viewer")
+    assert "Role not changed: no such user" in await flash_after(client, unknown)
+
+    demote = await post_form(client, f"/ops/users/{ada}/role", csrf, role="viewer")
+    assert "Role not changed: you cannot change your own role" in await flash_after(client, demote)
+    off = await post_form(client, f"/ops/users/{ada}/disable", csrf)
+    assert "Not disabled: you cannot disable yourself" in await flash_after(client, off)
+    assert user_row(db, "ada")[1:] == ("admin", False)
+    assert (await client.get("/ops/users")).status_code == 200  # still signed in, still admin
+
+
+async def test_disabling_a_user_ends_their_sessions_and_revokes_their_token(
+    client, browser, db, admin, operator
+):
+    csrf = await sign_in(client, admin)
+    await sign_in(browser, operator)
+    otto, _, _ = user_row(db, "otto")
+    assert (await client.get("/api/ops/policy", headers=operator.auth)).status_code == 200
+    assert "(no live token)" not in (await page_of(client, "/ops/users")).split('id="user-otto"')[1]
+
+    off = await post_form(client, f"/ops/users/{otto}/disable", csrf)
+    page = await flash_after(client, off)
+    assert "otto is disabled: 1 dashboard session(s) ended, API tokens revoked." in page
+    row = page.split('id="user-otto"', 1)[1].split("</tr>", 1)[0]
+    assert "disabled</span>" in row and "(no live token)" in row
+    assert f'action="/ops/users/{otto}/enable"' in row
+    assert user_row(db, "otto")[2]
+    assert db.execute(
+        "SELECT count(*) FROM ops_sessions WHERE user_id = %s", (otto,)
+    ).fetchone() == (0,)
+
+    gone = await browser.get("/ops/incidents")
+    assert gone.status_code == 303 and "notice=expired" in gone.headers["location"]
+    api = await client.get("/api/ops/policy", headers=operator.auth)
+    assert api.status_code == 401, api.text
+    assert (await try_sign_in(browser, "otto", operator.password)).status_code == 401
+    again = await post_form(client, f"/ops/users/{otto}/disable", csrf)
+    assert "Not disabled: otto is already disabled" in await flash_after(client, again)
+
+    on = await post_form(client, f"/ops/users/{otto}/enable", csrf)
+    assert "otto is enabled again" in await flash_after(client, on)
+    assert (await try_sign_in(browser, "otto", operator.password)).status_code == 303
+    assert (await client.get("/api/ops/policy", headers=operator.auth)).status_code == 401
+
+    # The audit log has each change with who made it, and no secret's hash.
+    audited = db.execute(
+        "SELECT entity, actor, old, new FROM audit_log"
+        " WHERE entity IN ('ops_users', 'ops_api_tokens') AND actor = 'user:ada' ORDER BY id"
+    ).fetchall()
+    user_changes = [
+        (old["disabled_at"] is None, new["disabled_at"] is None)
+        for entity, _, old, new in audited
+        if entity == "ops_users" and new["username"] == "otto"
+    ]
+    assert user_changes == [(True, False), (False, True)]
+    assert any(entity == "ops_api_tokens" and new["revoked_at"] for entity, _, _, new in audited)
+    dumped = str(db.execute("SELECT old, new FROM audit_log").fetchall())
+    assert "password_hash" not in dumped and "token_hash" not in dumped
+
+
+async def test_users_page_and_forms_are_for_admins_with_the_csrf_token(
+    client, browser, db, viewer, operator, admin
+):
+    vera, _, _ = user_row(db, "vera")
+    anonymous = await client.get("/ops/users")
+    assert anonymous.status_code == 303
+    assert anonymous.headers["location"].startswith("/ops/login?next=")
+    forms = [
+        ("/ops/users", {"username": "mallory", "role": "admin"}),
+        (f"/ops/users/{vera}/role", {"role": "admin"}),
+        (f"/ops/users/{vera}/disable", {}),
+        (f"/ops/users/{vera}/enable", {}),
+    ]
+    for persona in (viewer, operator):
+        csrf = await sign_in(client, persona)
+        page = await client.get("/ops/users")
+        assert page.status_code == 403, persona.role
+        assert f"this needs the admin role; you are {persona.role}" in page.text
+        assert 'href="/ops/users"' not in await page_of(client, "/ops/policy")
+        for path, fields in forms:
+            refused = await post_form(client, path, csrf, **fields)
+            assert refused.status_code == 403, (persona.role, path)
+            assert "this needs the admin role" in refused.text
+
+    admin_csrf = await sign_in(browser, admin)
+    for token in (None, "wrong", csrf):  # none, made up, another session's
+        for path, fields in forms:
+            forged = await post_form(browser, path, token, **fields)
+            assert forged.status_code == 403, (token, path)
+            assert "security token is missing or out of date" in forged.text
+    assert user_row(db, "vera")[1:] == ("viewer", False)
+    assert db.execute("SELECT count(*) FROM ops_users WHERE username = 'mallory'").fetchone() == (
+        0,
+    )
+    done = await post_form(browser, f"/ops/users/{vera}/disable", admin_csrf)
+    assert done.status_code == 303
+    assert user_row(db, "vera")[2]

@@ -78,3 +78,11 @@ async def set_flash(session: AsyncSession, id_hash: bytes, message: str) -> None
 
 async def delete_session(session: AsyncSession, id_hash: bytes) -> None:
     await session.execute(text("DELETE FROM ops_sessions WHERE id_hash = :h"), {"h": id_hash})
+
+
+async def delete_user_sessions(session: AsyncSession, user_id: uuid.UUID) -> int:
+    """Ends every session of the user; how many there were."""
+    result = await session.execute(
+        text("DELETE FROM ops_sessions WHERE user_id = :u RETURNING user_id"), {"u": user_id}
+    )
+    return len(result.all())

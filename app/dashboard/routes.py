@@ -1,6 +1,6 @@
 """The dashboard's door: /ops/login, /ops/logout, the stylesheet, and `install`, which
 app/main.py calls to add every dashboard router and the answers to its refusals. The pages
-are in incidents.py, policy.py, attempts.py, fleet.py (with the releases) and kpis.py. None
+are in incidents.py, policy.py, attempts.py, fleet.py (with the releases), kpis.py and users.py. None
 of it is in the OpenAPI document (it is not the API)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
-from app.dashboard import attempts, fleet, incidents, kpis, policy, sessions
+from app.dashboard import attempts, fleet, incidents, kpis, policy, sessions, users
 from app.dashboard.web import (
     TEMPLATES_DIR,
     Forbidden,
@@ -48,6 +48,7 @@ def install(app: FastAPI) -> None:
     app.include_router(kpis.router)
     app.include_router(attempts.router)
     app.include_router(fleet.router)
+    app.include_router(users.router)
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(_: Request, exc: SignInRequired) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -70,6 +71,11 @@ async def resume(
 
 async def end(session: AsyncSession, signed_in: SignedIn) -> None:
     await repository.delete_session(session, signed_in.id_hash)
+
+
+async def end_all(session: AsyncSession, user_id: uuid.UUID) -> int:
+    """Ends every session of the user (a disabled user is signed out everywhere)."""
+    return await repository.delete_user_sessions(session, user_id)
 
 
 async def flash(session: AsyncSession, signed_in: SignedIn, message: str) -> None:
