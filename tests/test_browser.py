@@ -233,7 +233,7 @@ async def test_operators_heal_an_incident_and_an_admin_stops_the_loop_in_a_brows
             "the incident resolved",
             timeout_s=120,
         )
-        attempt = page.locator("section[aria-labelledby=attempts] tbody tr")
+        attempt = page.locator("section[aria-labelledby=attempts] > table.list > tbody > tr")
         assert await attempt.count() == 1
         assert "1.2.2 → 1.2.3" in await attempt.inner_text()
         assert await attempt.locator(".badge").inner_text() == "success"
