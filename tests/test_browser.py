@@ -51,13 +51,13 @@ from tests.support.browser import (
 from tests.support.control_plane import (
     ControlPlane,
     SimulatedPlugin,
+    at_defaults,
     control_plane_processes,
     plugins_running,
 )
 from tests.support.healing import add_release
 from tests.support.personas import make_user
 from tests.support.plugins import register
-from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.long_e2e, pytest.mark.timeout(600)]
 
@@ -101,11 +101,7 @@ def shots(capsys: pytest.CaptureFixture[str]) -> Shots:
 
 @pytest.fixture
 def defaults(settings: Settings, tmp_path: Path) -> Settings:
-    """The test database and Redis prefix, a data dir and a free port: nothing else changed."""
-    plain = settings.model_copy(update={"data_dir": tmp_path / "data", "port": free_port()})
-    assert (plain.heartbeat_interval_s, plain.health_window_s) == (120, 90)
-    assert (plain.recovery_heartbeats, plain.heartbeat_fast_s) == (3, 5)
-    return plain
+    return at_defaults(settings, tmp_path)
 
 
 @pytest.fixture

@@ -37,13 +37,13 @@ from tests.support.control_plane import (
     SELFHEAL,
     ControlPlane,
     SimulatedPlugin,
+    at_defaults,
     control_plane_processes,
     plugins_running,
 )
 from tests.support.fakes import Receiver
 from tests.support.healing import add_release
 from tests.support.plugins import Plugin, register
-from tests.support.ports import free_port
 from tests.support.settings import REPO
 
 pytestmark = pytest.mark.timeout(420)
@@ -51,11 +51,7 @@ pytestmark = pytest.mark.timeout(420)
 
 @pytest.fixture
 def defaults(settings: Settings, tmp_path: Path) -> Settings:
-    """The test database and Redis prefix, a data dir and a free port: nothing else changed."""
-    plain = settings.model_copy(update={"data_dir": tmp_path / "data", "port": free_port()})
-    assert (plain.heartbeat_interval_s, plain.health_window_s) == (120, 90)
-    assert (plain.recovery_heartbeats, plain.heartbeat_fast_s) == (3, 5)
-    return plain
+    return at_defaults(settings, tmp_path)
 
 
 @pytest.fixture

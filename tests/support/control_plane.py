@@ -26,6 +26,7 @@ from app.core.settings import Settings
 from app.releases.signing import generate_key
 from plugin_client import AsyncAgent
 from tests.support.plugins import Plugin
+from tests.support.ports import free_port
 from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
 from tests.support.settings import REPO, settings_env
 
@@ -188,3 +189,12 @@ async def plugins_running(*plugins: SimulatedPlugin) -> AsyncIterator[None]:
     finally:
         for plugin in reversed(started):
             await plugin.stop()
+
+
+def at_defaults(settings: Settings, tmp_path: Path) -> Settings:
+    """The test database and Redis prefix, a data dir and a free port: nothing else changed
+    (asserted on the timings users meet first)."""
+    plain = settings.model_copy(update={"data_dir": tmp_path / "data", "port": free_port()})
+    assert (plain.heartbeat_interval_s, plain.health_window_s) == (120, 90)
+    assert (plain.recovery_heartbeats, plain.heartbeat_fast_s) == (3, 5)
+    return plain
