@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from app.core.bodylimit import BodyLimitMiddleware, BodyLimits
 from app.core.crypto import SecretBox
-from app.core.db import create_engine, create_sessionmaker
+from app.core.db import create_engine, create_sessionmaker, warn_about_privileges
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
+from app.core.ratelimit import RateLimiter
 from app.core.redis import create_redis
 from app.core.settings import Settings, get_settings, libpq_url
 from app.dashboard.routes import install as install_dashboard
@@ -36,12 +38,14 @@ _POOL_GAUGE_EVERY_S = 5.0
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    # A missing, public or short SELFHEAL_SECRET_KEY stops the API here (WeakSecretKey says
+    # what to do), not at the first plugin request.
+    box = SecretBox.for_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, role="api")
         redis = create_redis(settings)
-        box = SecretBox(settings.secret_key)
         assert settings.database_url is not None
         batcher = HeartbeatBatcher(
             libpq_url(settings.database_url),
@@ -68,8 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 cache_ttl_s=settings.auth_cache_ttl_s,
             ),
             batcher=batcher,
+            limiter=RateLimiter(redis, settings.redis_prefix),
         )
         app.state.services = svc
+        await warn_about_privileges(engine, settings.db_timeout_s)
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise show up as latency spikes under load.
         gc.freeze()
@@ -104,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # Added last = outermost: request context wraps the heartbeat fast path too.
     app.add_middleware(HeartbeatFastPath, owner=app)
+    # Every body is bounded before anything reads it, the heartbeat's too.
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plugins_router)

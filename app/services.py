@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
 
 from app.core.crypto import SecretBox
+from app.core.ratelimit import RateLimiter
 from app.core.settings import Settings
 
 if TYPE_CHECKING:  # names only: main.py creates them; every route package imports this module
@@ -29,6 +30,7 @@ class Services:
     box: SecretBox
     authenticator: PluginAuthenticator
     batcher: HeartbeatBatcher
+    limiter: RateLimiter
 
 
 def services(request: Request) -> Services:

@@ -21,7 +21,7 @@ import typer
 from pydantic import ValidationError
 
 from app.core.migrations import run_migrations
-from app.core.settings import Settings, libpq_url
+from app.core.settings import Settings, libpq_url, secret_key_problem
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -44,14 +44,25 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def running_services(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+def running_services(
+    settings: Settings, *, redis: bool = True, secret_key: bool = True
+) -> Iterator[Settings]:
     """With DATABASE_URL (and, when `redis`, REDIS_URL) set, use them. Otherwise start (or
     join, when `selfheal up` already runs them) the embedded PostgreSQL and Redis under
     SELFHEAL_DATA_DIR; the ones this process started are stopped when it leaves. Commands that
-    only touch the database pass redis=False and never start a Redis."""
+    only touch the database pass redis=False and never start a Redis.
+
+    The embedded PostgreSQL without SELFHEAL_SECRET_KEY uses the data folder's generated key
+    file. Unless `secret_key` is False (commands that never seal nor open a stored secret:
+    migrations, ops users, releases), a missing, public or short key stops the command
+    here, whatever SELFHEAL_ENV says."""
     need_postgres = settings.database_url is None
     need_redis = redis and settings.redis_url is None
+    if need_postgres and not settings.secret_key.strip():
+        adopt_embedded_secret_key(settings)
     if not (need_postgres or need_redis):
+        if secret_key:
+            require_secret_key(settings)
         yield settings
         return
     # Imported here, not at the top: psycopg and redis (~0.25 s) are only needed when a
@@ -69,15 +80,41 @@ def running_services(settings: Settings, *, redis: bool = True) -> Iterator[Sett
         raise fail(f"could not start the embedded services: {exc}") from exc
     try:
         updates: dict[str, str] = {}
-        if embedded.database_url:
+        if embedded.database_url and embedded.database_owner_url:
             updates["DATABASE_URL"] = embedded.database_url
+            updates["DATABASE_OWNER_URL"] = embedded.database_owner_url
         if embedded.redis_url:
             updates["REDIS_URL"] = embedded.redis_url
         # Child processes (uvicorn workers) read their settings from the environment.
         os.environ.update(updates)
-        yield load_settings()
+        settled = load_settings()
+        if secret_key:
+            require_secret_key(settled)
+        yield settled
     finally:
         embedded.stop()
+
+
+def adopt_embedded_secret_key(settings: Settings) -> None:
+    """SELFHEAL_SECRET_KEY from the data folder's key file (created on first start), for this
+    process and its children. The former public default is not kept readable behind the
+    operator's back (it would also verify history seals made with it): an embedded install
+    from before the key file runs `SELFHEAL_SECRET_KEY_PREVIOUS=selfheal-dev selfheal secrets
+    rotate-key` once (README, Security)."""
+    from app.embedded.secret_key import SecretKeyFileError, load_or_create_secret_key
+
+    try:
+        key = load_or_create_secret_key(settings.data_dir)
+    except (SecretKeyFileError, OSError) as exc:
+        raise fail(str(exc), code=1) from None
+    os.environ["SELFHEAL_SECRET_KEY"] = key
+
+
+def require_secret_key(settings: Settings) -> None:
+    """Stop (exit 2, saying what to do) when SELFHEAL_SECRET_KEY is missing, public or short."""
+    problem = secret_key_problem(settings.secret_key)
+    if problem is not None:
+        raise fail(problem)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from tests.support.databases import (  # noqa: E402
     connect,
     copy_name,
     create_database,
+    create_ops_login,
     drop_databases,
     template_and_copies,
     template_name,
@@ -43,7 +44,14 @@ from tests.support.healing import healing_settings  # noqa: E402
 from tests.support.personas import Persona, make_user  # noqa: E402
 from tests.support.plugins import Plugin, register  # noqa: E402
 from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server, running  # noqa: E402
-from tests.support.settings import REPO, make_settings  # noqa: E402
+from tests.support.settings import (  # noqa: E402
+    OPS_LOGIN,
+    OPS_PASSWORD,
+    REPO,
+    app_url,
+    as_login,
+    make_settings,
+)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +66,8 @@ def servers() -> Iterator[Servers]:
             REPO / ".selfheal-test", postgres=not database_url, redis=not redis_url
         )
         embedded.start()
-        database_url = database_url or embedded.database_url
+        # The superuser's: the fixtures create databases and logins with it.
+        database_url = database_url or embedded.database_owner_url
         redis_url = redis_url or embedded.redis_url
     assert database_url and redis_url
     try:
@@ -73,7 +82,15 @@ def template_db(servers: Servers) -> Iterator[str]:
     """A database migrated with the real migrations once per test session."""
     name = template_name()
     create_database(servers.admin_url, name)
-    run_migrations(Settings(database_url=servers.database_url(name), redis_url=servers.redis_url))
+    owner_url = servers.database_url(name)
+    run_migrations(
+        Settings(
+            database_url=app_url(owner_url),
+            database_owner_url=owner_url,
+            redis_url=servers.redis_url,
+        )
+    )
+    create_ops_login(servers.admin_url)
     os.environ["SELFHEAL_TEST_TEMPLATE"] = name
     yield name
     drop_databases(servers.admin_url, template_and_copies(servers.admin_url, name))
@@ -104,9 +121,26 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def db(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    """A plain psycopg connection to the test database, as an operator in psql would use."""
+    """A plain psycopg connection to the test database as the owner of the tables (the
+    superuser that made it): to set up and read what a test needs. An ops engineer's psql is
+    `ops_db`, the application's own login `app_db`."""
+    assert settings.migration_url
+    with connect(settings.migration_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def ops_db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A psql session of an ops engineer: a login in selfheal_ops (the runbook's rights)."""
+    with connect(as_login(database_url, OPS_LOGIN, OPS_PASSWORD)) as conn:
+        yield conn
+
+
+@pytest.fixture
+def app_db(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """A session of the application's own login (what DATABASE_URL gives the API), used by hand."""
     assert settings.database_url
-    with connect(settings.database_url) as conn:
+    with connect(libpq_url(settings.database_url)) as conn:
         yield conn
 
 

@@ -156,7 +156,8 @@ async def test_rotate_secret_issues_a_new_secret_and_both_sign_during_grace(run,
     assert result.returncode == 0, result.stderr
     rotated = one_json_object(result.stdout)
     assert rotated["plugin_id"] == registered["plugin_id"]
-    assert rotated["old_secret_valid_for_s"] == 86400
+    # SELFHEAL_SECRET_GRACE_S defaults to 1 h: a leaked old secret does not live for a day.
+    assert rotated["old_secret_valid_for_s"] == 3600
     assert rotated["secret"] != registered["secret"]
     assert db.execute(
         "SELECT count(*), count(expires_at) FROM plugin_secrets WHERE installation_id = %s",

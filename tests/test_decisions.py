@@ -662,3 +662,50 @@ def test_wilson_lower_bound_grows_with_evidence() -> None:
     assert wilson_lower_bound(OutcomeStats()) == 0.0
     assert round(wilson_lower_bound(OutcomeStats(successes=3)), 3) == 0.438
     assert round(wilson_lower_bound(OutcomeStats(successes=100)), 3) == 0.963
+
+
+class Streamed:
+    """An answer of `size` bytes streamed in pieces, counting what the client pulled."""
+
+    def __init__(self, head: bytes, size: int, piece: int = 16 * 1024) -> None:
+        self.head, self.size, self.piece = head, size, piece
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        self.pulled = len(self.head)
+        while self.pulled < self.size:
+            self.pulled += self.piece
+            yield b"x" * self.piece
+
+
+async def test_an_oversize_answer_falls_back_without_reading_the_rest() -> None:
+    answer = Streamed(b'{"action": "patch", "explanation": "', 8 * 1024 * 1024)
+    service = Service(httpx.Response(200, content=answer))
+    async with decision_client(service) as client:
+        decision = await client.decide(incident(), CANDIDATES)
+    assert decision.source == "fallback"
+    assert decision.fallback_reason == "nonsense answer: body larger than 65536 bytes"
+    assert answer.pulled <= 65536 + answer.piece
+    assert service.calls == 1  # not retried: the same nonsense would come back
+
+
+async def test_the_answer_limit_is_the_setting() -> None:
+    from app.core.settings import Settings
+    from workers.main import service_clients
+
+    settings = Settings(sira_api_url=SIRA, service_answer_max_bytes=2048, _env_file=None)
+    big = ok(answer(explanation="because " * 400))  # valid, but over 2 KiB
+    async with httpx.AsyncClient(transport=httpx.MockTransport(Service(big))) as http:
+        client, _ = service_clients(settings, http)
+        decision = await client.decide(incident(), CANDIDATES)
+    assert decision.fallback_reason == "nonsense answer: body larger than 2048 bytes"
+
+
+async def test_feedback_reads_nothing_of_the_answer() -> None:
+    """Only the status of a feedback's answer matters: a service answering it with megabytes
+    (or without end) is not read."""
+    answer = Streamed(b"{", 8 * 1024 * 1024)
+    async with decision_client(Service(httpx.Response(200, content=answer))) as client:
+        await client.send_feedback(FEEDBACK)
+    assert answer.pulled <= answer.piece

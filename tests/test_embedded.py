@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from app.embedded import EmbeddedServices
+from app.embedded.postgres import PG_APP_USER, PG_SUPERUSER
 from app.embedded.supervise import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +49,8 @@ def _redis(url: str | None) -> redis.Redis:
 def test_data_survives_restart(tmp_path: Path) -> None:
     services = EmbeddedServices(tmp_path)
     with services:
-        assert services.database_url is not None
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
+        assert services.database_owner_url is not None
+        with psycopg.connect(services.database_owner_url, autocommit=True) as conn:
             conn.execute("create table kept (id int primary key, note text)")
             conn.execute("insert into kept values (1, 'hello')")
         with _redis(services.redis_url) as client:
@@ -66,13 +67,52 @@ def test_data_survives_restart(tmp_path: Path) -> None:
     with EmbeddedServices(tmp_path) as again:
         # The chosen ports are persisted and reused when free.
         assert [_port(again.database_url), _port(again.redis_url)] == ports
-        assert again.database_url is not None
-        with psycopg.connect(again.database_url) as conn:
+        assert again.database_owner_url is not None
+        with psycopg.connect(again.database_owner_url) as conn:
             assert conn.execute("select note from kept where id = 1").fetchone() == ("hello",)
             (max_connections,) = conn.execute("show max_connections").fetchone() or ("",)
             assert max_connections == "200"
         with _redis(again.redis_url) as client:
             assert client.get("kept") == "world"
+
+
+def test_every_login_needs_its_password(tmp_path: Path) -> None:
+    with EmbeddedServices(tmp_path) as services:
+        assert services.database_url and services.database_owner_url
+        port = _port(services.database_url)
+        for user in (PG_SUPERUSER, PG_APP_USER):
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="postgres")
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(
+                    host="127.0.0.1", port=port, user=user, password="guess", dbname="postgres"
+                )
+        with psycopg.connect(services.database_url) as conn:
+            assert conn.execute(
+                "select current_user, rolsuper from pg_roles where rolname = current_user"
+            ).fetchone() == (PG_APP_USER, False)
+        assert (tmp_path / "postgres-credentials.json").stat().st_mode & 0o077 == 0
+        with psycopg.connect(services.database_owner_url) as conn:
+            listen = conn.execute("show listen_addresses").fetchone()
+        assert listen == ("127.0.0.1",)
+
+
+def test_a_cluster_that_trusted_everyone_gets_passwords(tmp_path: Path) -> None:
+    with EmbeddedServices(tmp_path) as services:
+        assert services.database_owner_url
+        with psycopg.connect(services.database_owner_url, autocommit=True) as conn:
+            # As clusters made before passwords were: no password, trust for every local user.
+            conn.execute("alter role postgres password null")
+    (tmp_path / "postgres" / "pg_hba.conf").write_text(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+    )
+    with EmbeddedServices(tmp_path) as again:
+        assert again.database_owner_url and again.database_url
+        port = _port(again.database_url)
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(host="127.0.0.1", port=port, user=PG_SUPERUSER, dbname="postgres")
+        with psycopg.connect(again.database_owner_url) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_second_start_reuses_running_servers(tmp_path: Path) -> None:
@@ -110,7 +150,7 @@ def test_servers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         services = EmbeddedServices(Path({str(tmp_path)!r}))
         services.start()
         import psycopg, redis
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
+        with psycopg.connect(services.database_owner_url, autocommit=True) as conn:
             conn.execute("create table t (v text)")
             conn.execute("insert into t values ('before the kill')")
         with redis.Redis.from_url(services.redis_url) as client:
@@ -135,8 +175,8 @@ def test_servers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
 
     # The next run takes the data dir over cleanly, with the data written before the kill.
     with EmbeddedServices(tmp_path) as services:
-        assert services.database_url is not None
-        with psycopg.connect(services.database_url) as conn:
+        assert services.database_owner_url is not None
+        with psycopg.connect(services.database_owner_url) as conn:
             assert conn.execute("select v from t").fetchone() == ("before the kill",)
         with _redis(services.redis_url) as client:
             assert client.get("k") == "before the kill"

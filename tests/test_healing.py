@@ -98,10 +98,10 @@ async def test_autopatch_success_end_to_end(
     ).fetchone()
     assert row == (True, True)
     feedback = db.execute(
-        "SELECT incident_type, from_version, to_version, decision_source, outcome"
+        "SELECT incident_type, from_version, to_version, decision_source, outcome, tenant_id"
         " FROM sira_learning_feedback"
     ).fetchall()
-    assert feedback == [("webhook_fail_rate", "1.2.2", "1.2.3", "sira", "success")]
+    assert feedback == [("webhook_fail_rate", "1.2.2", "1.2.3", "sira", "success", plugin.tenant)]
     # Every step is in the hash-chained event log, and the chain verifies.
     statuses = [
         r[0]
@@ -276,10 +276,22 @@ async def test_kill_switch_holds_a_queued_command_and_cancels_its_attempt(
 # --- approvals and manual actions ----------------------------------------------------------
 
 
+async def pending_key(loop: Loop, incident_id: str, persona: Persona) -> str | None:
+    """The key of the action the incident waits to take, as its detail shows it."""
+    detail = await loop.client.get(f"/api/ops/plugin-incidents/{incident_id}", headers=persona.auth)
+    key: str | None = detail.json()["pending_action_key"]
+    return key
+
+
 async def approve(loop: Loop, incident_id: str, persona: Persona) -> httpx.Response:
+    """A vote for the action the incident waits to take, as ops give it: after reading its
+    detail, naming the key shown there."""
     return await loop.client.post(
         f"/api/ops/plugin-incidents/{incident_id}/approve",
-        json={"comment": "looks right"},
+        json={
+            "comment": "looks right",
+            "action_key": await pending_key(loop, incident_id, persona),
+        },
         headers=persona.auth,
     )
 
@@ -337,6 +349,88 @@ async def test_an_approval_names_the_action_its_voter_saw(
         assert stale.json()["error"]["field"] == "action_key"
         assert "changed since you saw it" in stale.json()["error"]["message"]
         assert db.execute("SELECT count(*) FROM approvals").fetchone()[0] == 1
+
+
+async def test_a_vote_counts_only_for_the_action_it_names(
+    loop_settings, plugin, db, releases, tmp_path, sira, runner, operator, admin
+):
+    """A vote names the action its voter saw; one that names none is refused (it would count
+    for whatever the incident waits for when it lands), and a vote for the decided patch to
+    1.2.4 does not count once the incident waits for a patch to 1.2.3 instead."""
+    await add_release(loop_settings, tmp_path, plugin.name, "1.2.4")
+    enable_autopatch(db, plugin.tenant, approval_min_severity="medium", approvals_required=1)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        key = incident_id(db)
+        url = f"/api/ops/plugin-incidents/{key}/approve"
+        blind = await loop.client.post(url, json={"comment": "ok"}, headers=operator.auth)
+        assert blind.status_code == 422, blind.text
+        assert blind.json()["error"]["field"] == "action_key"
+        assert db.execute("SELECT count(*) FROM approvals").fetchone()[0] == 0
+        seen = await pending_key(loop, key, operator)
+        voted = await loop.client.post(url, json={"action_key": seen}, headers=operator.auth)
+        assert voted.status_code == 200, voted.text
+        assert voted.json()["action"]["to_version"] == "1.2.4"  # the newest release
+        # Before the loop takes it, another operator asks for 1.2.3 instead.
+        asked = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/manual-action",
+            json={"action": "patch", "patch_version": "1.2.3"},
+            headers=admin.auth,
+        )
+        assert asked.status_code == 200, asked.text
+        await loop.turn()
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        await loop.turn()
+        assert incident_status(db)[0] == "awaiting_approval"
+        assert "has 0" in (incident_status(db)[1] or "")
+        assert attempts(db) == []
+        detail = (
+            await loop.client.get(f"/api/ops/plugin-incidents/{key}", headers=operator.auth)
+        ).json()
+        assert detail["pending_action"]["to_version"] == "1.2.3"
+        assert [v["action_key"] for v in detail["approvals"]] == [seen]
+        assert detail["pending_action_key"] != seen
+
+
+async def test_a_vote_does_not_carry_over_to_a_retry_after_a_failed_attempt(
+    loop_settings, plugin, db, releases, sira, runner, operator, admin
+):
+    runner.control(fail_versions=["1.2.3"])
+    enable_autopatch(db, plugin.tenant, approval_min_severity="medium", approvals_required=1)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        key = incident_id(db)
+        first = await pending_key(loop, key, operator)
+        assert (await approve(loop, key, operator)).status_code == 200
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+        assert attempts(db) == [("patch", "1.2.2", "1.2.3", "failed", "sira")]
+        # Another operator tries the very same change again: the first vote authorised the
+        # attempt that failed, not this one.
+        again = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/manual-action",
+            json={"action": "patch", "patch_version": "1.2.3", "comment": "once more"},
+            headers=admin.auth,
+        )
+        assert again.status_code == 200, again.text
+        await loop.until(db, lambda: incident_status(db)[0] == "awaiting_approval")
+        await loop.turn()
+        assert incident_status(db)[0] == "awaiting_approval"
+        assert len(attempts(db)) == 1
+        retry = await pending_key(loop, key, operator)
+        assert retry is not None and retry != first
+        stale = await loop.client.post(
+            f"/api/ops/plugin-incidents/{key}/approve",
+            json={"action_key": first},
+            headers=operator.auth,
+        )
+        assert stale.status_code == 409, stale.text
+        assert "after 1 attempt(s) that ended" in stale.json()["error"]["message"]
+        # A vote for the retry itself lets it go.
+        assert (await approve(loop, key, operator)).status_code == 200
+        await loop.until(db, lambda: len(attempts(db)) == 2)
+    assert attempts(db)[1][:3] == ("patch", "1.2.2", "1.2.3")
 
 
 async def test_expired_approval_does_not_count(
@@ -409,6 +503,67 @@ async def test_manual_action_bad_input_is_a_clear_4xx(
         assert ignored.json()["status"] == "ignored"
         again = await loop.client.post(url, json={"action": "resolve"}, headers=operator.auth)
         assert again.status_code == 409
+
+
+# --- rollbacks: staged unless back to the known-good version ---------------------------------
+
+
+async def ask_for_rollback(loop: Loop, db: Any, plugin: Plugin, persona: Persona) -> httpx.Response:
+    await sick_plugin(loop, plugin, db)
+    await loop.until(db, lambda: incident_status(db)[0] in ("escalated", "blocked_by_policy"))
+    return await loop.client.post(
+        f"/api/ops/plugin-incidents/{incident_id(db)}/manual-action",
+        json={"action": "rollback", "patch_version": "1.2.1"},
+        headers=persona.auth,
+    )
+
+
+async def test_a_rollback_to_a_version_never_run_here_is_staged_like_a_patch(
+    loop_settings, plugin, db, releases, tmp_path, sira, runner, operator
+):
+    """1.2.1 is not this installation's known-good version: calling the change a rollback
+    does not skip staging, and it needs a signed release as a patch does."""
+    sira.control(mode="error")
+    runner.control(fail_versions=["1.2.1"])
+    async with healing_loop(loop_settings) as loop:
+        refused = await ask_for_rollback(loop, db, plugin, operator)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["field"] == "patch_version"
+        assert "not this installation's known-good version" in refused.json()["error"]["message"]
+        await add_release(loop_settings, tmp_path, plugin.name, "1.2.1")
+        asked = await loop.client.post(
+            f"/api/ops/plugin-incidents/{incident_id(db)}/manual-action",
+            json={"action": "rollback", "patch_version": "1.2.1"},
+            headers=operator.auth,
+        )
+        assert asked.status_code == 200, asked.text
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated" and bool(attempts(db)))
+    assert attempts(db) == [("rollback", "1.2.2", "1.2.1", "failed", "manual")]
+    assert commands(db) == []
+    reason = db.execute("SELECT failure_reason FROM plugin_autopatch_attempts").fetchone()[0]
+    assert "staging failed" in reason
+
+
+async def test_a_rollback_to_the_known_good_version_skips_staging(
+    loop_settings, plugin, db, releases, sira, runner, operator
+):
+    """1.2.1 ran healthy here for a whole health window before 1.2.2: going back to it needs
+    no staging and no release (the plugin holds it)."""
+    sira.control(mode="error")
+    runner.control(fail_versions=["1.2.1"])
+    db.execute(
+        "UPDATE merchant_plugins SET known_good_version = '1.2.1', known_good_at = now()"
+        " WHERE id = %s",
+        (plugin.id,),
+    )
+    async with healing_loop(loop_settings) as loop:
+        asked = await ask_for_rollback(loop, db, plugin, operator)
+        assert asked.status_code == 200, asked.text
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    assert attempts(db) == [("rollback", "1.2.2", "1.2.1", "applying", "manual")]
+    assert commands(db) == [("rollback", "1.2.1", "pending", False)]
+    report = db.execute("SELECT staging_report FROM plugin_autopatch_attempts").fetchone()[0]
+    assert "known-good version" in report["skipped"]
 
 
 # --- decision service down -----------------------------------------------------------------
@@ -547,6 +702,7 @@ async def test_runbook_rollback_all_recent_patches_verbatim_issues_rollback_comm
 
 
 async def add_endpoint(settings: Settings, tenant: str | None) -> None:
+    from app.notifications.egress import WebhookPolicy
     from app.notifications.service import add_endpoint as add
 
     engine = create_engine(settings, role="test")
@@ -556,6 +712,8 @@ async def add_endpoint(settings: Settings, tenant: str | None) -> None:
                 session,
                 SecretBox(settings.secret_key),
                 url="https://hooks.example/selfheal",
+                # Never sent here (only queued): the name, which resolves nowhere, is allowed.
+                policy=WebhookPolicy(allow_hosts=frozenset({"hooks.example"})),
                 tenant_id=tenant,
             )
     finally:
@@ -616,24 +774,92 @@ async def test_a_command_never_acknowledged_fails_the_attempt_after_bounded_deli
     assert commands(db) == [("update", "1.2.3", "expired", True)]
 
 
-async def test_a_release_rolled_back_often_enough_is_quarantined(
-    loop_settings, plugin, db, releases, sira, runner
-):
-    settings = loop_settings.model_copy(update={"quarantine_after_rollbacks": 1})
-    enable_autopatch(db, plugin.tenant)
-    async with healing_loop(settings) as loop:
-        await sick_plugin(loop, plugin, db)
-        await loop.until(db, lambda: incident_status(db)[0] == "applying")
-        await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
-        await loop.until(db, lambda: incident_status(db)[0] == "rolling_back", timeout=30)
-        await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
-        await healthy_again(loop, plugin, "1.2.2")
-        await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
+async def rolled_back_elsewhere(settings: Settings, db: Any, tenants: list[str]) -> None:
+    """One installation per entry of `tenants` (of that tenant), patched to 1.2.3 earlier and
+    rolled back from it."""
+    for tenant in tenants:
+        other = await register(settings, tenant=tenant)
+        incident = db.execute(
+            "INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,"
+            " plugin_version, type, severity, status) VALUES (%s, %s, 'payments', '1.2.2',"
+            " 'webhook_fail_rate', 'medium', 'rolled_back') RETURNING id",
+            (other.id, other.tenant),
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, action,"
+            " from_version, to_version, status) VALUES (%s, %s, 'patch', '1.2.2', '1.2.3',"
+            " 'rolled_back')",
+            (incident, other.id),
+        )
+
+
+async def patched_and_rolled_back(loop: Loop, plugin: Plugin, db: Any) -> None:
+    """The loop patches the sick plugin to 1.2.3, which does not heal it: rolled back."""
+    await sick_plugin(loop, plugin, db)
+    await loop.until(db, lambda: incident_status(db)[0] == "applying")
+    await ack(loop, plugin, (await beat(loop, plugin, "1.2.2", FAILING_WEBHOOKS))[0])
+    await loop.until(db, lambda: incident_status(db)[0] == "rolling_back", timeout=30)
+    await ack(loop, plugin, (await beat(loop, plugin, "1.2.3", FAILING_WEBHOOKS))[0])
+    await healthy_again(loop, plugin, "1.2.2")
+    await loop.until(db, lambda: incident_status(db)[0] == "rolled_back")
+
+
+def quarantine_of(db: Any, version: str) -> tuple[bool, str | None]:
     row = db.execute(
         "SELECT quarantined_at IS NOT NULL, quarantine_reason FROM plugin_releases"
-        " WHERE version = '1.2.3'"
+        " WHERE version = %s",
+        (version,),
     ).fetchone()
-    assert row[0] and "rolled back 1 times" in row[1]
+    return (row[0], row[1])
+
+
+async def test_rollbacks_across_tenants_quarantine_a_release(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    """The third rollback from 1.2.3 (SELFHEAL_QUARANTINE_AFTER_ROLLBACKS), on installations of
+    three tenants (at least SELFHEAL_QUARANTINE_MIN_TENANTS): quarantined for everyone."""
+    await rolled_back_elsewhere(loop_settings, db, ["merchant-2", "merchant-3"])
+    enable_autopatch(db, plugin.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await patched_and_rolled_back(loop, plugin, db)
+    quarantined, reason = quarantine_of(db, "1.2.3")
+    assert quarantined and reason is not None
+    assert "rolled back 3 times across the fleet, on the installations of 3 tenants" in reason
+    assert db.execute("SELECT count(*) FROM plugin_release_tenant_blocks").fetchone()[0] == 0
+
+
+async def test_rollbacks_from_one_tenant_do_not_quarantine_for_another_tenant(
+    loop_settings, plugin, db, releases, sira, runner
+):
+    """Three rollbacks from 1.2.3, all on merchant-1's installations (whose telemetry is
+    merchant-1's to send): 1.2.3 is blocked for merchant-1, and merchant-2 still gets it."""
+    await rolled_back_elsewhere(loop_settings, db, [plugin.tenant, plugin.tenant])
+    other = await register(loop_settings, tenant="merchant-2")
+    neighbour = await register(loop_settings, tenant=plugin.tenant)
+    enable_autopatch(db, plugin.tenant, other.tenant)
+    async with healing_loop(loop_settings) as loop:
+        await patched_and_rolled_back(loop, plugin, db)
+        assert quarantine_of(db, "1.2.3") == (False, None)
+        blocks = db.execute(
+            "SELECT plugin_name, version, tenant_id, reason FROM plugin_release_tenant_blocks"
+        ).fetchall()
+        assert [b[:3] for b in blocks] == [("payments", "1.2.3", plugin.tenant)]
+        assert "rolled back 3 times on tenant merchant-1's installations" in blocks[0][3]
+        # Another tenant's sick installation is patched to 1.2.3 as before...
+        await beat(loop, other, "1.2.2", FAILING_WEBHOOKS)
+        await loop.until(db, lambda: incident_status(db)[0] == "applying")
+        got = await beat(loop, other, "1.2.2", FAILING_WEBHOOKS)
+        assert [(c["type"], c["payload"]["version"]) for c in got] == [("update", "1.2.3")]
+        # ...while merchant-1's next one is not offered 1.2.3 again (nothing else to offer).
+        await beat(loop, neighbour, "1.2.2", FAILING_WEBHOOKS)
+        await loop.until(db, lambda: incident_status(db)[0] == "escalated")
+    assert (
+        db.execute(
+            "SELECT count(*) FROM plugin_autopatch_attempts WHERE installation_id = %s",
+            (neighbour.id,),
+        ).fetchone()[0]
+        == 0
+    )
 
 
 async def test_fallback_patches_to_the_version_with_the_best_observed_outcomes(
@@ -667,6 +893,40 @@ async def test_fallback_patches_to_the_version_with_the_best_observed_outcomes(
     assert decision["source"] == "fallback"
     assert (decision["action"], decision["patch_version"]) == ("patch", "1.2.4")
     assert decision["rule"] == "best_observed_candidate"
+
+
+async def test_one_tenants_outcomes_alone_do_not_convince_the_fallback_for_another(
+    loop_settings, plugin, db, releases, tmp_path, sira, runner
+):
+    """Eight successes with 1.2.4, all on one other tenant's installations: outcome statistics
+    weigh tenants, so that is one tenant's word, under the fallback's minimum of 3 samples."""
+    sira.control(mode="error")
+    await add_release(loop_settings, tmp_path, plugin.name, "1.2.4")
+    for _ in range(8):
+        other = await register(loop_settings, tenant="m-noisy")
+        incident = db.execute(
+            "INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,"
+            " plugin_version, type, severity, status) VALUES (%s, %s, 'payments', '1.2.2',"
+            " 'webhook_fail_rate', 'medium', 'resolved') RETURNING id",
+            (other.id, other.tenant),
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO plugin_autopatch_attempts (incident_id, installation_id, from_version,"
+            " to_version, status) VALUES (%s, %s, '1.2.2', '1.2.4', 'success')",
+            (incident, other.id),
+        )
+    enable_autopatch(db, plugin.tenant, min_confidence=0.1)
+    async with healing_loop(loop_settings) as loop:
+        await sick_plugin(loop, plugin, db)
+        await loop.until(db, lambda: incident_status(db)[0] not in ("detected", "deciding"))
+    decision = db.execute(
+        "SELECT sira_decision FROM plugin_incidents WHERE installation_id = %s", (plugin.id,)
+    ).fetchone()[0]
+    assert decision["source"] == "fallback"
+    assert decision["action"] == "escalate"
+    assert "best observed" not in decision["explanation"]
+    mine = "SELECT count(*) FROM plugin_autopatch_attempts WHERE installation_id = %s"
+    assert db.execute(mine, (plugin.id,)).fetchone()[0] == 0
 
 
 async def test_a_gate_that_refuses_after_staging_cancels_the_attempt_and_waits_for_approval(

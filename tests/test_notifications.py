@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import random
+import re
 import subprocess
 import time
 import uuid
@@ -25,11 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
+from app.core.errors import Invalid, domain_status
 from app.core.settings import Settings
 from app.decisions.breaker import CircuitBreaker
 from app.decisions.client import DecisionClient
 from app.decisions.schemas import Feedback
 from app.notifications.delivery import DeliveryResult, deliver_due
+from app.notifications.egress import WebhookClient, WebhookPolicy, webhook_client
 from app.notifications.events import EVENTS, notify, summary_text
 from app.notifications.feedback import record_outcome
 from app.notifications.service import IssuedEndpoint, add_endpoint, disable_endpoint
@@ -91,9 +95,13 @@ async def maker(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSes
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+async def webhooks(settings: Settings) -> AsyncIterator[WebhookClient]:
+    """The worker's webhook client, with the tests' settings (loopback allow-listed)."""
+    client = webhook_client(WebhookPolicy.from_settings(settings))
+    try:
         yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -113,9 +121,18 @@ async def add(
     *,
     tenant: str | None = None,
     events: list[str] | None = None,
+    policy: WebhookPolicy | None = None,
 ) -> IssuedEndpoint:
+    """An endpoint, checked by `policy` (default: loopback allowed, as in the tests' settings)."""
     async with maker() as session, session.begin():
-        return await add_endpoint(session, box, url=url, tenant_id=tenant, events=events)
+        return await add_endpoint(
+            session,
+            box,
+            url=url,
+            policy=policy or WebhookPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1"),)),
+            tenant_id=tenant,
+            events=events,
+        )
 
 
 async def emit(
@@ -133,13 +150,13 @@ async def emit(
 
 async def deliver(
     maker: async_sessionmaker[AsyncSession],
-    http: httpx.AsyncClient,
+    webhooks: WebhookClient,
     box: SecretBox,
     **options: Any,
 ) -> DeliveryResult:
     options.setdefault("decision_client", None)
     options.setdefault("request_timeout_s", 2.0)
-    return await deliver_due(maker, http, box, **options)
+    return await deliver_due(maker, webhooks, box, **options)
 
 
 def outbox(db: Any) -> list[dict[str, Any]]:
@@ -160,7 +177,7 @@ def make_due(db: Any) -> None:
 
 
 async def test_fan_out_reaches_ops_and_the_incidents_tenant_filtered_by_event(
-    maker, http, box, receiver, tenants, db
+    maker, webhooks, box, receiver, tenants, db
 ) -> None:
     await add(maker, box, receiver.url("/ops-all"))
     await add(maker, box, receiver.url("/ops-escalations"), events=["escalated"])
@@ -176,7 +193,7 @@ async def test_fan_out_reaches_ops_and_the_incidents_tenant_filtered_by_event(
     fleet = INCIDENT | {"tenant_id": None, "installation_id": None}
     assert await emit(maker, "incident_opened", fleet) == 1  # ops only
 
-    result = await deliver(maker, http, box)
+    result = await deliver(maker, webhooks, box)
     assert result == DeliveryResult(delivered=6)
     got = {(r.path, r.headers["x-selfheal-event"]) for r in receiver.requests}
     assert got == {
@@ -197,10 +214,10 @@ async def test_nobody_listening_queues_nothing_and_unknown_events_are_refused(ma
         await emit(maker, "incident_exploded")
 
 
-async def test_payload_headers_and_summary_line(maker, http, box, receiver, tenants) -> None:
+async def test_payload_headers_and_summary_line(maker, webhooks, box, receiver, tenants) -> None:
     issued = await add(maker, box, receiver.url("/hook"), tenant="acme")
     await emit(maker, "rolled_back", attempt=ATTEMPT, detail="p95 latency 2400 ms <2x>")
-    await deliver(maker, http, box)
+    await deliver(maker, webhooks, box)
     [request] = receiver.requests
     assert request.headers["content-type"] == "application/json"
     assert request.headers["x-selfheal-event"] == "rolled_back"
@@ -256,14 +273,14 @@ def test_summary_lines_for_every_event() -> None:
 
 @pytest.fixture
 def selfheal(settings: Settings, tmp_path: Path):
-    env = settings_env(settings)
+    base = settings_env(settings)
     for name in ("SIRA_API_URL", "STAGING_RUNNER_URL", "PORT"):
-        env.pop(name, None)
+        base.pop(name, None)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [SELFHEAL, "notify", *args],
-            env=env,
+            env=base | (env or {}),
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -275,7 +292,7 @@ def selfheal(settings: Settings, tmp_path: Path):
 
 
 async def test_cli_add_list_disable_and_the_printed_secret_verifies(
-    selfheal, maker, http, box, receiver, tenants, db
+    selfheal, maker, webhooks, box, receiver, tenants, db
 ) -> None:
     added = selfheal(
         "add", "--url", receiver.url("/ops"), "--events", "escalated,rolled_back", "--json"
@@ -291,7 +308,7 @@ async def test_cli_add_list_disable_and_the_printed_secret_verifies(
     assert all(ops["secret"].encode() not in bytes(row[0]) for row in stored)
 
     await emit(maker, "escalated", detail="no release to try")
-    await deliver(maker, http, box)
+    await deliver(maker, webhooks, box)
     [request] = receiver.to("/ops")
     timestamp = request.headers["x-selfheal-timestamp"]
     # What a receiver in any language does, by hand.
@@ -352,30 +369,236 @@ def test_cli_refusals(selfheal, args: list[str], code: int, message: str) -> Non
     assert message in result.stderr
 
 
+# --- where webhooks may go (SSRF) --------------------------------------------------------------
+
+PUBLIC = "93.184.215.14"  # a public address (nothing is sent there: the tests resolve names)
+
+
+def at_defaults(settings: Settings, **changes: Any) -> WebhookPolicy:
+    """The policy of an installation that allow-lists nothing (the tests' settings allow
+    loopback for their receivers)."""
+    return WebhookPolicy.from_settings(settings.model_copy(update={"webhook_allow": "", **changes}))
+
+
+class Names:
+    """A resolver the test controls: what each name resolves to now, and every lookup."""
+
+    def __init__(self, **names: list[str]) -> None:
+        self.names = {name.replace("_", "."): found for name, found in names.items()}
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append(host)
+        if host not in self.names:
+            raise OSError(f"no such name {host}")
+        return self.names[host]
+
+
+@contextlib.contextmanager
+def listening_socket() -> Any:
+    """A socket listening on loopback that accepts nothing by itself: a connection attempt
+    completes in the kernel's backlog, and `accept` then finds it."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def connections(sock: Any) -> int:
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:9000/hook", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("https://10.0.0.1/hook", "private"),
+        ("http://[::1]:8080/hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+        ("http://[::ffff:169.254.169.254]/hook", "link-local"),
+        ("http://[fe80::1]/hook", "link-local"),
+        ("http://[fd00::1]/hook", "private"),
+        ("http://172.16.5.4/hook", "private"),
+        ("http://192.168.1.1/hook", "private"),
+        ("http://224.0.0.1/hook", "multicast"),
+        ("http://0.0.0.0/hook", "unspecified"),
+        ("http://240.0.0.1/hook", "private"),
+        ("http://localhost:9000/hook", "loopback"),  # a name, resolved by the system
+        ("http://2130706433/hook", "loopback"),  # 127.0.0.1 as one decimal number
+    ],
+)
+async def test_webhooks_to_internal_addresses_are_refused_at_creation(
+    settings, maker, box, db, url, why
+) -> None:
+    with pytest.raises(Invalid) as refused:
+        await add(maker, box, url, policy=at_defaults(settings))
+    assert domain_status(refused.value) == (422, "validation_error")
+    assert refused.value.field == "url"
+    assert why in refused.value.message and "SELFHEAL_WEBHOOK_ALLOW" in refused.value.message
+    assert db.execute("SELECT count(*) FROM notification_endpoints").fetchone() == (0,)
+
+
+async def test_a_name_resolving_to_an_internal_address_is_refused_at_creation(
+    settings, maker, box, db
+) -> None:
+    names = Names(hooks_acme_test=[PUBLIC, "10.1.2.3"], metadata_test=["169.254.169.254"])
+    policy = WebhookPolicy.from_settings(
+        settings.model_copy(update={"webhook_allow": ""}), resolver=names
+    )
+    for url, why in [
+        ("https://metadata.test/x", "metadata.test (169.254.169.254) is a link-local"),
+        # One internal address among public ones is enough to refuse.
+        ("https://hooks.acme.test/x", "hooks.acme.test (10.1.2.3) is a private"),
+    ]:
+        with pytest.raises(Invalid, match=re.escape(why)) as refused:
+            await add(maker, box, url, policy=policy)
+        assert refused.value.field == "url"
+    with pytest.raises(Invalid, match="does not resolve"):
+        await add(maker, box, "https://nowhere.test/x", policy=policy)
+    assert db.execute("SELECT count(*) FROM notification_endpoints").fetchone() == (0,)
+
+
+async def test_https_is_required_in_prod_and_the_allow_list_admits_internal_endpoints(
+    settings, maker, box
+) -> None:
+    prod = at_defaults(settings, env="prod")
+    with pytest.raises(Invalid, match=r"must be https:// \(SELFHEAL_ENV=prod\)") as refused:
+        await add(maker, box, f"http://{PUBLIC}/hook", policy=prod)
+    assert refused.value.field == "url"
+    await add(maker, box, f"https://{PUBLIC}/hook", policy=prod)
+    await add(maker, box, f"http://{PUBLIC}/hook", policy=at_defaults(settings))  # dev
+    internal = WebhookPolicy.from_settings(
+        settings.model_copy(update={"webhook_allow": "10.20.0.0/16, alerts.internal"}),
+        resolver=Names(alerts_internal=["10.99.0.1"]),
+    )
+    await add(maker, box, "https://10.20.3.4/hook", policy=internal)
+    await add(maker, box, "https://alerts.internal/hook", policy=internal)
+    with pytest.raises(Invalid, match=re.escape("10.21.0.1 is a private")):
+        await add(maker, box, "https://10.21.0.1/hook", policy=internal)
+    with pytest.raises(ValueError, match="SELFHEAL_WEBHOOK_ALLOW"):
+        settings.model_validate(
+            {**settings.model_dump(), "webhook_allow": "10.0.0.0/8, not a host"}
+        )
+
+
+async def test_a_name_that_resolves_elsewhere_at_delivery_is_refused_before_connecting(
+    settings, maker, box, db
+) -> None:
+    """DNS rebinding: public when the endpoint was added, loopback when the worker sends. The
+    worker connects to the address it checked, so a listening socket on that loopback port
+    sees no connection at all, and the delivery is given up with the reason."""
+    names = Names(hooks_rebind_test=[PUBLIC])
+    policy = WebhookPolicy(resolver=names)  # the defaults: nothing allow-listed
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        await add(maker, box, f"http://hooks.rebind.test:{port}/hook", policy=policy)
+        await emit(maker, "escalated")
+        names.names["hooks.rebind.test"] = ["127.0.0.1"]  # the attacker's DNS answer changes
+        async with contextlib.aclosing(webhook_client(policy)) as client:
+            assert await deliver(maker, client, box) == DeliveryResult(dead=1)
+        assert connections(sock) == 0
+    assert names.lookups == ["hooks.rebind.test", "hooks.rebind.test"]
+    [row] = outbox(db)
+    assert row["last_error"].startswith(
+        "destination refused: hooks.rebind.test (127.0.0.1) is a loopback address"
+    )
+    assert row["attempts"] == 0 and row["dead_at"] is not None  # no request was made
+
+
+async def test_each_connection_goes_to_the_checked_address_with_the_name_as_host(
+    settings, maker, box, receiver
+) -> None:
+    """The guard resolves, checks, and connects to the address, not to the name: the request
+    still names the URL's host (Host header; TLS would use it as server name)."""
+    names = Names(hooks_acme_test=["127.0.0.1"])
+    policy = WebhookPolicy(allow_networks=(ipaddress.ip_network("127.0.0.0/8"),), resolver=names)
+    url = receiver.url("/hook").replace("127.0.0.1", "hooks.acme.test")
+    await add(maker, box, url, policy=policy)
+    await emit(maker, "escalated")
+    async with contextlib.aclosing(webhook_client(policy)) as client:
+        assert await deliver(maker, client, box) == DeliveryResult(delivered=1)
+    [request] = receiver.to("/hook")
+    assert request.headers["host"] == url.split("/")[2]
+    assert names.lookups == ["hooks.acme.test", "hooks.acme.test"]
+
+
+async def test_an_allowed_address_no_longer_allowed_is_refused_when_connecting(
+    settings, maker, box, receiver, webhooks, db
+) -> None:
+    """Rows stored before the guard (or under a wider allow-list) are checked again when sent:
+    the syntax (https in prod) before the send, the address by the connection."""
+    await add(maker, box, receiver.url("/hook"))  # loopback allowed when added
+    await emit(maker, "escalated")
+    async with contextlib.aclosing(webhook_client(at_defaults(settings))) as client:
+        assert await deliver(maker, client, box) == DeliveryResult(dead=1)
+    assert receiver.requests == []
+    assert "127.0.0.1 is a loopback address" in outbox(db)[0]["last_error"]
+
+    db.execute("DELETE FROM outbox")
+    await emit(maker, "escalated")
+    async with contextlib.aclosing(webhook_client(at_defaults(settings, env="prod"))) as client:
+        assert await deliver(maker, client, box) == DeliveryResult(dead=1)
+    assert receiver.requests == []
+    assert "must be https://" in outbox(db)[0]["last_error"]
+
+
+async def test_redirects_are_never_followed(maker, webhooks, box, receiver, db) -> None:
+    await add(maker, box, receiver.url("/moved"))
+    receiver.answer("/moved", 302, headers={"Location": receiver.url("/elsewhere")})
+    await emit(maker, "escalated")
+    assert await deliver(maker, webhooks, box) == DeliveryResult(retried=1)
+    assert len(receiver.to("/moved")) == 1 and receiver.to("/elsewhere") == []
+    assert outbox(db)[0]["last_error"].startswith("HTTP 302")
+    assert "(redirects are not followed)" in outbox(db)[0]["last_error"]
+
+
+def test_cli_refuses_internal_and_plain_http_urls_in_prod(selfheal, settings) -> None:
+    refused = selfheal("add", "--url", "http://169.254.169.254/latest/meta-data/")
+    assert refused.returncode == 2
+    assert "link-local" in refused.stderr and "SELFHEAL_WEBHOOK_ALLOW" in refused.stderr
+    plain = selfheal("add", "--url", f"http://{PUBLIC}/hook", env={"SELFHEAL_ENV": "prod"})
+    assert plain.returncode == 2
+    assert "must be https:// (SELFHEAL_ENV=prod)" in plain.stderr
+
+
 # --- retries ---------------------------------------------------------------------------------
 
 
-async def test_500_is_retried_after_a_backoff_then_delivered(maker, http, box, receiver, db):
+async def test_500_is_retried_after_a_backoff_then_delivered(maker, webhooks, box, receiver, db):
     await add(maker, box, receiver.url("/flaky"))
     receiver.answer("/flaky", 500, 503)
     await emit(maker, "escalated")
 
-    assert await deliver(maker, http, box, base_backoff_s=30.0) == DeliveryResult(retried=1)
+    assert await deliver(maker, webhooks, box, base_backoff_s=30.0) == DeliveryResult(retried=1)
     [row] = outbox(db)
     assert row["attempts"] == 1 and row["delivered_at"] is None and row["dead_at"] is None
     assert row["last_error"] == "HTTP 500: error 500 from receiver"
     assert 0 <= row["due_in"].total_seconds() <= 30  # full jitter over [0, 30 s]
     # Not due yet: nothing is sent.
     if row["due_in"].total_seconds() > 1:
-        assert await deliver(maker, http, box) == DeliveryResult()
+        assert await deliver(maker, webhooks, box) == DeliveryResult()
 
     make_due(db)
-    assert await deliver(maker, http, box, base_backoff_s=30.0) == DeliveryResult(retried=1)
+    assert await deliver(maker, webhooks, box, base_backoff_s=30.0) == DeliveryResult(retried=1)
     [row] = outbox(db)
     assert row["attempts"] == 2 and 0 <= row["due_in"].total_seconds() <= 60  # doubled ceiling
 
     make_due(db)
-    assert await deliver(maker, http, box) == DeliveryResult(delivered=1)
+    assert await deliver(maker, webhooks, box) == DeliveryResult(delivered=1)
     [row] = outbox(db)
     assert row["attempts"] == 3 and row["delivered_at"] is not None
     # The same delivery each time, signed afresh.
@@ -386,7 +609,7 @@ async def test_500_is_retried_after_a_backoff_then_delivered(maker, http, box, r
 
 
 async def test_backoff_grows_exponentially_with_full_jitter_up_to_the_cap(
-    maker, http, box, receiver, db
+    maker, webhooks, box, receiver, db
 ) -> None:
     await add(maker, box, receiver.url("/down"))
     receiver.always["/down"] = 502
@@ -400,42 +623,42 @@ async def test_backoff_grows_exponentially_with_full_jitter_up_to_the_cap(
     await emit(maker, "escalated")
     ceilings = []
     for _ in range(6):
-        await deliver(maker, http, box, base_backoff_s=1.0, max_backoff_s=10.0, rng=Top())
+        await deliver(maker, webhooks, box, base_backoff_s=1.0, max_backoff_s=10.0, rng=Top())
         ceilings.append(round(outbox(db)[0]["due_in"].total_seconds()))
         make_due(db)
     assert ceilings == [1, 2, 4, 8, 10, 10]
 
 
-async def test_retry_after_is_honoured(maker, http, box, receiver, db) -> None:
+async def test_retry_after_is_honoured(maker, webhooks, box, receiver, db) -> None:
     await add(maker, box, receiver.url("/busy"))
     receiver.answer("/busy", 429, headers={"Retry-After": "120"})
     await emit(maker, "escalated")
-    assert await deliver(maker, http, box, base_backoff_s=0.01) == DeliveryResult(retried=1)
+    assert await deliver(maker, webhooks, box, base_backoff_s=0.01) == DeliveryResult(retried=1)
     [row] = outbox(db)
     assert 115 < row["due_in"].total_seconds() <= 120 and row["last_error"].startswith("HTTP 429")
 
 
-async def test_400_is_dead_at_once(maker, http, box, receiver, db) -> None:
+async def test_400_is_dead_at_once(maker, webhooks, box, receiver, db) -> None:
     await add(maker, box, receiver.url("/refuses"))
     await add(maker, box, receiver.url("/fine"))
     receiver.always["/refuses"] = 400
     await emit(maker, "escalated")
-    assert await deliver(maker, http, box) == DeliveryResult(delivered=1, dead=1)
+    assert await deliver(maker, webhooks, box) == DeliveryResult(delivered=1, dead=1)
     dead = [row for row in outbox(db) if row["dead_at"] is not None]
     assert len(dead) == 1 and dead[0]["attempts"] == 1
     assert dead[0]["last_error"] == "HTTP 400: error 400 from receiver (refused; not retried)"
     make_due(db)
-    assert await deliver(maker, http, box) == DeliveryResult()
+    assert await deliver(maker, webhooks, box) == DeliveryResult()
     assert len(receiver.to("/refuses")) == 1
 
 
-async def test_max_attempts_then_dead(maker, http, box, receiver, db) -> None:
+async def test_max_attempts_then_dead(maker, webhooks, box, receiver, db) -> None:
     await add(maker, box, receiver.url("/down"))
     receiver.always["/down"] = 500
     await emit(maker, "escalated")
     results = []
     for _ in range(4):
-        results.append(await deliver(maker, http, box, max_attempts=3))
+        results.append(await deliver(maker, webhooks, box, max_attempts=3))
         make_due(db)
     assert results == [
         DeliveryResult(retried=1),
@@ -449,20 +672,20 @@ async def test_max_attempts_then_dead(maker, http, box, receiver, db) -> None:
     assert len(receiver.to("/down")) == 3
 
 
-async def test_timeouts_and_unreachable_receivers_are_retried(maker, http, box, receiver, db):
+async def test_timeouts_and_unreachable_receivers_are_retried(maker, webhooks, box, receiver, db):
     await add(maker, box, receiver.url("/slow"))
     await add(maker, box, f"http://127.0.0.1:{free_port()}/nobody-home")
     receiver.delay_s["/slow"] = 5
     await emit(maker, "escalated")
     started = time.monotonic()
-    assert await deliver(maker, http, box, request_timeout_s=0.3) == DeliveryResult(retried=2)
+    assert await deliver(maker, webhooks, box, request_timeout_s=0.3) == DeliveryResult(retried=2)
     assert time.monotonic() - started < 3
     errors = sorted(row["last_error"] for row in outbox(db))
     assert errors[0].startswith("ConnectError")
     assert errors[1] == "no answer within 0.3 s"
 
 
-async def test_one_bad_row_does_not_stop_the_batch(maker, http, box, receiver, db) -> None:
+async def test_one_bad_row_does_not_stop_the_batch(maker, webhooks, box, receiver, db) -> None:
     good = await add(maker, box, receiver.url("/good"))
     bad = await add(maker, box, receiver.url("/bad"))
     await emit(maker, "escalated")
@@ -472,14 +695,14 @@ async def test_one_bad_row_does_not_stop_the_batch(maker, http, box, receiver, d
         " notification_endpoints WHERE id = %s) WHERE id = %s",
         (good.endpoint.id, bad.endpoint.id),
     )
-    assert await deliver(maker, http, box) == DeliveryResult(delivered=1, dead=1)
+    assert await deliver(maker, webhooks, box) == DeliveryResult(delivered=1, dead=1)
     [dead] = [row for row in outbox(db) if row["dead_at"] is not None]
     assert dead["endpoint_id"] == bad.endpoint.id and dead["attempts"] == 0
     assert dead["last_error"].startswith("endpoint secret unreadable")
     assert len(receiver.to("/good")) == 1 and not receiver.to("/bad")
 
 
-async def test_disabling_gives_up_waiting_deliveries(maker, http, box, receiver, db) -> None:
+async def test_disabling_gives_up_waiting_deliveries(maker, webhooks, box, receiver, db) -> None:
     first = await add(maker, box, receiver.url("/one"))
     second = await add(maker, box, receiver.url("/two"))
     await emit(maker, "escalated")
@@ -490,7 +713,7 @@ async def test_disabling_gives_up_waiting_deliveries(maker, http, box, receiver,
     db.execute(
         "UPDATE notification_endpoints SET disabled_at = now() WHERE id = %s", (second.endpoint.id,)
     )
-    assert await deliver(maker, http, box) == DeliveryResult(dead=1)
+    assert await deliver(maker, webhooks, box) == DeliveryResult(dead=1)
     rows = outbox(db)
     assert [(row["last_error"], row["attempts"]) for row in rows] == [
         ("endpoint disabled", 0),
@@ -518,7 +741,9 @@ async def test_two_workers_send_each_row_once(settings, box, receiver, db) -> No
         engine = create_engine(settings, role="test")
         delivered = 0
         try:
-            async with httpx.AsyncClient() as client:
+            async with contextlib.aclosing(
+                webhook_client(WebhookPolicy.from_settings(settings))
+            ) as client:
                 while True:
                     result = await deliver_due(
                         create_sessionmaker(engine),
@@ -543,13 +768,13 @@ async def test_two_workers_send_each_row_once(settings, box, receiver, db) -> No
 
 
 async def test_a_worker_killed_mid_send_leaves_the_row_to_another_after_the_lease(
-    maker, http, box, receiver, db
+    maker, webhooks, box, receiver, db
 ) -> None:
     await add(maker, box, receiver.url("/hook"))
     await emit(maker, "escalated")
     receiver.delay_s["/hook"] = 30
     options = {"lease_s": 2.5, "request_timeout_s": 1.0}
-    killed = asyncio.create_task(deliver(maker, http, box, **options))
+    killed = asyncio.create_task(deliver(maker, webhooks, box, **options))
     async with asyncio.timeout(5):
         while not receiver.requests:
             await asyncio.sleep(0.01)
@@ -559,10 +784,10 @@ async def test_a_worker_killed_mid_send_leaves_the_row_to_another_after_the_leas
     [row] = outbox(db)
     assert row["attempts"] == 0 and 0 < row["due_in"].total_seconds() <= 2.5
     # While the lease holds, nobody else sends it.
-    assert await deliver(maker, http, box, **options) == DeliveryResult()
+    assert await deliver(maker, webhooks, box, **options) == DeliveryResult()
     receiver.delay_s["/hook"] = 0
     await asyncio.sleep(row["due_in"].total_seconds() + 0.05)
-    assert await deliver(maker, http, box, **options) == DeliveryResult(delivered=1)
+    assert await deliver(maker, webhooks, box, **options) == DeliveryResult(delivered=1)
     assert len(receiver.requests) == 2
 
 
@@ -614,7 +839,7 @@ async def decision_client(url: str | None, **options: Any) -> AsyncIterator[Deci
 
 
 async def test_feedback_is_recorded_once_and_delivered_to_the_decision_service(
-    settings, maker, http, box, sira, db
+    settings, maker, webhooks, box, sira, db
 ) -> None:
     plugin = await register(settings)
     feedback = await make_feedback(plugin, db)
@@ -649,17 +874,17 @@ async def test_feedback_is_recorded_once_and_delivered_to_the_decision_service(
     )
 
     async with decision_client(sira.url) as client:
-        assert await deliver(maker, http, box, decision_client=client) == DeliveryResult(
+        assert await deliver(maker, webhooks, box, decision_client=client) == DeliveryResult(
             delivered=1
         )
-        assert await deliver(maker, http, box, decision_client=client) == DeliveryResult()
+        assert await deliver(maker, webhooks, box, decision_client=client) == DeliveryResult()
     assert sira_feedback(sira, feedback.attempt_id) == [feedback.as_json()]
     [row] = outbox(db)
     assert row["delivered_at"] is not None and row["attempts"] == 1
 
 
 async def test_feedback_waits_while_no_decision_service_is_configured(
-    settings, maker, http, box, receiver, db
+    settings, maker, webhooks, box, receiver, db
 ) -> None:
     plugin = await register(settings)
     await record(maker, await make_feedback(plugin, db))
@@ -668,7 +893,7 @@ async def test_feedback_waits_while_no_decision_service_is_configured(
     [before_fb, _] = outbox(db)
     async with decision_client(None) as unconfigured:
         results = [
-            await deliver(maker, http, box, decision_client=client)
+            await deliver(maker, webhooks, box, decision_client=client)
             for client in (None, unconfigured)
         ]
     assert results == [DeliveryResult(delivered=1), DeliveryResult()]
@@ -684,7 +909,7 @@ async def test_feedback_waits_while_no_decision_service_is_configured(
 
 
 async def test_feedback_to_a_down_service_stays_pending_and_is_retried(
-    settings, maker, http, box, db
+    settings, maker, webhooks, box, db
 ) -> None:
     plugin = await register(settings)
     first = await make_feedback(plugin, db)
@@ -697,7 +922,7 @@ async def test_feedback_to_a_down_service_stays_pending_and_is_retried(
         async with decision_client(server.url, breaker=breaker) as client:
             # The first call fails and opens the circuit; the second row is put back
             # without counting an attempt.
-            result = await deliver(maker, http, box, decision_client=client)
+            result = await deliver(maker, webhooks, box, decision_client=client)
             assert result == DeliveryResult(retried=1, deferred=1)
             rows = outbox(db)
             assert [row["attempts"] for row in rows] == [1, 0]
@@ -707,7 +932,7 @@ async def test_feedback_to_a_down_service_stays_pending_and_is_retried(
             server.start()
             await asyncio.sleep(breaker.retry_in_s())
             make_due(db)
-            result = await deliver(maker, http, box, decision_client=client)
+            result = await deliver(maker, webhooks, box, decision_client=client)
             assert result == DeliveryResult(delivered=2)
         assert sira_feedback(server, first.attempt_id) == [first.as_json()]
         assert sira_feedback(server, second.attempt_id) == [second.as_json()]
@@ -715,12 +940,12 @@ async def test_feedback_to_a_down_service_stays_pending_and_is_retried(
         server.stop()
 
 
-async def test_feedback_refused_for_good_is_dead(settings, maker, http, box, sira, db) -> None:
+async def test_feedback_refused_for_good_is_dead(settings, maker, webhooks, box, sira, db) -> None:
     plugin = await register(settings)
     await record(maker, await make_feedback(plugin, db))
     # A 404 (wrong SIRA_API_URL path) is not retried: the same request meets the same refusal.
     async with decision_client(sira.url + "/wrong-prefix") as client:
-        result = await deliver(maker, http, box, decision_client=client)
+        result = await deliver(maker, webhooks, box, decision_client=client)
     assert result == DeliveryResult(dead=1)
     [row] = outbox(db)
     assert row["last_error"] == "HTTP 404 from the decision service" and row["attempts"] == 1

@@ -32,14 +32,15 @@ OPS = {401, 503}
 PLUGINS = {401, 503}
 ERRORS = {
     ("get", "/api/ops/policy"): OPS,
-    ("put", "/api/ops/policy"): OPS | {403, 422},
+    ("put", "/api/ops/policy"): OPS | {403, 413, 422},
     ("get", "/api/ops/plugin-incidents"): OPS | {422},
     ("get", "/api/ops/plugin-incidents/{incident_id}"): OPS | {404, 422},
     ("get", "/api/ops/kpis"): OPS | {422},
     ("get", "/api/ops/autopatch-attempts"): OPS | {422},
-    ("post", "/api/ops/plugin-incidents/{incident_id}/approve"): OPS | {403, 404, 409, 422},
-    ("post", "/api/ops/plugin-incidents/{incident_id}/manual-action"): OPS | {403, 404, 409, 422},
-    ("post", "/api/ops/maintenance-windows"): OPS | {403, 404, 422},
+    ("post", "/api/ops/plugin-incidents/{incident_id}/approve"): OPS | {403, 404, 409, 413, 422},
+    ("post", "/api/ops/plugin-incidents/{incident_id}/manual-action"): OPS
+    | {403, 404, 409, 413, 422},
+    ("post", "/api/ops/maintenance-windows"): OPS | {403, 404, 413, 422},
     ("get", "/api/ops/maintenance-windows"): OPS | {422},
     ("post", "/api/ops/maintenance-windows/{window_id}/end"): OPS | {403, 404, 409, 422},
     ("post", "/api/plugins/heartbeat"): PLUGINS | {400, 413, 422},

@@ -66,6 +66,18 @@ async def maker(settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
         await engine.dispose()
 
 
+@pytest.fixture
+async def owner_maker(settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions of the tables' owner: what it takes to remove the policy row, or create a role."""
+    engine = create_engine(
+        settings.model_copy(update={"database_url": settings.migration_url}), role="test"
+    )
+    try:
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
 def set_policy(db, **values: Any) -> None:
     assignments, params = [], []
     for column, value in values.items():
@@ -512,8 +524,8 @@ def test_malformed_actions_are_refused(world):
         dataclasses.replace(world.action, confidence=1.5)
 
 
-async def test_missing_policy_row_fails_closed(maker, world):
-    async with maker() as session:
+async def test_missing_policy_row_fails_closed(owner_maker, world):
+    async with owner_maker() as session:
         # The row is protected by a trigger; only this rolled-back transaction lifts it.
         await session.execute(text("ALTER TABLE ops_policy DISABLE TRIGGER ops_policy_no_delete"))
         await session.execute(text("DELETE FROM ops_policy WHERE id = 1"))
@@ -525,9 +537,9 @@ async def test_missing_policy_row_fails_closed(maker, world):
     )
 
 
-async def test_unreadable_policy_fails_closed_and_leaves_the_transaction_usable(maker, world):
+async def test_unreadable_policy_fails_closed_and_leaves_the_transaction_usable(owner_maker, world):
     role = f"selfheal_no_policy_{uuid.uuid4().hex[:8]}"
-    async with maker() as session:
+    async with owner_maker() as session:
         # Created and dropped with this transaction: a role that may not read ops_policy.
         await session.execute(text(f'CREATE ROLE "{role}" NOLOGIN'))
         await session.execute(text(f'SET LOCAL ROLE "{role}"'))

@@ -464,7 +464,13 @@ async def test_a_bad_release_rolled_back_from_often_enough_is_quarantined(
     assert db.execute(
         "SELECT quarantined_at IS NOT NULL, quarantine_reason FROM plugin_releases"
         " WHERE version = '1.4.0'"
-    ).fetchall() == [(True, "rolled back 2 times across the fleet (threshold 2)")]
+    ).fetchall() == [
+        (
+            True,
+            "rolled back 2 times across the fleet, on the installations of 2 tenants"
+            " (thresholds: 2 rollbacks, 2 tenants)",
+        )
+    ]
     assert [a[0:4] for a in attempts(db)] == [("rollback", "1.4.0", "1.2.2", "success")] * 2
 
 

@@ -166,9 +166,11 @@ class BlackholeProxy:
         self.connections: list[object] = []
         self.silenced: set[object] = set()
         self.pumps: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, client_reader, client_writer) -> None:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", 5432)
+        self.writers += [client_writer, server_writer]
         me = object()
         self.connections.append(me)
 
@@ -200,6 +202,13 @@ async def blackhole_proxy() -> AsyncIterator[tuple[BlackholeProxy, int]]:
         for task in asyncio.all_tasks():
             if task.get_coro().__qualname__.startswith("BlackholeProxy"):
                 task.cancel()
+        # Every socket closed here, not left to the garbage collector (whose ResourceWarning
+        # would land in whichever test runs then).
+        for writer in proxy.writers:
+            writer.close()
+        for writer in proxy.writers:
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 async def test_silently_dead_database_connections_are_replaced(
@@ -229,8 +238,8 @@ async def test_silently_dead_database_connections_are_replaced(
 
 
 async def test_health_does_not_reveal_connection_details(database_url, servers, redis_prefix):
-    settings = make_settings(
-        database_url.replace("postgres@", "nosuchuser@"), servers.redis_url, redis_prefix
+    settings = make_settings(database_url, servers.redis_url, redis_prefix).model_copy(
+        update={"database_url": database_url.replace("postgres@", "nosuchuser@")}
     )
     async with serve(settings) as (_, client):
         response = await client.get("/health")

@@ -25,6 +25,7 @@ from app.core.models import Base
 from app.core.settings import libpq_url, normalize_database_url
 from tests.support.api import serve
 from tests.support.databases import create_database, drop_database
+from tests.support.settings import APP_LOGIN
 
 # --- the brief's SQL, verbatim (trailing spaces included) -------------------------------------
 
@@ -100,7 +101,7 @@ INVARIANT_TRIGGERS = {
 def psql(settings) -> Iterator[psycopg.Connection[Any]]:
     """A connection like an operator's psql session (autocommit, application_name=psql)."""
     with psycopg.connect(
-        libpq_url(settings.database_url), autocommit=True, application_name="psql"
+        libpq_url(settings.migration_url), autocommit=True, application_name="psql"
     ) as conn:
         yield conn
 
@@ -109,7 +110,7 @@ def psql(settings) -> Iterator[psycopg.Connection[Any]]:
 def replica(settings) -> Iterator[psycopg.Connection[Any]]:
     """A superuser session that asks PostgreSQL to skip ordinary triggers."""
     with psycopg.connect(
-        libpq_url(settings.database_url), autocommit=True, application_name="replica"
+        libpq_url(settings.migration_url), autocommit=True, application_name="replica"
     ) as conn:
         conn.execute("SET session_replication_role = replica")
         yield conn
@@ -404,7 +405,7 @@ async def test_api_policy_change_is_audited_with_the_ops_user_as_actor(settings,
         assert response.status_code == 200, response.text
     (entry,) = rows(db, "SELECT * FROM audit_log WHERE id > %s ORDER BY id", (before,))
     assert entry["actor"] == "user:ada"
-    assert entry["db_user"] == session_user(db)
+    assert entry["db_user"] == APP_LOGIN  # the application's login, not the owner
     assert entry["application_name"] == "selfheal-api"
     assert entry["action"] == "update"
     assert entry["entity"] == "ops_policy"
@@ -797,7 +798,7 @@ def test_concurrent_attempt_changes_append_to_one_unbroken_chain(settings, psql)
     installation = make_installation(psql)
     first = make_attempt(psql, installation)
     second = make_attempt(psql, installation)
-    url = libpq_url(settings.database_url)
+    url = libpq_url(settings.migration_url)
     with psycopg.connect(url, application_name="worker-a") as a:
         a.execute("UPDATE plugin_autopatch_attempts SET status = 'staging' WHERE id = %s", (first,))
         # `a` holds the chain lock until it commits; `b` must wait and then link to a's event.
@@ -833,7 +834,7 @@ def test_repeatable_read_writer_racing_the_chain_fails_instead_of_forking_it(set
     installation = make_installation(psql)
     first = make_attempt(psql, installation)
     second = make_attempt(psql, installation)
-    url = libpq_url(settings.database_url)
+    url = libpq_url(settings.migration_url)
     with psycopg.connect(url) as a, psycopg.connect(url) as b:
         b.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         b.execute("SELECT 1")  # b's snapshot is taken now, before a's event exists

@@ -168,3 +168,56 @@ async def test_an_unconfigured_runner_is_unavailable() -> None:
         with pytest.raises(StagingUnavailable, match="STAGING_RUNNER_URL is unset"):
             await start(client)
     assert runner.calls == 0
+
+
+class Streamed:
+    """An answer of `size` bytes streamed in pieces, counting what the client pulled."""
+
+    def __init__(self, head: bytes, size: int, piece: int = 16 * 1024) -> None:
+        self.head, self.size, self.piece = head, size, piece
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        self.pulled = len(self.head)
+        while self.pulled < self.size:
+            self.pulled += self.piece
+            yield b"x" * self.piece
+
+
+async def test_an_oversize_answer_is_not_read_past_the_limit() -> None:
+    """A runner streaming megabytes is cut off at SELFHEAL_SERVICE_ANSWER_MAX_BYTES (here its
+    default): the call fails (StagingUnavailable, not retried) and the rest is never read."""
+    answer = Streamed(b'{"id": "run-1", "status": "passed", "report": {"log": "', 8 * 1024 * 1024)
+    runner = Runner(httpx.Response(200, content=answer), run())
+    async with staging_client(runner) as client:
+        with pytest.raises(StagingUnavailable) as failure:
+            await start(client)
+    assert failure.value.reason == (
+        "the staging runner's answer is too large (more than 65536 bytes)"
+    )
+    assert answer.pulled <= 65536 + answer.piece
+    assert runner.calls == 1
+
+
+async def test_the_answer_limit_is_the_setting() -> None:
+    from app.core.settings import Settings
+    from workers.main import service_clients
+
+    settings = Settings(staging_runner_url=RUNNER, service_answer_max_bytes=2048, _env_file=None)
+    report = {"log": "y" * 3000}
+    big = httpx.Response(200, json={"id": "run-1", "status": "passed", "report": report})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(Runner(big))) as http:
+        _, client = service_clients(settings, http)
+        with pytest.raises(StagingUnavailable, match=r"too large \(more than 2048 bytes\)"):
+            await start(client)
+
+
+async def test_a_refusal_is_read_only_for_its_excerpt() -> None:
+    refusal = Streamed(b"bad request: " + b"z" * 100, 8 * 1024 * 1024)
+    runner = Runner(httpx.Response(400, content=refusal))
+    async with staging_client(runner) as client:
+        with pytest.raises(StagingUnavailable) as failure:
+            await start(client)
+    assert failure.value.reason.startswith("the staging runner refused the request (HTTP 400:")
+    assert refusal.pulled <= 4096 + refusal.piece

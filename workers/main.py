@@ -35,9 +35,11 @@ from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 
+from app.audit.service import seal_history
 from app.core.crypto import SecretBox
-from app.core.db import create_engine, create_sessionmaker
+from app.core.db import create_engine, create_sessionmaker, warn_about_privileges
 from app.core.errors import DomainError
+from app.core.jobs import current_job_id, dump_job, load_job
 from app.core.logging import configure_logging
 from app.core.redis import decision_breaker_key, health_check_key, queue_name
 from app.core.settings import Settings
@@ -48,6 +50,7 @@ from app.healing.engine import Healer
 from app.healing.staging import StagingClient
 from app.incidents.detection import detect_once
 from app.notifications.delivery import deliver_due
+from app.notifications.egress import WebhookPolicy, webhook_client
 from app.plugins.retention import prune_heartbeats
 
 log = structlog.get_logger("selfheal.worker")
@@ -123,7 +126,7 @@ async def deliver(ctx: dict[str, Any]) -> dict[str, int]:
     settings: Settings = ctx["settings"]
     result = await deliver_due(
         ctx["sessionmaker"],
-        ctx["http"],
+        ctx["webhooks"],
         ctx["box"],
         decision_client=ctx["decisions"],
         max_attempts=settings.outbox_max_attempts,
@@ -144,6 +147,13 @@ async def prune(ctx: dict[str, Any]) -> dict[str, int]:
     return {"deleted": deleted}
 
 
+@reporting_domain_errors
+async def seal(ctx: dict[str, Any]) -> dict[str, int]:
+    """Seal the history's new rows and export the head (app/audit)."""
+    result = await seal_history(ctx["sessionmaker"], ctx["settings"])
+    return {"sealed": result.sealed}
+
+
 async def _publish_breaker(ctx: dict[str, Any]) -> None:
     decisions: DecisionClient = ctx["decisions"]
     snapshot = decisions.breaker.snapshot() | {"at": time.time()}
@@ -160,6 +170,8 @@ async def _enqueue_ticks(redis: ArqRedis, settings: Settings) -> None:
         jobs = [("detect", tick), ("heal", tick), ("deliver", tick)]
         # Retention is not urgent: once a minute, fleet-wide.
         jobs.append(("prune", int(time.time() // PRUNE_EVERY_S)))
+        # The seals too (SELFHEAL_AUDIT_SEAL_EVERY_S; the first at start-up).
+        jobs.append(("seal", int(time.time() // settings.audit_seal_every_s)))
         for job, stamp in jobs:
             try:
                 await redis.enqueue_job(
@@ -176,20 +188,11 @@ async def _enqueue_ticks(redis: ArqRedis, settings: Settings) -> None:
         await asyncio.sleep(max(0.05, (tick + 1) * period - time.time()))
 
 
-async def _startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    engine = create_engine(settings, role="worker")
-    ctx["engine"] = engine
-    ctx["sessionmaker"] = create_sessionmaker(engine)
-    ctx["worker_name"] = f"{socket.gethostname()}:{os.getpid()}"
-    # One HTTP client for every outside service: pooled connections, bounded waits.
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(10.0, connect=3.0),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        follow_redirects=False,
-    )
-    ctx["http"] = http
-    ctx["box"] = SecretBox(settings.secret_key)
+def service_clients(
+    settings: Settings, http: httpx.AsyncClient
+) -> tuple[DecisionClient, StagingClient]:
+    """The clients of the decision service and the staging runner, as the settings say
+    (deadlines, retries, the breaker, how much of an answer is read)."""
     decisions = DecisionClient(
         http,
         base_url=settings.sira_api_url,
@@ -205,14 +208,37 @@ async def _startup(ctx: dict[str, Any]) -> None:
             min_samples=settings.fallback_min_samples,
             min_success_rate=settings.fallback_min_success_rate,
         ),
+        max_answer_bytes=settings.service_answer_max_bytes,
     )
-    ctx["decisions"] = decisions
     staging = StagingClient(
         http,
         base_url=settings.staging_runner_url,
         token=settings.staging_runner_token,
         deadline_s=settings.staging_deadline_s,
+        max_answer_bytes=settings.service_answer_max_bytes,
     )
+    return decisions, staging
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    engine = create_engine(settings, role="worker")
+    ctx["engine"] = engine
+    ctx["sessionmaker"] = create_sessionmaker(engine)
+    await warn_about_privileges(engine, settings.db_timeout_s)
+    ctx["worker_name"] = f"{socket.gethostname()}:{os.getpid()}"
+    # One HTTP client for every outside service: pooled connections, bounded waits.
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, connect=3.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False,
+    )
+    ctx["http"] = http
+    # Webhooks have their own client: every connection to a checked address (SSRF guard).
+    ctx["webhooks"] = webhook_client(WebhookPolicy.from_settings(settings))
+    ctx["box"] = SecretBox.for_settings(settings)
+    decisions, staging = service_clients(settings, http)
+    ctx["decisions"] = decisions
     ctx["healer"] = Healer(ctx["sessionmaker"], settings, decisions, staging)
     ctx["ticker"] = asyncio.create_task(_enqueue_ticks(ctx["redis"], settings))
     log.info("worker_started", queue=queue_name(settings), detect_every_s=settings.detect_every_s)
@@ -224,26 +250,44 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
-    http = ctx.get("http")
-    if http is not None:
-        await http.aclose()
+    for client in (ctx.get("http"), ctx.get("webhooks")):
+        if client is not None:
+            await client.aclose()
     engine = ctx.get("engine")
     if engine is not None:
         await engine.dispose()
     log.info("worker_stopped")
 
 
+class JsonWorker(Worker):
+    """arq's worker with jobs and results in JSON (app/core/jobs.py), never pickle; each job
+    runs with its id in `current_job_id`, so a refused job is logged by its id."""
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        token = current_job_id.set(job_id)
+        try:
+            await super().run_job(job_id, score)
+        finally:
+            current_job_id.reset(token)
+
+
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     assert settings.redis_url is not None
-    return Worker(
+    # A missing, public or short SELFHEAL_SECRET_KEY stops the worker before it takes a job
+    # (WeakSecretKey says what to do).
+    SecretBox.for_settings(settings)
+    return JsonWorker(
         # `advance` results are never read, and its job ids are unique per claim: no need to
         # keep them (tick jobs keep theirs, so their ids dedupe the tick fleet-wide).
-        functions=[detect, heal, func(advance, keep_result=0), deliver, prune],
+        functions=[detect, heal, func(advance, keep_result=0), deliver, prune, seal],
         # Steps mostly wait on HTTP and PostgreSQL; the pool (SELFHEAL_DB_POOL_SIZE plus as
         # many overflow) bounds what runs against the database at once.
         max_jobs=2 * settings.db_pool_size,
         queue_name=queue_name(settings),
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        # JSON, not pickle: whoever writes to Redis must not run code in the workers.
+        job_serializer=dump_job,
+        job_deserializer=load_job,
         on_startup=_startup,
         on_shutdown=_shutdown,
         ctx={"settings": settings},
@@ -270,6 +314,8 @@ class QuietJobLines(logging.Filter):
     failed), and arq's failures (warning, error) still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("deserializing job"):
+            return False  # a refused job: `job_refused_not_json` (app/core/jobs.py) says it
         if record.levelno > logging.INFO:
             return True
         message = str(record.msg)

@@ -8,6 +8,8 @@ One module per command group, each registered here:
 - users.py: `user add`
 - releases.py: `keys generate`, `release add|list|quarantine|unquarantine`
 - notifications.py: `notify add|list|disable`
+- keyring.py: `secrets rotate-key`
+- audit.py: `audit seal`, `audit verify`
 - _common.py: what they share (fail, settings, services, one transaction, printing, options)
 
 The command modules import heavy modules (SQLAlchemy, the domain services, the worker, the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import notifications, plugins, releases, services, simulate, users
+from app.cli import audit, keyring, notifications, plugins, releases, services, simulate, users
 from app.core.migrations import REPO_ROOT, run_migrations
 
 # tests/ and bench/ import these two from here (they lived in the former app/cli.py).
@@ -46,6 +48,8 @@ cli.add_typer(users.user_cli, name="user")
 cli.add_typer(releases.keys_cli, name="keys")
 cli.add_typer(releases.release_cli, name="release")
 cli.add_typer(notifications.notify_cli, name="notify")
+cli.add_typer(keyring.secrets_cli, name="secrets")
+cli.add_typer(audit.audit_cli, name="audit")
 
 
 def main() -> None:

@@ -41,15 +41,19 @@ def notify_add(
     """Add an endpoint; prints its id and signing secret (shown once)."""
     # Imported here, not at the top: the service loads SQLAlchemy (~0.5 s) that
     # `selfheal --help` and the other commands should not pay.
-    from app.notifications.service import add_endpoint, check_url, parse_events
+    from app.notifications.egress import WebhookPolicy
+    from app.notifications.service import add_endpoint, parse_events
 
+    loaded = load_settings()
     with reporting_domain_errors():
-        check_url(url)
+        policy = WebhookPolicy.from_settings(loaded)
+        policy.check_url_syntax(url)
         names = parse_events(events)
-    with running_services(load_settings(), redis=False) as settings:
-        box = SecretBox(settings.secret_key)
+    with running_services(loaded, redis=False) as settings:
+        box = SecretBox.for_settings(settings)
         issued = with_database(
-            settings, lambda s: add_endpoint(s, box, url=url, tenant_id=tenant, events=names)
+            settings,
+            lambda s: add_endpoint(s, box, url=url, policy=policy, tenant_id=tenant, events=names),
         )
     endpoint = issued.endpoint
     data = {

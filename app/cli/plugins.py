@@ -79,7 +79,7 @@ def plugin_register(
         )
 
     with running_services(settings, redis=False) as settings:
-        box = SecretBox(settings.secret_key)
+        box = SecretBox.for_settings(settings)
         issued = with_database(settings, register)
     release = {"release": added[0].outcome, "sha256": added[0].release.sha256} if added else {}
     print_result(
@@ -115,7 +115,7 @@ def plugin_rotate_secret(
     installation_id = parse_id(plugin_id, "an installation id")
     with running_services(load_settings(), redis=False) as settings:
         grace = settings.secret_grace_s if grace_s is None else grace_s
-        box = SecretBox(settings.secret_key)
+        box = SecretBox.for_settings(settings)
         issued = with_database(
             settings, lambda s: rotate_secret(s, box, installation_id, grace_s=grace)
         )

@@ -125,7 +125,7 @@ def release_add(
         raise fail(f"--artifact {artifact}: no such file")
     settings = load_settings()
     signer = signer_or_fail(key_path(settings))
-    with running_services(settings, redis=False) as settings:
+    with running_services(settings, redis=False, secret_key=False) as settings:
         added = with_database(
             settings,
             lambda s: add_release(
@@ -162,7 +162,7 @@ def release_list(
     # Imported here, not at the top: SQLAlchemy (~0.3 s), as in release_add.
     from app.releases.repository import list_releases
 
-    with running_services(load_settings(), redis=False) as settings:
+    with running_services(load_settings(), redis=False, secret_key=False) as settings:
         rows = with_database(settings, lambda s: list_releases(s, plugin))
     releases = [_release_json(row) for row in rows]
     if as_json:
@@ -195,7 +195,7 @@ def _quarantine_change(plugin: str, version: str, reason: str | None, as_json: b
             changed = await repository.quarantine(session, plugin, version, reason)
         return changed, await repository.get_release(session, plugin, version)
 
-    with running_services(load_settings(), redis=False) as settings:
+    with running_services(load_settings(), redis=False, secret_key=False) as settings:
         changed, release = with_database(settings, work)
     if release is None:
         raise fail(f"no release {plugin} {version} (see `selfheal release list`)", code=1)

@@ -52,6 +52,8 @@ def up(
         with running_services(settings) as settings:
             describe(settings)
             migrate_database(settings)
+            if settings.previous_secret_keys:
+                _reseal(settings)
             with worker_process():
                 _serve(settings, port=port or settings.port, workers=1)
     except KeyboardInterrupt:
@@ -89,9 +91,29 @@ def worker() -> None:
 
 def migrate() -> None:
     """Bring the database schema to the latest revision."""
-    with running_services(load_settings(), redis=False) as settings:
+    with running_services(load_settings(), redis=False, secret_key=False) as settings:
         migrate_database(settings)
     typer.echo("database schema is up to date", err=True)
+
+
+def _reseal(settings: Settings) -> None:
+    """Stored secrets still under a key of SELFHEAL_SECRET_KEY_PREVIOUS sealed under the
+    current key (`selfheal secrets rotate-key`), before serving."""
+    from app.cli.keyring import reseal_stored_secrets
+
+    rotation = reseal_stored_secrets(settings)
+    if rotation.plugin_secrets or rotation.endpoint_secrets:
+        typer.echo(
+            f"sealed {rotation.plugin_secrets + rotation.endpoint_secrets} stored secret(s)"
+            f" under the current SELFHEAL_SECRET_KEY (key id {rotation.key_id})",
+            err=True,
+        )
+    if rotation.unreadable:
+        typer.echo(
+            f"warning: no configured key opens {', '.join(rotation.unreadable)}"
+            " (see `selfheal secrets rotate-key`)",
+            err=True,
+        )
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -101,6 +102,48 @@ def connection_options(
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def privilege_warnings(engine: AsyncEngine) -> list[str]:
+    """What is wrong with the rights DATABASE_URL's login has (empty when nothing): a superuser,
+    or the tables' owner, can disable the triggers that keep the history and rewrite it; the
+    application should log in as a member of `selfheal_app` that owns nothing (migration 0012,
+    DATABASE_OWNER_URL for the migrations)."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT r.rolsuper,"
+                    " EXISTS (SELECT 1 FROM pg_tables t WHERE t.schemaname = 'public'"
+                    "         AND t.tableowner = current_user) AS owns,"
+                    " pg_has_role(current_user, 'selfheal_app', 'MEMBER') AS app"
+                    " FROM pg_roles r WHERE r.rolname = current_user"
+                )
+            )
+        ).one()
+    warnings = []
+    if row.rolsuper:
+        warnings.append("DATABASE_URL logs in as a PostgreSQL superuser")
+    elif row.owns:
+        warnings.append("DATABASE_URL logs in as the owner of the tables")
+    elif not row.app:
+        warnings.append("DATABASE_URL's login is not a member of selfheal_app")
+    return [
+        w + ": it can disable the triggers that keep the history; give the application its"
+        " own login (README, 'Database roles') and set DATABASE_OWNER_URL for migrations"
+        for w in warnings
+    ]
+
+
+async def warn_about_privileges(engine: AsyncEngine, timeout_s: float) -> None:
+    """Log `privilege_warnings` at start-up; a database that is down (or not migrated yet) is
+    for /health and the migrations to report, not this check."""
+    try:
+        problems = await asyncio.wait_for(privilege_warnings(engine), timeout_s)
+    except Exception:  # a start-up hint must never stop a start-up
+        return
+    for problem in problems:
+        structlog.get_logger(__name__).warning("database_privileges", problem=problem)
 
 
 async def set_actor(session: AsyncSession, actor: str) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.core.states import (
@@ -217,6 +217,27 @@ class PluginRelease(Base):
     __table_args__ = (
         UniqueConstraint("plugin_name", "version", name="uq_plugin_releases_plugin_version"),
         CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256_hex"),
+    )
+
+
+class PluginReleaseTenantBlock(Base):
+    """A release the loop no longer proposes to one tenant's installations: that tenant's
+    installations alone rolled it back often enough (fleet-wide quarantine needs several
+    tenants: app/healing/engine.py, `_maybe_quarantine`)."""
+
+    __tablename__ = "plugin_release_tenant_blocks"
+    plugin_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True, index=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    blocked_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["plugin_name", "version"],
+            ["plugin_releases.plugin_name", "plugin_releases.version"],
+        ),
     )
 
 
@@ -444,6 +465,8 @@ class SiraLearningFeedback(Base):
     confidence: Mapped[Decimal | None] = mapped_column(Numeric(4, 3))
     outcome: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = _now()
+    # The installation's tenant (NULL on rows recorded before migration 0015).
+    tenant_id: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (UniqueConstraint("attempt_id", name="uq_sira_learning_feedback_attempt_id"),)
 
 
@@ -501,9 +524,18 @@ class OpsUser(Base):
     password_hash: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = _now()
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The tenants the user sees and acts on; NULL: every tenant (migration 0016). An admin is
+    # never scoped: the policy and the ops users are global.
+    tenants: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     __table_args__ = (
         CheckConstraint(_in("role", ROLES), name="role"),
         CheckConstraint("username ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$'", name="username"),
+        CheckConstraint(
+            "tenants IS NULL OR (cardinality(tenants) BETWEEN 1 AND 100"
+            " AND array_position(tenants, NULL) IS NULL)",
+            name="tenants",
+        ),
+        CheckConstraint("role <> 'admin' OR tenants IS NULL", name="admin_unscoped"),
     )
 
 
@@ -520,6 +552,13 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = _now()
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by the application (SELFHEAL_TOKEN_TTL_DAYS or --days); the default covers a token
+    # inserted by hand (migration 0014).
+    expires_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=text("(now() + '90 days'::interval)"),
+    )
 
 
 class OpsSession(Base):
@@ -574,7 +613,34 @@ class AuditLog(Base):
     entity_id: Mapped[str | None] = mapped_column(Text)
     old: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     new: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    __table_args__ = (Index("ix_audit_log_entity", "entity", "entity_id"),)
+    # The tenant of the audited row (filled by a trigger, migration 0016); NULL: global.
+    tenant_id: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        Index("ix_audit_log_entity", "entity", "entity_id"),
+        Index("ix_audit_log_tenant_id", "tenant_id"),
+    )
+
+
+class HistorySeal(Base):
+    """A seal over one row of a history log (app/audit): an HMAC chain under a key the
+    database does not hold. Append-only (migration 0013)."""
+
+    __tablename__ = "history_seals"
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    log: Mapped[str] = mapped_column(Text, nullable=False)
+    row_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    key_id: Mapped[str] = mapped_column(Text, nullable=False)
+    mac: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    sealed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("clock_timestamp()"), nullable=False
+    )
+    __table_args__ = (
+        UniqueConstraint("log", "row_id", name="uq_history_seals_row"),
+        CheckConstraint(
+            "log IN ('audit_log', 'plugin_autopatch_attempt_events')",
+            name="log",
+        ),
+    )
 
 
 class NotificationEndpoint(Base):

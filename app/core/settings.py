@@ -3,6 +3,7 @@ SELFHEAL_* for the rest; a `.env` file in the working directory is read too."""
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "changethis", "secret", "dev", "dev-secret", "selfheal-dev"}
 )
-DEV_SECRET_KEY = "selfheal-dev"  # noqa: S105 - the documented development placeholder
+DEV_SECRET_KEY = "selfheal-dev"  # noqa: S105 - the former default, public: refused as a key
+MIN_SECRET_KEY_BYTES = 32
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _env(name: str) -> AliasChoices:
@@ -25,13 +30,28 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     env: Literal["dev", "prod"] = Field("dev", validation_alias=_env("SELFHEAL_ENV"))
-    secret_key: str = Field(DEV_SECRET_KEY, validation_alias=_env("SELFHEAL_SECRET_KEY"))
+    # Seals the plugin and webhook secrets stored in the database. Unset: the embedded
+    # PostgreSQL's generated key file (app/embedded/secret_key.py); a process that uses
+    # secrets refuses a missing, public or short key (secret_key_problem).
+    secret_key: str = Field("", validation_alias=_env("SELFHEAL_SECRET_KEY"))
+    # Former keys, comma-separated, still opened (never sealed with) during a key rotation.
+    secret_key_previous: str = Field("", validation_alias=_env("SELFHEAL_SECRET_KEY_PREVIOUS"))
     data_dir: Path = Field(Path(".selfheal"), validation_alias=_env("SELFHEAL_DATA_DIR"))
     # The release signing key (Ed25519, PEM PKCS8); default: data_dir/keys/release-signing.pem.
     # Only `selfheal keys generate` and `selfheal release add` read it: API and workers never do.
     signing_key_file: Path | None = Field(None, validation_alias=_env("SELFHEAL_SIGNING_KEY_FILE"))
 
+    # The seals over the history (app/audit): their key (else derived from the secret key),
+    # how often the workers seal, and where they export the head (default data_dir/audit/).
+    audit_key: str | None = Field(None, validation_alias=_env("SELFHEAL_AUDIT_KEY"))
+    audit_seal_every_s: float = Field(
+        60.0, ge=1.0, le=3600.0, validation_alias=_env("SELFHEAL_AUDIT_SEAL_EVERY_S")
+    )
+    audit_head_file: Path | None = Field(None, validation_alias=_env("SELFHEAL_AUDIT_HEAD_FILE"))
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    # The login that owns the tables and runs the migrations; DATABASE_URL (the API's and the
+    # workers' login, a member of `selfheal_app`) when unset.
+    database_owner_url: str | None = Field(None, validation_alias=_env("DATABASE_OWNER_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
     redis_prefix: str = Field("selfheal:", validation_alias=_env("SELFHEAL_REDIS_PREFIX"))
 
@@ -117,13 +137,32 @@ class Settings(BaseSettings):
         300, ge=1, le=3600, validation_alias=_env("SELFHEAL_SIGNATURE_TOLERANCE_S")
     )
     secret_grace_s: int = Field(
-        86400, ge=0, le=30 * 86400, validation_alias=_env("SELFHEAL_SECRET_GRACE_S")
+        3600, ge=0, le=30 * 86400, validation_alias=_env("SELFHEAL_SECRET_GRACE_S")
     )
+    # Lifetime of a new ops API token (`selfheal user add` and `user issue-token` take --days).
+    token_ttl_days: int = Field(90, ge=1, le=3650, validation_alias=_env("SELFHEAL_TOKEN_TTL_DAYS"))
     auth_cache_ttl_s: float = Field(
         600.0, ge=0, le=86400, validation_alias=_env("SELFHEAL_AUTH_CACHE_TTL_S")
     )
     max_body_bytes: int = Field(
         65536, ge=1024, le=10 * 1024 * 1024, validation_alias=_env("SELFHEAL_MAX_BODY_BYTES")
+    )
+    # Request bodies of the other route classes (app/core/bodylimit.py): 413 before any read.
+    ops_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        validation_alias=_env("SELFHEAL_OPS_MAX_BODY_BYTES"),
+    )
+    form_max_body_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, validation_alias=_env("SELFHEAL_FORM_MAX_BODY_BYTES")
+    )
+    # Answers of the decision service and the staging runner are read no further than this.
+    service_answer_max_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        validation_alias=_env("SELFHEAL_SERVICE_ANSWER_MAX_BYTES"),
     )
     command_lease_s: int = Field(
         60, ge=1, le=86400, validation_alias=_env("SELFHEAL_COMMAND_LEASE_S")
@@ -147,6 +186,24 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(
         5.0, gt=0, le=60, validation_alias=_env("SELFHEAL_WEBHOOK_TIMEOUT_S")
+    )
+    # Webhook destinations allowed although not public (app/notifications/egress.py):
+    # comma-separated networks (10.1.2.0/24, ::1) and host names (hooks.internal, *.corp.example).
+    webhook_allow: str = Field("", validation_alias=_env("SELFHEAL_WEBHOOK_ALLOW"))
+
+    # Rate limits (app/core/ratelimit.py): requests per SELFHEAL_RATE_WINDOW_S, bursts up to
+    # the count; 0 turns that limit off.
+    rate_window_s: float = Field(
+        10.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_RATE_WINDOW_S")
+    )
+    rate_per_installation: int = Field(
+        20, ge=0, le=1_000_000, validation_alias=_env("SELFHEAL_RATE_PER_INSTALLATION")
+    )
+    rate_per_tenant: int = Field(
+        5000, ge=0, le=10_000_000, validation_alias=_env("SELFHEAL_RATE_PER_TENANT")
+    )
+    rate_per_ops_token: int = Field(
+        100, ge=0, le=1_000_000, validation_alias=_env("SELFHEAL_RATE_PER_OPS_TOKEN")
     )
 
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("SELFHEAL_DB_POOL_SIZE"))
@@ -198,6 +255,11 @@ class Settings(BaseSettings):
     quarantine_after_rollbacks: int = Field(
         3, ge=1, le=1000, validation_alias=_env("SELFHEAL_QUARANTINE_AFTER_ROLLBACKS")
     )
+    # ...from installations of at least this many distinct tenants; a tenant alone that
+    # reaches the count gets the release blocked for its own installations only.
+    quarantine_min_tenants: int = Field(
+        2, ge=1, le=1000, validation_alias=_env("SELFHEAL_QUARANTINE_MIN_TENANTS")
+    )
 
     # The ops dashboard (/ops/): its sign-in sessions and the slowing of failed sign-ins.
     # Secure cookies: unset means yes when SELFHEAL_ENV=prod or SELFHEAL_PUBLIC_URL is https.
@@ -218,7 +280,23 @@ class Settings(BaseSettings):
         900, ge=1, le=86400, validation_alias=_env("SELFHEAL_LOGIN_LOCKOUT_S")
     )
 
-    @field_validator("database_url")
+    @field_validator("audit_key")
+    @classmethod
+    def _strong_audit_key(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if (
+            len(value.encode()) < MIN_SECRET_KEY_BYTES
+            or value.strip().lower() in PLACEHOLDER_SECRETS
+        ):
+            raise ValueError(
+                f"SELFHEAL_AUDIT_KEY needs at least {MIN_SECRET_KEY_BYTES} random bytes, e.g."
+                " `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`; or leave it"
+                " unset to derive the seals' key from SELFHEAL_SECRET_KEY"
+            )
+        return value
+
+    @field_validator("database_url", "database_owner_url")
     @classmethod
     def _psycopg_driver(cls, value: str | None) -> str | None:
         return normalize_database_url(value) if value else None
@@ -227,6 +305,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, value: str) -> str:
+        webhook_allow_entries(value)  # raises ValueError naming the entry
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -237,6 +321,16 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("SELFHEAL_PUBLIC_URL must start with http:// or https://")
         return value
+
+    @property
+    def audit_head_path(self) -> Path:
+        """Where the workers export the head of the seals, and `audit verify` reads it."""
+        return self.audit_head_file or self.data_dir / "audit" / "head.json"
+
+    @property
+    def migration_url(self) -> str | None:
+        """The URL migrations run with: DATABASE_OWNER_URL, else DATABASE_URL."""
+        return self.database_owner_url or self.database_url
 
     @property
     def api_base_url(self) -> str:
@@ -257,19 +351,64 @@ class Settings(BaseSettings):
             return self.cookie_secure
         return self.env == "prod" or (self.public_url or "").startswith("https://")
 
+    @property
+    def previous_secret_keys(self) -> tuple[str, ...]:
+        """SELFHEAL_SECRET_KEY_PREVIOUS as a list (comma-separated, blanks ignored)."""
+        return tuple(k.strip() for k in self.secret_key_previous.split(",") if k.strip())
+
     @model_validator(mode="after")
-    def _refuse_placeholder_secret_in_prod(self) -> Settings:
-        if self.env == "prod" and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
-            raise ValueError(
-                "SELFHEAL_SECRET_KEY is missing or a placeholder while SELFHEAL_ENV=prod: "
-                "set SELFHEAL_SECRET_KEY to a long random value, e.g. the output of "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
-            )
-        if self.env == "prod" and len(self.secret_key) < 32:
-            raise ValueError(
-                "SELFHEAL_SECRET_KEY must be at least 32 characters when SELFHEAL_ENV=prod"
-            )
+    def _refuse_weak_secret_in_prod(self) -> Settings:
+        # In prod, at once, whatever the command. Elsewhere every process that uses the key
+        # refuses a weak one as it starts (app/startup.py, app/main.py, workers/main.py).
+        problem = secret_key_problem(self.secret_key) if self.env == "prod" else None
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+
+def secret_key_problem(key: str) -> str | None:
+    """What is wrong with `key` as SELFHEAL_SECRET_KEY, and what to do; None when it is fine
+    (at least MIN_SECRET_KEY_BYTES bytes, not a published placeholder)."""
+    if not key.strip():
+        what = "is not set"
+    elif key.strip().lower() in PLACEHOLDER_SECRETS:
+        what = f"is {key!r}, a published placeholder"
+    elif len(key.encode()) < MIN_SECRET_KEY_BYTES:
+        what = f"is {len(key.encode())} bytes long; it needs at least {MIN_SECRET_KEY_BYTES}"
+    else:
+        return None
+    return (
+        f"SELFHEAL_SECRET_KEY {what}. It encrypts the plugin and webhook secrets stored in"
+        " the database, whatever SELFHEAL_ENV says. Generate one with"
+        " `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'` and set"
+        " SELFHEAL_SECRET_KEY to it (keep it safe: the stored secrets need it). Secrets"
+        " already stored under the old key: put the old key in SELFHEAL_SECRET_KEY_PREVIOUS"
+        " and run `selfheal secrets rotate-key`. Without DATABASE_URL, leave"
+        " SELFHEAL_SECRET_KEY unset: the embedded PostgreSQL uses a generated key file."
+    )
+
+
+def webhook_allow_entries(raw: str) -> tuple[tuple[IPNetwork, ...], frozenset[str]]:
+    """SELFHEAL_WEBHOOK_ALLOW: its networks, and its host names (lower case, `*.x` kept)."""
+    networks: list[IPNetwork] = []
+    hosts: set[str] = set()
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+            continue
+        except ValueError:
+            pass
+        name = item.lower().rstrip(".")
+        label = name.removeprefix("*.")
+        if not label or not all(c.isalnum() or c in "-." for c in label):
+            raise ValueError(
+                f"SELFHEAL_WEBHOOK_ALLOW: {item!r} is neither a network (10.0.0.0/8, ::1)"
+                " nor a host name (hooks.internal, *.corp.example)"
+            )
+        hosts.add(name)
+    return tuple(networks), frozenset(hosts)
 
 
 def normalize_database_url(url: str) -> str:

@@ -54,7 +54,12 @@ async def attempt_list(request: Request) -> Response:
     )
     async with transaction(request) as session:
         items = await queries.list_attempts(
-            session, incident_id=incident, plugin=plugin, status=status, limit=SHOWN
+            session,
+            incident_id=incident,
+            plugin=plugin,
+            status=status,
+            limit=SHOWN,
+            tenants=who.user.scope,
         )
     filters = {"status": status, "plugin": plugin, "incident": str(incident) if incident else None}
     active = {name: value for name, value in filters.items() if value}
@@ -95,7 +100,11 @@ async def attempt_page(attempt_id: str, request: Request) -> Response:
     who = await signed_in(request)
     key = _uuid(attempt_id)
     async with transaction(request) as session:
-        attempt = await healing_queries.attempt_facts(session, key) if key else None
+        attempt = (
+            await healing_queries.attempt_facts(session, key, tenants=who.user.scope)
+            if key
+            else None
+        )
         proof = await attempt_proof(session, key) if key and attempt else None
     if attempt is None or proof is None:
         return await render(

@@ -53,9 +53,9 @@ async def fleet_page(request: Request) -> Response:
             problem = str(exc)
     async with transaction(request) as session:
         page = await queries.list_installations(
-            session, **filters, health=health, after=after, limit=PAGE_SIZE
+            session, **filters, health=health, after=after, limit=PAGE_SIZE, tenants=who.user.scope
         )
-        counts = await queries.count_by_health(session, **filters)
+        counts = await queries.count_by_health(session, **filters, tenants=who.user.scope)
     active = {name: value for name, value in {**filters, "health": health}.items() if value}
     # A health link replaces the health filter and keeps the others.
     others = {name: value for name, value in filters.items() if value}
@@ -94,7 +94,9 @@ async def installation_page(installation_id: str, request: Request) -> Response:
     except ValueError:
         key = None
     async with transaction(request) as session:
-        detail = await queries.installation_detail(session, key) if key else None
+        detail = (
+            await queries.installation_detail(session, key, tenants=who.user.scope) if key else None
+        )
     if detail is None:
         return await render(
             request,
@@ -134,7 +136,7 @@ async def releases_page(request: Request) -> Response:
     who = await signed_in(request)
     plugin = text_field(request.query_params.get("plugin"), 100)
     async with transaction(request) as session:
-        releases = await release_outcomes(session, plugin)
+        releases = await release_outcomes(session, plugin, tenants=who.user.scope)
     return await render(
         request,
         "releases.html",

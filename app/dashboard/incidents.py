@@ -99,6 +99,7 @@ async def incident_list(request: Request) -> Response:
             incident_type=filters["type"],
             after=after,
             limit=PAGE_SIZE,
+            tenants=who.user.scope,
         )
         deadlines = await healing_queries.verify_deadlines(
             session, [item["id"] for item in items if item["status"] == "verifying"]
@@ -109,6 +110,7 @@ async def incident_list(request: Request) -> Response:
             tenant=filters["tenant"],
             plugin=filters["plugin"],
             incident_type=filters["type"],
+            tenants=who.user.scope,
         )
     active = {name: value for name, value in filters.items() if value}
     next_cursor = (
@@ -157,7 +159,9 @@ async def incident_page(incident_id: str, request: Request) -> Response:
     who = await signed_in(request)
     key = _incident_id(incident_id)
     async with transaction(request) as session:
-        incident = await queries.incident_detail(session, key) if key else None
+        incident = (
+            await queries.incident_detail(session, key, tenants=who.user.scope) if key else None
+        )
         policy = await policy_service.read_policy(session)
         progress = await healing_queries.attempts_progress(session, key) if key and incident else {}
         baseline = at_detection = None
@@ -215,7 +219,7 @@ async def incident_page(incident_id: str, request: Request) -> Response:
 
 
 def _acting(who: SignedIn) -> actions.ActingUser:
-    return actions.ActingUser(who.user.id, who.user.username)
+    return actions.ActingUser(who.user.id, who.user.username, who.user.scope)
 
 
 def _back(key: uuid.UUID | None) -> str:
@@ -234,11 +238,11 @@ async def approve(incident_id: str, request: Request) -> Response:
     key = _incident_id(incident_id)
 
     async def work(session: AsyncSession) -> str:
+        if not form.get("action_key"):
+            raise Invalid("the form did not name the action to approve", field="action_key")
         body = ApproveBody.model_validate(
             {"comment": text_field(form.get("comment"), 2000), "action_key": form.get("action_key")}
         )
-        if body.action_key is None:
-            raise Invalid("the form did not name the action to approve", field="action_key")
         done = await actions.approve(
             session, _known(key), _acting(who), body.comment, action_key=body.action_key
         )
@@ -281,7 +285,7 @@ async def snooze(incident_id: str, request: Request) -> Response:
     key = _incident_id(incident_id)
 
     async def work(session: AsyncSession) -> str:
-        incident = await queries.incident_detail(session, _known(key))
+        incident = await queries.incident_detail(session, _known(key), tenants=who.user.scope)
         if incident is None:
             raise NotFound("no such incident")
         if incident["installation_id"] is None:
@@ -297,7 +301,9 @@ async def snooze(incident_id: str, request: Request) -> Response:
                 "reason": text_field(form.get("reason"), 500) or f"snoozed from incident {key}",
             }
         )
-        window = await maintenance.create_window(session, body, actor=f"user:{who.user.username}")
+        window = await maintenance.create_window(
+            session, body, actor=f"user:{who.user.username}", scope=who.user.scope
+        )
         return (
             "Snoozed: no new incident for this installation until"
             f" {window.ends_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC."

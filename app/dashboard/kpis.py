@@ -97,13 +97,15 @@ async def kpi_page(request: Request) -> Response:
     days = _days(request.query_params.get("days"))
     trend_days = min(max(days, 7), MAX_TREND_DAYS)
     async with transaction(request) as session:
-        kpis = await queries.kpis(session, days=days)
-        series = await queries.kpi_series(session, days=trend_days)
-        hourly = await queries.severity_series(session, bucket="hour", count=24)
-        daily = await queries.severity_series(session, bucket="day", count=7)
-        approval = await queries.time_to_approval(session, days=days)
-        confidence = await queries.confidence_distribution(session, days=days)
-        calibration = await queries.calibration(session, days=days)
+        # A tenant-scoped user's KPIs count their tenants only.
+        scope = who.user.scope
+        kpis = await queries.kpis(session, days=days, tenants=scope)
+        series = await queries.kpi_series(session, days=trend_days, tenants=scope)
+        hourly = await queries.severity_series(session, bucket="hour", count=24, tenants=scope)
+        daily = await queries.severity_series(session, bucket="day", count=7, tenants=scope)
+        approval = await queries.time_to_approval(session, days=days, tenants=scope)
+        confidence = await queries.confidence_distribution(session, days=days, tenants=scope)
+        calibration = await queries.calibration(session, days=days, tenants=scope)
     attempts = f"{kpis['attempts']} attempts executed in the window"
     rows = [
         _kpi_row(

@@ -45,11 +45,16 @@ HISTORY_SHOWN = 50
 WINDOWS_READ = 500
 
 
-async def _open_windows(session: AsyncSession) -> list[Window]:
-    """The windows open now, then those still to come (soonest first)."""
+async def _open_windows(session: AsyncSession, scope: list[str] | None) -> list[Window]:
+    """The windows open now, then those still to come (soonest first), of the reader's
+    tenants (`scope`; None: every tenant)."""
     now = datetime.now(UTC)
-    active = await maintenance.list_windows(session, WindowFilter(active=True), limit=WINDOWS_READ)
-    others = await maintenance.list_windows(session, WindowFilter(active=False), limit=WINDOWS_READ)
+    active = await maintenance.list_windows(
+        session, WindowFilter(active=True, scope=scope), limit=WINDOWS_READ
+    )
+    others = await maintenance.list_windows(
+        session, WindowFilter(active=False, scope=scope), limit=WINDOWS_READ
+    )
     upcoming = sorted((w for w in others.items if w.starts_at > now), key=lambda w: w.starts_at)
     return [*sorted(active.items, key=lambda w: w.ends_at), *upcoming]
 
@@ -88,10 +93,15 @@ def _history_entry(row: dict[str, Any]) -> dict[str, Any]:
 @router.get("/policy")
 async def policy_page(request: Request) -> Response:
     who = await signed_in(request)
+    scope = who.user.scope
     async with transaction(request) as session:
-        policy = await service.read_policy(session)
-        windows = await _open_windows(session)
-        history = await repository.policy_history(session, limit=HISTORY_SHOWN)
+        # A tenant-scoped user sees their tenants in the whitelist, their windows, and not the
+        # history (the whole fleet's whitelist changes).
+        policy = service.seen_by(await service.read_policy(session), scope)
+        windows = await _open_windows(session, scope)
+        history = (
+            await repository.policy_history(session, limit=HISTORY_SHOWN) if scope is None else []
+        )
     return await render(
         request,
         "policy.html",
@@ -105,6 +115,7 @@ async def policy_page(request: Request) -> Response:
             "can_end_windows": who.user.can("operator"),
             "history": [_history_entry(row) for row in history],
             "history_shown": HISTORY_SHOWN,
+            "scoped": scope is not None,
         },
     )
 
@@ -186,7 +197,9 @@ async def end_window(window_id: str, request: Request) -> Response:
     who, _ = await form_of(request, "operator")
 
     async def work(session: AsyncSession) -> str:
-        window = await maintenance.end_window(session, window_id, actor=f"user:{who.user.username}")
+        window = await maintenance.end_window(
+            session, window_id, actor=f"user:{who.user.username}", scope=who.user.scope
+        )
         target = window.tenant_id or f"installation {window.installation_id}"
         return (
             f"Maintenance window for {target} ended at"

@@ -36,13 +36,13 @@ async def delete_expired_sessions(
 async def use_session(
     session: AsyncSession, id_hash: bytes, *, idle_s: int, max_s: int, touch: bool
 ) -> Row[Any] | None:
-    """The live session of an enabled user: (user_id, username, role, csrf_token, flash), the
-    flash taken (cleared) and, with `touch`, last_seen_at moved to now. None when there is no
-    such session, or it is past a timeout (then it is deleted)."""
+    """The live session of an enabled user: (user_id, username, role, tenants, csrf_token,
+    flash), the flash taken (cleared) and, with `touch`, last_seen_at moved to now. None when
+    there is no such session, or it is past a timeout (then it is deleted)."""
     row = (
         await session.execute(
             text(
-                "SELECT s.user_id, u.username, u.role, s.csrf_token, s.flash,"
+                "SELECT s.user_id, u.username, u.role, u.tenants, s.csrf_token, s.flash,"
                 " (s.last_seen_at >= now() - make_interval(secs => :idle)"
                 "  AND s.created_at >= now() - make_interval(secs => :max)"
                 "  AND u.disabled_at IS NULL) AS live"

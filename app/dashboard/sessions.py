@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.settings import Settings
 from app.dashboard import repository
-from app.ops.security import OpsUser
+from app.ops.security import OpsUser, scope_of
 
 COOKIE = "selfheal_session"
 # The sign-in form's own CSRF token, before there is a session (double submit: cookie + field).
@@ -66,7 +66,8 @@ async def resume(
     )
     if row is None:
         return None
-    return SignedIn(OpsUser(row.user_id, row.username, row.role), key, row.csrf_token, row.flash)
+    user = OpsUser(row.user_id, row.username, row.role, scope_of(row.tenants))
+    return SignedIn(user, key, row.csrf_token, row.flash)
 
 
 async def end(session: AsyncSession, signed_in: SignedIn) -> None:

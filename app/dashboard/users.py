@@ -1,7 +1,8 @@
 """The admin's user management page (/ops/users): the ops users with their role, when they were
 created, whether they are disabled and when their API token was last used (never a password
-hash, token or token hash); forms to add a user, change a role, disable and enable a user,
-through app/ops/security.py as `selfheal user add` does.
+hash, token or token hash) and the tenants they are limited to; forms to add a user, change a
+role, set a viewer's or operator's tenants, disable and enable a user, through
+app/ops/security.py as `selfheal user add` does.
 
 Adding a user shows the generated password and API token once: the POST answers with the page
 itself (no-store, like every dashboard page) rather than a redirect, so neither ever sits in a
@@ -11,6 +12,7 @@ ends their dashboard sessions and revokes their API tokens."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,11 +25,17 @@ from app.core.models import ROLES
 from app.dashboard import sessions
 from app.dashboard.web import act, form_of, redirect, render, say, signed_in
 from app.ops import security
-from app.services import transaction
+from app.services import services, transaction
 
 router = APIRouter(prefix="/ops", include_in_schema=False)
 
 BACK = "/ops/users"
+
+
+def tenants_field(value: str | None) -> list[str] | None:
+    """The form's comma- or space-separated tenants; None (every tenant) when empty."""
+    names = [name for name in re.split(r"[\s,]+", (value or "").strip()) if name]
+    return names or None
 
 
 async def _page(
@@ -52,7 +60,13 @@ async def add_user(request: Request) -> Response:
     try:
         async with transaction(request) as session:
             await set_actor(session, f"user:{who.user.username}")
-            created = await security.add_user(session, username, form.get("role", ""))
+            created = await security.add_user(
+                session,
+                username,
+                form.get("role", ""),
+                tenants=tenants_field(form.get("tenants")),
+                token_days=services(request).settings.token_ttl_days,
+            )
     except DomainError as exc:
         await say(request, who, f"Not added: {exc.message}")
         return redirect(BACK)
@@ -70,6 +84,21 @@ async def change_role(user_id: str, request: Request) -> Response:
         return f"{user.username} is now {role}."
 
     return await act(request, who, BACK, work, failed="Role not changed")
+
+
+@router.post("/users/{user_id}/tenants")
+async def set_tenants(user_id: str, request: Request) -> Response:
+    """Limit a viewer or an operator to some tenants, or (empty) give them every tenant."""
+    who, form = await form_of(request, "admin")
+
+    async def work(session: AsyncSession) -> str:
+        user = await security.set_scope(
+            session, who.user, user_id, tenants_field(form.get("tenants"))
+        )
+        scope = ", ".join(user.tenants) if user.tenants is not None else "every tenant"
+        return f"{user.username} now sees {scope}."
+
+    return await act(request, who, BACK, work, failed="Tenants not changed")
 
 
 @router.post("/users/{user_id}/disable")

@@ -34,7 +34,6 @@ def _utc(value: datetime) -> datetime:
 
 templates.env.filters["utc"] = _utc
 
-MAX_FORM_BYTES = 64 * 1024
 # What every dashboard answer carries: no caching of pages that show incidents, no framing
 # (a kill switch must not be clickjacked), no scripts at all, forms posted only here.
 SECURITY_HEADERS = {
@@ -103,10 +102,12 @@ async def read_form(request: Request) -> dict[str, str]:
     field; anything else reads as an empty form (and so fails the CSRF check)."""
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return {}
+    # The body-limit middleware (app/core/bodylimit.py) has refused larger ones with 413.
+    limit = services(request).settings.form_max_body_bytes
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_FORM_BYTES:
+        if len(body) > limit:
             raise Forbidden("the form is larger than the dashboard accepts")
     try:
         fields = urllib.parse.parse_qs(

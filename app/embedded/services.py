@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Self
 
 from app.embedded import supervise
-from app.embedded.postgres import PG_DATABASE, PG_SUPERUSER, _PostgresMixin
+from app.embedded.postgres import PG_APP_USER, PG_DATABASE, PG_SUPERUSER, _PostgresMixin
 from app.embedded.redis import _RedisMixin
 from app.embedded.supervise import (
     LOOPBACK,
@@ -46,7 +46,9 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.postgres_enabled = postgres
         self.redis_enabled = redis
+        # The application's login, and the owner's (migrations), both with their passwords.
         self.database_url: str | None = None
+        self.database_owner_url: str | None = None
         self.redis_url: str | None = None
         self.postgres_log_path = self.data_dir / "postgres.log"
         self.redis_log_path = self.data_dir / "redis.log"
@@ -74,12 +76,17 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
                 with _file_lock(self.data_dir / ".embedded.lock", lock_deadline):
                     if self.postgres_enabled and self._pg is None:
                         self._pg = self._start_postgres()
+                        passwords = self.postgres_passwords()
+                        where = f"{LOOPBACK}:{self._pg.port}/{PG_DATABASE}"
                         self.database_url = (
-                            f"postgresql://{PG_SUPERUSER}@{LOOPBACK}:{self._pg.port}/{PG_DATABASE}"
+                            f"postgresql://{PG_APP_USER}:{passwords[PG_APP_USER]}@{where}"
+                        )
+                        self.database_owner_url = (
+                            f"postgresql://{PG_SUPERUSER}:{passwords[PG_SUPERUSER]}@{where}"
                         )
                     if self.redis_enabled and self._redis is None:
                         self._redis = self._start_redis()
-                        self.redis_url = f"redis://{LOOPBACK}:{self._redis.port}/0"
+                        self.redis_url = self.redis_url_for(self._redis.port)
             except BaseException:
                 # Leave nothing half-started behind; the original error is the one that matters.
                 with contextlib.suppress(EmbeddedServiceError):
@@ -95,7 +102,7 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
                 # A forked child inherited this object (and its atexit hook): the servers
                 # belong to the parent, so only forget them here.
                 self._pg = self._redis = None
-                self.database_url = self.redis_url = None
+                self.database_url = self.database_owner_url = self.redis_url = None
                 self._temp_socket_dir = None
                 return
             errors: list[str] = []
@@ -111,6 +118,7 @@ class EmbeddedServices(_PostgresMixin, _RedisMixin):
                     errors.append(str(exc))
                 setattr(self, attr, None)
             self.database_url = None
+            self.database_owner_url = None
             self.redis_url = None
             if self._temp_socket_dir is not None:
                 shutil.rmtree(self._temp_socket_dir, ignore_errors=True)

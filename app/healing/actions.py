@@ -38,14 +38,17 @@ _APPROVABLE = ("awaiting_approval", "blocked_by_policy")
 class ActingUser:
     id: uuid.UUID
     username: str
+    # The tenants the user acts on (app/ops/security.py OpsUser.scope); None: every tenant.
+    # Another tenant's incident is "no such incident" to them.
+    tenants: list[str] | None = None
 
     @property
     def actor(self) -> str:
         return f"user:{self.username}"
 
 
-async def _incident(session: AsyncSession, incident_id: uuid.UUID) -> Any:
-    row = await repo.lock_incident_for_action(session, incident_id)
+async def _incident(session: AsyncSession, incident_id: uuid.UUID, user: ActingUser) -> Any:
+    row = await repo.lock_incident_for_action(session, incident_id, tenants=user.tenants)
     if row is None:
         raise NotFound("no such incident")
     return row
@@ -59,9 +62,11 @@ def proposed_from_pending(
     plugin_name: str,
     severity: str,
     pending: PendingAction,
+    generation: int,
     attempt_id: uuid.UUID | None = None,
 ) -> ProposedAction:
-    """The gate's view of an incident's pending action (decided, or asked by an operator)."""
+    """The gate's view of an incident's pending action (decided, or asked by an operator), in
+    the incident's attempt generation (app/policy/gate.py, `ProposedAction.generation`)."""
     return ProposedAction(
         incident_id=incident_id,
         installation_id=installation_id,
@@ -75,6 +80,7 @@ def proposed_from_pending(
         automatic=pending.automatic,
         requested_by=pending.requested_by,
         attempt_id=attempt_id,
+        generation=generation,
     )
 
 
@@ -84,14 +90,16 @@ async def approve(
     user: ActingUser,
     comment: str | None,
     *,
-    action_key: str | None = None,
+    action_key: str,
 ) -> Approved:
     """One vote of `user` for the exact action the incident waits to take. `action_key`, the
-    key of the action the approver saw (the dashboard's form always sends it; optional in the
-    ops API): a Conflict when the incident now waits for another action, so a vote never
-    counts for something its voter did not see."""
+    key of the action the approver saw (the incident detail's `pending_action_key`; the
+    dashboard's form and the ops API both require it): a Conflict when the incident now
+    waits for another action, or for the same change tried again after a failed attempt, so
+    a vote never counts for something its voter did not see. The vote is stored under that
+    key and counts for that action only."""
     await set_actor(session, user.actor)
-    incident = await _incident(session, incident_id)
+    incident = await _incident(session, incident_id, user)
     pending = (
         None
         if incident.pending_action is None
@@ -106,12 +114,19 @@ async def approve(
         plugin_name=incident.plugin_name,
         severity=incident.severity,
         pending=pending,
+        generation=incident.attempt_generation,
     )
     key = key_for(proposed)
-    if action_key is not None and action_key != key:
+    if action_key != key:
+        retry = (
+            f", after {incident.attempt_generation} attempt(s) that ended"
+            if incident.attempt_generation
+            else ""
+        )
         raise Conflict(
             "the action waiting for approval has changed since you saw it (it is now"
-            f" {pending.action} to {pending.to_version}); look again and approve that one",
+            f" {pending.action} to {pending.to_version}{retry}); look again and approve"
+            " that one",
             field="action_key",
         )
     # ApprovalRefused (a vote that cannot count) is a Refused: the caller's to answer.
@@ -149,7 +164,7 @@ async def manual_action(
     comment: str | None,
 ) -> ManualActionTaken:
     await set_actor(session, user.actor)
-    incident = await _incident(session, incident_id)
+    incident = await _incident(session, incident_id, user)
     if incident.status not in TAKEOVER_STATUSES:
         raise Conflict(
             f"incident is {incident.status}; "
@@ -191,14 +206,21 @@ async def manual_action(
         )
     if version == incident.current_version:
         raise Invalid(f"the installation already runs {version}", field="patch_version")
-    # A rollback needs no signed release: the plugin goes back to a version it holds.
-    if (
-        action == "patch"
-        and await releases.command_payload(session, incident.plugin_name, version) is None
-    ):
+    # A rollback to the installation's known-good version needs no signed release: the plugin
+    # goes back to a version it ran healthy and holds. Any other version, "rollback" or not,
+    # is staged and applied like a patch, from a signed release.
+    staged = action == "patch" or version != incident.known_good_version
+    if staged and await releases.command_payload(session, incident.plugin_name, version) is None:
         raise Invalid(
             f"no signed release of {incident.plugin_name} {version}"
-            " (add it with `selfheal release add`)",
+            + (
+                f" ({version} is not this installation's known-good version"
+                f" ({incident.known_good_version or 'none yet'}), so the rollback is staged"
+                " like a patch)"
+                if action == "rollback"
+                else ""
+            )
+            + " (add it with `selfheal release add`)",
             field="patch_version",
         )
     pending = PendingAction(

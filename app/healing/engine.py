@@ -230,10 +230,20 @@ class Healer:
             # Never propose again what failed on this installation: a patch rolled back here
             # once would be rolled back again (patch/rollback oscillation).
             failed_here = await repo.versions_failed_on(session, state.installation_id)
-            candidates = [version for version in candidates if version not in failed_here]
-            quarantined = await releases.quarantined_versions(session, state.plugin_name)
+            # Quarantined fleet-wide, or blocked for this tenant (_maybe_quarantine).
+            quarantined = await releases.quarantined_versions(
+                session, state.plugin_name, tenant_id=state.tenant_id
+            )
+            candidates = [
+                version
+                for version in candidates
+                if version not in failed_here and version not in quarantined
+            ]
             outcomes = await repo.outcome_stats(
-                session, plugin_name=state.plugin_name, incident_type=state.type
+                session,
+                plugin_name=state.plugin_name,
+                incident_type=state.type,
+                tenant_id=state.tenant_id,
             )
         facts = IncidentFacts(
             id=str(state.id),
@@ -365,29 +375,39 @@ class Healer:
         attempt, or record why the incident waits."""
         assert state.installation_id is not None and state.tenant_id is not None
         to_version = action.to_version
+        staged = not _skips_staging(state, action.action, to_version)
         if (
-            await self._command_payload(session, state.plugin_name, action.action, to_version)
+            await self._command_payload(
+                session, state.plugin_name, action.action, to_version, staged=staged
+            )
             is None
         ):
+            unknown = (
+                f" ({to_version} is not this installation's known-good version, so the"
+                " rollback is staged like a patch)"
+                if action.action == Action.ROLLBACK
+                else ""
+            )
             await repo.move_incident(
                 session,
                 state.id,
                 expected=expected,
                 status=IncidentStatus.ESCALATED,
                 reason=f"no signed release of {state.plugin_name} {to_version} to"
-                f" {action.action} to (add one with `selfheal release add`)",
+                f" {action.action} to{unknown} (add one with `selfheal release add`)",
             )
             await self._notify(session, "escalated", state, "escalated")
             return WAIT
-        if to_version in await releases.quarantined_versions(session, state.plugin_name) and bool(
-            action.automatic
+        if action.automatic and to_version in await releases.quarantined_versions(
+            session, state.plugin_name, tenant_id=state.tenant_id
         ):
             await repo.move_incident(
                 session,
                 state.id,
                 expected=expected,
                 status=IncidentStatus.ESCALATED,
-                reason=f"{state.plugin_name} {to_version} is quarantined; not applied automatically",
+                reason=f"{state.plugin_name} {to_version} is quarantined (fleet-wide, or for"
+                f" tenant {state.tenant_id}); not applied automatically",
             )
             await self._notify(session, "escalated", state, "escalated")
             return WAIT
@@ -440,9 +460,7 @@ class Healer:
                 return cancelled
         if attempt.staging_passed:
             return await self._apply(state, attempt)
-        if attempt.action == Action.ROLLBACK:
-            # Back to a version that ran in production before this incident: staging would
-            # only delay the fix.
+        if _skips_staging(state, attempt.action, attempt.to_version):
             async with self._locked(state) as session:
                 await repo.move_attempt(
                     session,
@@ -451,7 +469,8 @@ class Healer:
                     status=AttemptStatus.STAGING,
                     staging_report={
                         "status": "passed",
-                        "skipped": "rollback to a version that ran in production before",
+                        "skipped": f"rollback to {attempt.to_version}, this installation's"
+                        " known-good version (it ran healthy here for a whole health window)",
                     },
                 )
             return CONTINUE
@@ -593,7 +612,11 @@ class Healer:
             if not gate.allowed:
                 return await self._held_before_apply(session, state, attempt, gate)
             payload = await self._command_payload(
-                session, state.plugin_name, attempt.action, attempt.to_version or ""
+                session,
+                state.plugin_name,
+                attempt.action,
+                attempt.to_version or "",
+                staged=not _skips_staging(state, attempt.action, attempt.to_version),
             )
             if payload is None:
                 why = f"no signed release of {attempt.to_version} to apply"
@@ -811,15 +834,23 @@ class Healer:
         return await self._look_again(state)
 
     async def _command_payload(
-        self, session: AsyncSession, plugin: str, action: str, version: str
+        self,
+        session: AsyncSession,
+        plugin: str,
+        action: str,
+        version: str,
+        *,
+        staged: bool = False,
     ) -> dict[str, Any] | None:
         """The payload of the command that takes the plugin to `version` (docs/contracts.md): an
         update needs a signed, unexpired release (None without one); a rollback is
-        `{"version"}`, plus the release's fields when a signed release of it exists."""
+        `{"version"}`, plus the release's fields when a signed release of it exists. A staged
+        rollback (to a version that is not the installation's known-good one) needs the
+        signed release as an update does (None without one)."""
         release = await releases.command_payload(
             session, plugin, version, base_url=self.settings.api_base_url
         )
-        if action == "rollback":
+        if action == "rollback" and not (staged and release is None):
             return {"version": version, **(release or {})}
         return release
 
@@ -1108,19 +1139,56 @@ class Healer:
     ) -> None:
         """The bad version of a rollback (the patch's target, or the version a rollback left)
         is quarantined once it has been rolled back from SELFHEAL_QUARANTINE_AFTER_ROLLBACKS
-        times across the fleet: no automatic choice proposes it again."""
+        times across the fleet, on the installations of at least
+        SELFHEAL_QUARANTINE_MIN_TENANTS tenants: no automatic choice proposes it again. One
+        tenant's installations alone (their telemetry is theirs to send) cannot quarantine it
+        for everyone: when they reach the count, it is blocked for that tenant only."""
         bad = attempt.to_version if attempt.action == Action.PATCH else attempt.from_version
         if bad is None:
             return
-        count = await repo.rollbacks_of_version(session, plugin_name=state.plugin_name, version=bad)
-        if count >= self.settings.quarantine_after_rollbacks and await releases.quarantine(
-            session,
-            state.plugin_name,
-            bad,
-            f"rolled back {count} times across the fleet (threshold"
-            f" {self.settings.quarantine_after_rollbacks})",
+        need, need_tenants = (
+            self.settings.quarantine_after_rollbacks,
+            self.settings.quarantine_min_tenants,
+        )
+        tally = await repo.rollbacks_of_version(
+            session, plugin_name=state.plugin_name, version=bad, tenant_id=state.tenant_id
+        )
+        if tally.total >= need and tally.tenants >= need_tenants:
+            if await releases.quarantine(
+                session,
+                state.plugin_name,
+                bad,
+                f"rolled back {tally.total} times across the fleet, on the installations of"
+                f" {tally.tenants} tenants (thresholds: {need} rollbacks, {need_tenants}"
+                " tenants)",
+            ):
+                log.warning(
+                    "release_quarantined",
+                    plugin=state.plugin_name,
+                    version=bad,
+                    rollbacks=tally.total,
+                    tenants=tally.tenants,
+                )
+        elif (
+            state.tenant_id is not None
+            and tally.tenant >= need
+            and await releases.block_for_tenant(
+                session,
+                state.plugin_name,
+                bad,
+                state.tenant_id,
+                f"rolled back {tally.tenant} times on tenant {state.tenant_id}'s installations"
+                f" (threshold {need}); quarantine for every tenant needs rollbacks on"
+                f" {need_tenants} tenants' installations",
+            )
         ):
-            log.warning("release_quarantined", plugin=state.plugin_name, version=bad)
+            log.warning(
+                "release_blocked_for_tenant",
+                plugin=state.plugin_name,
+                version=bad,
+                tenant=state.tenant_id,
+                rollbacks=tally.tenant,
+            )
 
     async def _record_feedback(
         self, session: AsyncSession, state: IncidentState, attempt: AttemptRow, outcome: str
@@ -1137,6 +1205,7 @@ class Healer:
                 decision_source=attempt.decision_source or "manual",
                 confidence=None if attempt.confidence is None else float(attempt.confidence),
                 outcome=outcome,
+                tenant_id=state.tenant_id,
             ),
         )
 
@@ -1174,7 +1243,20 @@ def _proposed(
         plugin_name=state.plugin_name,
         severity=state.severity,
         pending=action,
+        generation=state.attempt_generation,
         attempt_id=attempt_id,
+    )
+
+
+def _skips_staging(state: IncidentState, action: str, to_version: str | None) -> bool:
+    """A rollback to the installation's known-good version (the last one it ran healthy for a
+    whole health window) goes back to what ran in production here: staging would only delay
+    the fix. Anything else, a "rollback" to a version this installation never ran healthy
+    included, is a change like a patch: staged, and from a signed release."""
+    return (
+        action == Action.ROLLBACK
+        and to_version is not None
+        and to_version == state.known_good_version
     )
 
 

@@ -107,9 +107,12 @@ async def attempt_proof(session: AsyncSession, attempt_id: uuid.UUID) -> Attempt
     )
 
 
-async def attempt_facts(session: AsyncSession, attempt_id: uuid.UUID) -> dict[str, Any] | None:
+async def attempt_facts(
+    session: AsyncSession, attempt_id: uuid.UUID, *, tenants: list[str] | None = None
+) -> dict[str, Any] | None:
     """One attempt (the columns of the attempts' list) with its installation's tenant and
-    plugin and its incident's type; None when no attempt has this id."""
+    plugin and its incident's type; None when no attempt has this id on an installation of
+    `tenants` (the reader's scope; None: every tenant)."""
     row = await session.execute(
         text(
             f"SELECT {ATTEMPT_COLUMNS}, m.tenant_id, m.plugin_name, i.type AS incident_type"
@@ -117,8 +120,9 @@ async def attempt_facts(session: AsyncSession, attempt_id: uuid.UUID) -> dict[st
             " LEFT JOIN merchant_plugins m ON m.id = a.installation_id"
             " LEFT JOIN plugin_incidents i ON i.id = a.incident_id"
             " WHERE a.id = :id"
+            "  AND (CAST(:scope AS text[]) IS NULL OR m.tenant_id = ANY(:scope))"
         ),
-        {"id": attempt_id},
+        {"id": attempt_id, "scope": tenants},
     )
     found = row.first()
     return None if found is None else dict(found._mapping)

@@ -6,7 +6,12 @@ getting no row back.
 Every statement of the healing loop (incidents, attempts, its commands' locks and expiry,
 outcomes) sits together so that the guarded-update pattern above is applied and reviewed in
 one place; the commands themselves are queued by `insert_command` (app/plugins/repository.py),
-the command queue's one home."""
+the command queue's one home.
+
+Over 600 lines: the loop's reads that weigh history (outcome statistics and rollback tallies
+weighed by tenant, the versions failed on an installation) share the definition of "the
+version an attempt failed on" with the guarded writes above; split apart, that definition
+would have two homes."""
 
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED, INCIDENT_OPE
 from app.decisions.schemas import OutcomeStats
 from app.healing.pending import PendingAction
 from app.incidents.repository import ROLLBACK_TARGET_SQL
-from app.policy.repository import autopatch_enabled, serialize_gate_decisions
+from app.policy.repository import (
+    attempt_generation_sql,
+    autopatch_enabled,
+    serialize_gate_decisions,
+)
 
 
 class Keep(enum.Enum):
@@ -101,7 +110,11 @@ class IncidentState:
     # The version to go back to: known-good, else the one before, never one that just failed
     # there (app/incidents/repository.py, ROLLBACK_TARGET_SQL).
     previous_version: str | None
+    # The last version healthy here for a whole health window: a rollback to it skips staging.
+    known_good_version: str | None
     version_changed_at: datetime | None
+    # The incident's attempt generation (app/policy/gate.py, ProposedAction.generation).
+    attempt_generation: int
     attempt: AttemptRow | None
     commands: dict[str, CommandRow]
 
@@ -177,7 +190,9 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
                            i.plugin_version, i.type, i.severity, i.status, i.status_reason,
                            i.detected_at, i.telemetry_snapshot, i.sira_decision,
                            i.pending_action, m.plugin_version AS current_version,
-                           {ROLLBACK_TARGET_SQL} AS previous_version, m.version_changed_at
+                           {ROLLBACK_TARGET_SQL} AS previous_version,
+                           m.known_good_version, m.version_changed_at,
+                           {attempt_generation_sql("i.id")} AS attempt_generation
                     FROM plugin_incidents i
                     LEFT JOIN merchant_plugins m ON m.id = i.installation_id
                     WHERE i.id = :id
@@ -307,20 +322,27 @@ async def lock_incident(
     return result.first() is not None
 
 
-async def lock_incident_for_action(session: AsyncSession, incident_id: uuid.UUID) -> Any | None:
+async def lock_incident_for_action(
+    session: AsyncSession, incident_id: uuid.UUID, *, tenants: list[str] | None = None
+) -> Any | None:
     """The incident as an operator's approval or manual action needs it (status, pending
-    action, the installation's current version and rollback target), row-locked for this
-    transaction; None when there is no such incident."""
+    action, the installation's current, known-good and rollback target versions, the
+    attempt generation), row-locked for this
+    transaction; None when there is no such incident, or it is not of one of `tenants` (the
+    acting user's scope; None: every tenant; a fleet incident is of no tenant)."""
     return (
         await session.execute(
             text(
                 "SELECT i.id, i.status, i.installation_id, i.tenant_id, i.plugin_name,"
                 " i.severity, i.pending_action, m.plugin_version AS current_version,"
-                f" {ROLLBACK_TARGET_SQL} AS previous_version"
+                f" {ROLLBACK_TARGET_SQL} AS previous_version, m.known_good_version,"
+                f" {attempt_generation_sql('i.id')} AS attempt_generation"
                 " FROM plugin_incidents i LEFT JOIN merchant_plugins m ON m.id = i.installation_id"
-                " WHERE i.id = :id FOR UPDATE OF i"
+                " WHERE i.id = :id"
+                "  AND (CAST(:scope AS text[]) IS NULL OR i.tenant_id = ANY(:scope))"
+                " FOR UPDATE OF i"
             ),
-            {"id": incident_id},
+            {"id": incident_id, "scope": tenants},
         )
     ).first()
 
@@ -494,24 +516,42 @@ async def samples_since(
 
 
 async def outcome_stats(
-    session: AsyncSession, *, plugin_name: str, incident_type: str
+    session: AsyncSession, *, plugin_name: str, incident_type: str, tenant_id: str | None
 ) -> dict[str, OutcomeStats]:
-    """How patches to each version ended for this plugin and incident type, fleet-wide: what
-    the fallback's 'best observed candidate' rule ranks."""
+    """How patches to each version ended for this plugin and incident type: what the
+    fallback's 'best observed candidate' rule ranks. Weighed by tenant: the outcomes on
+    `tenant_id`'s own installations count one each; every other tenant counts as one outcome
+    in all, split by its own success rate, so that one tenant's installations (their
+    telemetry is theirs to send) cannot make a version look good or bad for the others."""
     rows = await session.execute(
         text(
             """
-            SELECT a.to_version,
-                   count(*) FILTER (WHERE a.status = 'success') AS successes,
-                   count(*) FILTER (WHERE a.status IN ('failed', 'rolled_back')) AS failures
-            FROM plugin_autopatch_attempts a
-            JOIN plugin_incidents i ON i.id = a.incident_id
-            WHERE i.plugin_name = :plugin AND i.type = :type AND a.action = 'patch'
-              AND a.to_version IS NOT NULL
-            GROUP BY a.to_version
+            WITH per_tenant AS (
+                SELECT a.to_version, m.tenant_id,
+                       count(*) FILTER (WHERE a.status = 'success') AS successes,
+                       count(*) FILTER (WHERE a.status IN ('failed', 'rolled_back'))
+                           AS failures
+                FROM plugin_autopatch_attempts a
+                JOIN plugin_incidents i ON i.id = a.incident_id
+                JOIN merchant_plugins m ON m.id = a.installation_id
+                WHERE i.plugin_name = :plugin AND i.type = :type AND a.action = 'patch'
+                  AND a.to_version IS NOT NULL
+                GROUP BY a.to_version, m.tenant_id
+            ), weighed AS (
+                SELECT to_version,
+                       CASE WHEN tenant_id = CAST(:tenant AS text) THEN 1.0
+                            ELSE 1.0 / greatest(successes + failures, 1) END AS weight,
+                       successes, failures
+                FROM per_tenant
+            )
+            SELECT to_version,
+                   sum(successes * weight)::float8 AS successes,
+                   sum(failures * weight)::float8 AS failures
+            FROM weighed
+            GROUP BY to_version
             """
         ),
-        {"plugin": plugin_name, "type": incident_type},
+        {"plugin": plugin_name, "type": incident_type, "tenant": tenant_id},
     )
     return {r.to_version: OutcomeStats(r.successes, r.failures) for r in rows}
 
@@ -523,19 +563,35 @@ _FAILED_VERSION_OF_ATTEMPT = """
          WHEN a.action = 'rollback' AND a.status = 'success' THEN a.from_version END"""
 
 
-async def rollbacks_of_version(session: AsyncSession, *, plugin_name: str, version: str) -> int:
-    """How many times installations of the plugin were rolled back from `version`."""
-    result = await session.execute(
-        text(
-            f"""
-            SELECT count(*) FROM plugin_autopatch_attempts a
-            JOIN merchant_plugins m ON m.id = a.installation_id
-            WHERE m.plugin_name = :plugin AND {_FAILED_VERSION_OF_ATTEMPT} = :version
-            """
-        ),
-        {"plugin": plugin_name, "version": version},
-    )
-    return int(result.scalar_one())
+@dataclass(frozen=True, slots=True)
+class RollbackTally:
+    """How often installations of a plugin were rolled back from one version."""
+
+    total: int  # fleet-wide
+    tenants: int  # distinct tenants of those installations
+    tenant: int  # on the installations of the tenant asked about
+
+
+async def rollbacks_of_version(
+    session: AsyncSession, *, plugin_name: str, version: str, tenant_id: str | None
+) -> RollbackTally:
+    """How many times installations of the plugin were rolled back from `version`, from how
+    many tenants' installations, and how many times on `tenant_id`'s."""
+    row = (
+        await session.execute(
+            text(
+                f"""
+                SELECT count(*) AS total, count(DISTINCT m.tenant_id) AS tenants,
+                       count(*) FILTER (WHERE m.tenant_id = :tenant) AS tenant
+                FROM plugin_autopatch_attempts a
+                JOIN merchant_plugins m ON m.id = a.installation_id
+                WHERE m.plugin_name = :plugin AND {_FAILED_VERSION_OF_ATTEMPT} = :version
+                """
+            ),
+            {"plugin": plugin_name, "version": version, "tenant": tenant_id},
+        )
+    ).one()
+    return RollbackTally(int(row.total), int(row.tenants), int(row.tenant))
 
 
 async def versions_failed_on(

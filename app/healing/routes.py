@@ -28,7 +28,7 @@ assert set(AttemptStatus.__args__) == set(states.AttemptStatus)  # type: ignore[
 
 
 def _acting(user: OpsUser) -> actions.ActingUser:
-    return actions.ActingUser(user.id, user.username)
+    return actions.ActingUser(user.id, user.username, user.scope)
 
 
 # The statement is app/incidents/queries.py's `list_attempts`, not this package's: an
@@ -37,7 +37,7 @@ def _acting(user: OpsUser) -> actions.ActingUser:
 @router.get("/autopatch-attempts", response_model=AttemptList, responses=error_responses(422))
 async def list_attempts(
     request: Request,
-    _: Viewer,
+    user: Viewer,
     incident: uuid.UUID | None = None,
     plugin: Annotated[str | None, Query(max_length=100)] = None,
     status: AttemptStatus | None = None,
@@ -45,7 +45,12 @@ async def list_attempts(
 ) -> AttemptList:
     async with transaction(request) as session:
         items = await queries.list_attempts(
-            session, incident_id=incident, plugin=plugin, status=status, limit=limit
+            session,
+            incident_id=incident,
+            plugin=plugin,
+            status=status,
+            limit=limit,
+            tenants=user.scope,
         )
     return AttemptList.model_validate({"items": items})
 
@@ -53,7 +58,7 @@ async def list_attempts(
 @router.post(
     "/plugin-incidents/{incident_id}/approve",
     response_model=Approved,
-    responses=error_responses(403, 404, 409, 422),
+    responses=error_responses(403, 404, 409, 413, 422),
 )
 async def approve(
     incident_id: str, body: ApproveBody, request: Request, user: Operator
@@ -72,7 +77,7 @@ async def approve(
     "/plugin-incidents/{incident_id}/manual-action",
     response_model=ManualActionTaken,
     response_model_exclude_unset=True,
-    responses=error_responses(403, 404, 409, 422),
+    responses=error_responses(403, 404, 409, 413, 422),
 )
 async def manual_action(
     incident_id: str, body: ManualActionBody, request: Request, user: Operator

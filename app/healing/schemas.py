@@ -16,9 +16,10 @@ ManualAction = Literal["patch", "rollback", "ignore", "resolve", "escalate"]
 class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     comment: Annotated[str | None, Field(max_length=2000)] = None
-    # The key of the action the approver saw (the incident's `pending_action_key`): when
-    # given, a vote for an action that has changed since is refused (409).
-    action_key: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
+    # The key of the action the approver saw (the incident's `pending_action_key`), required:
+    # a vote binds to it, and a vote for an action that has changed since (another version,
+    # or the same change tried again after a failed attempt) is refused (409).
+    action_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class ManualActionBody(BaseModel):

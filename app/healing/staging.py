@@ -4,7 +4,8 @@ Each call has one total deadline covering its retries (app/core/retry.py): conne
 and 5xx are retried with a short exponential backoff; 4xx is not, nor a timeout (each try
 may take all the time left, so a timeout means the deadline is reached). What the healing
 loop needs to tell apart:
-- `StagingUnavailable`: the runner could not be asked (down, slow, 5xx, nonsense). The attempt
+- `StagingUnavailable`: the runner could not be asked (down, slow, 5xx, nonsense, an answer
+  longer than SELFHEAL_SERVICE_ANSWER_MAX_BYTES, which is not read past that). The attempt
   keeps its place and the step is tried again later, a bounded number of times, then the
   attempt fails safe: nothing was changed in production.
 - `RunLost`: the runner answers but no longer knows the run (404, e.g. it restarted): start
@@ -23,7 +24,10 @@ from app.core.retry import GaveUp, Retryable, retry_within_deadline
 
 RunStatus = Literal["running", "passed", "failed"]
 _STATUSES = ("running", "passed", "failed")
-MAX_REPORT_BYTES = 64 * 1024
+# Default of SELFHEAL_SERVICE_ANSWER_MAX_BYTES: an answer is read no further than this.
+MAX_ANSWER_BYTES = 64 * 1024
+# Of a refusal (4xx), only the start is read, for the error message.
+_REFUSAL_READ_BYTES = 4096
 
 
 class StagingUnavailable(Exception):
@@ -58,6 +62,7 @@ class StagingClient:
         deadline_s: float = 5.0,
         max_attempts: int = 3,
         backoff_base_s: float = 0.1,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/") if base_url else None
@@ -65,6 +70,7 @@ class StagingClient:
         self.deadline_s = deadline_s
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
+        self.max_answer_bytes = max_answer_bytes
 
     @property
     def configured(self) -> bool:
@@ -92,11 +98,24 @@ class StagingClient:
             headers["Authorization"] = f"Bearer {self._token}"
         url = self._base_url + path
 
-        async def attempt(remaining: float) -> httpx.Response:
+        async def attempt(remaining: float) -> _Answer:
             try:
-                response = await self._http.request(
+                async with self._http.stream(
                     method, url, content=content, headers=headers, timeout=remaining
-                )
+                ) as response:
+                    status = response.status_code
+                    if status >= 500:
+                        raise Retryable(f"HTTP {status} from the staging runner")
+                    if not response.is_success:
+                        excerpt, _ = await _read_at_most(response, _REFUSAL_READ_BYTES)
+                        return _Answer(status, excerpt)
+                    body, complete = await _read_at_most(response, self.max_answer_bytes)
+                    if not complete:
+                        raise StagingUnavailable(
+                            "the staging runner's answer is too large (more than"
+                            f" {self.max_answer_bytes} bytes)"
+                        )
+                    return _Answer(status, body)
             except httpx.TimeoutException:
                 # httpx's timeout is the time left: the deadline is reached, stop.
                 raise TimeoutError from None
@@ -104,9 +123,6 @@ class StagingClient:
                 raise Retryable(
                     f"cannot reach the staging runner ({type(error).__name__}: {error})"
                 ) from None
-            if response.status_code >= 500:
-                raise Retryable(f"HTTP {response.status_code} from the staging runner")
-            return response
 
         try:
             response = await retry_within_deadline(
@@ -117,21 +133,40 @@ class StagingClient:
             )
         except GaveUp as gave_up:
             raise StagingUnavailable(gave_up.reason) from None
-        if response.status_code == 404 and method == "GET":
+        if response.status == 404 and method == "GET":
             raise RunLost(f"the staging runner no longer knows run {path.rsplit('/', 1)[-1]}")
         return _parse(response)
 
 
-def _parse(response: httpx.Response) -> StagingRun:
-    if not response.is_success:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes  # of a refusal, only its start
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the body, and whether that is all of it. Reading stops past
+    the limit: a runner streaming without end is not read further (leaving the `stream`
+    block closes the response)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        if size + len(chunk) > limit:
+            chunks.append(chunk[: limit - size])
+            return b"".join(chunks), False
+        size += len(chunk)
+        chunks.append(chunk)
+    return b"".join(chunks), True
+
+
+def _parse(response: _Answer) -> StagingRun:
+    if not 200 <= response.status < 300:
+        excerpt = response.body[:200].decode("utf-8", "replace")
         raise StagingUnavailable(
-            f"the staging runner refused the request (HTTP {response.status_code}:"
-            f" {response.text[:200]})"
+            f"the staging runner refused the request (HTTP {response.status}: {excerpt})"
         )
-    if len(response.content) > MAX_REPORT_BYTES:
-        raise StagingUnavailable("the staging runner's answer is too large")
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(response.body)
     except orjson.JSONDecodeError:
         raise StagingUnavailable("the staging runner's answer is not JSON") from None
     if not isinstance(body, dict):

@@ -1,6 +1,11 @@
 """Read side for ops: incident lists with keyset paging, one incident with its timeline,
 attempts, KPIs and the series the dashboard charts (severity over time, time to approval,
-decision confidence, calibration). Every statement here only reads."""
+decision confidence, calibration). Every statement here only reads, and each takes the
+reader's tenant scope (`tenants`: a tenant-scoped ops user's; None: every tenant) into its SQL.
+
+Over 600 lines: every read over incidents and attempts that the ops API and the dashboard
+share, with the one tenant-scope rule (`scope_sql`) they all apply; split by page, the scope
+rule would have to be imported back by each part."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from app.incidents.schemas import (
     TimeToApproval,
 )
 from app.policy.gate import key_of
+from app.policy.repository import attempt_generation_sql
 
 INCIDENT_COLUMNS = (
     "id, installation_id, tenant_id, plugin_name, plugin_version, type, severity, status,"
@@ -46,6 +52,31 @@ FLEET_MEMBERS_SHOWN = 500
 
 class BadCursor(ValueError):
     pass
+
+
+# A tenant-scoped ops user's reads (app/ops/security.py, OpsUser.scope): the tenants to keep;
+# None: every tenant. The condition goes in the statement, with the tenants bound as :scope.
+Scope = list[str] | None
+
+
+def scope_sql(tenant_column: str, tenants: Scope) -> str:
+    """The condition keeping rows whose `tenant_id` column is in the scope (TRUE: no scope).
+    A row without a tenant (a fleet incident) is outside every scope."""
+    return "TRUE" if tenants is None else f"{tenant_column} = ANY(:scope)"
+
+
+def installation_scope_sql(installation_column: str, tenants: Scope) -> str:
+    """The same for rows that name an installation (attempts): its tenant in the scope."""
+    if tenants is None:
+        return "TRUE"
+    return (
+        f"{installation_column} IN (SELECT sm.id FROM merchant_plugins sm"
+        " WHERE sm.tenant_id = ANY(:scope))"
+    )
+
+
+def scope_params(tenants: Scope) -> dict[str, Any]:
+    return {} if tenants is None else {"scope": tenants}
 
 
 def encode_cursor(detected_at: datetime, incident_id: uuid.UUID) -> str:
@@ -72,10 +103,17 @@ async def list_incidents(
     incident_type: str | None,
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
+    tenants: Scope = None,
 ) -> list[dict[str, Any]]:
-    """Newest first; `after` is the (detected_at, id) of the last row of the previous page."""
+    """Newest first; `after` is the (detected_at, id) of the last row of the previous page;
+    `tenants`: the reader's scope."""
     conditions, params = _incident_filters(
-        status=status, severity=severity, tenant=tenant, plugin=plugin, incident_type=incident_type
+        status=status,
+        severity=severity,
+        tenant=tenant,
+        plugin=plugin,
+        incident_type=incident_type,
+        tenants=tenants,
     )
     params["limit"] = limit
     if after is not None:
@@ -98,9 +136,10 @@ def _incident_filters(
     tenant: str | None,
     plugin: str | None,
     incident_type: str | None,
+    tenants: Scope = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {}
+    conditions = [scope_sql("tenant_id", tenants)]
+    params: dict[str, Any] = scope_params(tenants)
     for column, value in (
         ("status", status),
         ("severity", severity),
@@ -121,11 +160,17 @@ async def count_by_severity(
     tenant: str | None,
     plugin: str | None,
     incident_type: str | None,
+    tenants: Scope = None,
 ) -> dict[str, int]:
     """How many incidents of each severity match the filters (all pages; severity aside, so
-    the counts say what each severity filter would show)."""
+    the counts say what each severity filter would show), in the reader's scope."""
     conditions, params = _incident_filters(
-        status=status, severity=None, tenant=tenant, plugin=plugin, incident_type=incident_type
+        status=status,
+        severity=None,
+        tenant=tenant,
+        plugin=plugin,
+        incident_type=incident_type,
+        tenants=tenants,
     )
     rows = await session.execute(
         text(
@@ -137,21 +182,27 @@ async def count_by_severity(
     return {row[0]: row[1] for row in rows}
 
 
-async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict[str, Any] | None:
+async def incident_detail(
+    session: AsyncSession, incident_id: uuid.UUID, *, tenants: Scope = None
+) -> dict[str, Any] | None:
+    """One incident with its members (a fleet incident), attempts, approvals and timeline;
+    None when there is none with this id in the reader's scope (`tenants`)."""
     row = (
         await session.execute(
             text(
                 f"SELECT {INCIDENT_COLUMNS}, telemetry_snapshot, sira_decision,"
-                " pending_action, decided_at, escalated_at, next_check_at"
-                " FROM plugin_incidents WHERE id = :id"
+                " pending_action, decided_at, escalated_at, next_check_at,"
+                f" {attempt_generation_sql('plugin_incidents.id')} AS attempt_generation"
+                f" FROM plugin_incidents WHERE id = :id AND {scope_sql('tenant_id', tenants)}"
             ),
-            {"id": incident_id},
+            {"id": incident_id, **scope_params(tenants)},
         )
     ).first()
     if row is None:
         return None
     incident = _plain(row._mapping)
     pending = incident["pending_action"]
+    generation = int(incident.pop("attempt_generation"))
     incident["pending_action_key"] = (
         key_of(
             incident["id"],
@@ -159,6 +210,7 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
             str(pending.get("action")),
             pending.get("from_version"),
             pending.get("to_version"),
+            generation,
         )
         if isinstance(pending, dict)
         else None
@@ -168,9 +220,10 @@ async def incident_detail(session: AsyncSession, incident_id: uuid.UUID) -> dict
         members = await session.execute(
             text(
                 f"SELECT {INCIDENT_COLUMNS} FROM plugin_incidents"
-                " WHERE fleet_incident_id = :id ORDER BY detected_at DESC, id DESC LIMIT :n"
+                f" WHERE fleet_incident_id = :id AND {scope_sql('tenant_id', tenants)}"
+                " ORDER BY detected_at DESC, id DESC LIMIT :n"
             ),
-            {"id": incident_id, "n": FLEET_MEMBERS_SHOWN},
+            {"id": incident_id, "n": FLEET_MEMBERS_SHOWN, **scope_params(tenants)},
         )
         incident["members"] = [_plain(r._mapping) for r in members]
     incident["attempts"] = await list_attempts(
@@ -241,9 +294,11 @@ async def list_attempts(
     plugin: str | None,
     status: str | None,
     limit: int,
+    tenants: Scope = None,
 ) -> list[dict[str, Any]]:
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {"limit": limit}
+    """Newest first; only attempts on installations of the reader's scope (`tenants`)."""
+    conditions = [scope_sql("m.tenant_id", tenants)]
+    params: dict[str, Any] = {"limit": limit, **scope_params(tenants)}
     if incident_id is not None:
         conditions.append("a.incident_id = :incident")
         params["incident"] = incident_id
@@ -274,13 +329,15 @@ _LOOP_CLOSED = (
 )
 
 
-async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
+async def kpis(session: AsyncSession, *, days: int, tenants: Scope = None) -> dict[str, Any]:
     """The brief's KPIs, NULL-safe: a window without attempts has no rate, not an error.
 
     `mttr_s` is the mean over every incident of the window closed with a resolved_at (an
     operator's resolve, a recovery, an ignore included); `mttr_loop_s` only over the
     incidents the loop healed or rolled back (`_LOOP_CLOSED`). The time to approval is
-    `time_to_approval`'s means (an approximation: see there)."""
+    `time_to_approval`'s means (an approximation: see there). Everything counts only the
+    reader's tenants (`tenants`)."""
+    scope = scope_params(tenants)
     attempts = (
         await session.execute(
             text(
@@ -291,8 +348,9 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
                 "   AS rollback_rate"
                 " FROM plugin_autopatch_attempts"
                 " WHERE executed_at > now() - make_interval(days => :days)"
+                f" AND {installation_scope_sql('installation_id', tenants)}"
             ),
-            {"days": days},
+            {"days": days, **scope},
         )
     ).one()
     times = (
@@ -303,15 +361,18 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
                 " extract(epoch FROM avg(resolved_at - detected_at)"
                 "   FILTER (WHERE resolved_at IS NOT NULL)) AS mttr_s"
                 " FROM plugin_incidents WHERE detected_at > now() - make_interval(days => :days)"
+                f" AND {scope_sql('tenant_id', tenants)}"
             ),
-            {"days": days},
+            {"days": days, **scope},
         )
     ).one()
     severity = await session.execute(
         text(
             "SELECT severity, count(*) FROM plugin_incidents"
-            " WHERE detected_at > now() - interval '24 hours' GROUP BY severity"
-        )
+            " WHERE detected_at > now() - interval '24 hours'"
+            f" AND {scope_sql('tenant_id', tenants)} GROUP BY severity"
+        ),
+        scope,
     )
     # MTTR of the loop's own work: incidents it healed (resolved, with a successful attempt)
     # or rolled back (rolled_back, with a rolled-back attempt); an incident resolved by hand
@@ -323,11 +384,12 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
                 " extract(epoch FROM avg(i.resolved_at - i.detected_at)) AS mttr_s"
                 " FROM plugin_incidents i"
                 f" WHERE i.detected_at > now() - make_interval(days => :days) AND {_LOOP_CLOSED}"
+                f" AND {scope_sql('i.tenant_id', tenants)}"
             ),
-            {"days": days},
+            {"days": days, **scope},
         )
     ).one()
-    approval = await time_to_approval(session, days=days)
+    approval = await time_to_approval(session, days=days, tenants=tenants)
     return {
         "window_days": days,
         "attempts": attempts.attempts,
@@ -345,7 +407,7 @@ async def kpis(session: AsyncSession, *, days: int) -> dict[str, Any]:
 
 
 async def severity_series(
-    session: AsyncSession, *, bucket: Literal["hour", "day"], count: int
+    session: AsyncSession, *, bucket: Literal["hour", "day"], count: int, tenants: Scope = None
 ) -> SeveritySeries:
     """Incidents detected per `bucket` (UTC) and severity, the last `count` buckets, the
     current one (partial) last; every bucket and every severity present, 0 when none. The
@@ -359,9 +421,10 @@ async def severity_series(
                 "  i.severity, count(i.id) AS n"
                 " FROM b LEFT JOIN plugin_incidents i ON i.detected_at >="
                 "  (b.current - CAST(:step AS interval) * (:count - 1)) AT TIME ZONE 'UTC'"
+                f"  AND {scope_sql('i.tenant_id', tenants)}"
                 " GROUP BY 1, 2, 3"
             ),
-            {"unit": bucket, "step": step, "count": count},
+            {"unit": bucket, "step": step, "count": count, **scope_params(tenants)},
         )
     ).all()
     current: datetime = rows[0].current
@@ -382,7 +445,7 @@ async def severity_series(
     )
 
 
-async def kpi_series(session: AsyncSession, *, days: int = 7) -> KpiSeries:
+async def kpi_series(session: AsyncSession, *, days: int = 7, tenants: Scope = None) -> KpiSeries:
     """The brief's four KPIs per UTC day, the last `days` days (today, partial, last), as
     `kpis` counts them: rates (percent) over the attempts executed that day, MTTD and the
     loop's MTTR over the incidents detected that day. None where a day has nothing."""
@@ -395,9 +458,10 @@ async def kpi_series(session: AsyncSession, *, days: int = 7) -> KpiSeries:
             "SELECT date_trunc('day', executed_at AT TIME ZONE 'UTC') AS day, count(*) AS n,"
             " count(*) FILTER (WHERE status = 'success') * 100.0 / count(*) AS ok,"
             " count(*) FILTER (WHERE status = 'rolled_back') * 100.0 / count(*) AS back"
-            " FROM plugin_autopatch_attempts WHERE executed_at >= :since GROUP BY 1"
+            " FROM plugin_autopatch_attempts WHERE executed_at >= :since"
+            f" AND {installation_scope_sql('installation_id', tenants)} GROUP BY 1"
         ),
-        {"since": since},
+        {"since": since, **scope_params(tenants)},
     )
     by_day = {row.day: row for row in attempts}
     incidents = await session.execute(
@@ -406,9 +470,10 @@ async def kpi_series(session: AsyncSession, *, days: int = 7) -> KpiSeries:
             " extract(epoch FROM avg(i.detected_at - i.first_bad_signal_at)) AS mttd_s,"
             " extract(epoch FROM avg(i.resolved_at - i.detected_at)"
             f"  FILTER (WHERE {_LOOP_CLOSED})) AS mttr_s"
-            " FROM plugin_incidents i WHERE i.detected_at >= :since GROUP BY 1"
+            " FROM plugin_incidents i WHERE i.detected_at >= :since"
+            f" AND {scope_sql('i.tenant_id', tenants)} GROUP BY 1"
         ),
-        {"since": since},
+        {"since": since, **scope_params(tenants)},
     )
     times = {row.day: row for row in incidents}
     points = []
@@ -428,7 +493,9 @@ async def kpi_series(session: AsyncSession, *, days: int = 7) -> KpiSeries:
     return KpiSeries(points=points)
 
 
-async def time_to_approval(session: AsyncSession, *, days: int) -> TimeToApproval:
+async def time_to_approval(
+    session: AsyncSession, *, days: int, tenants: Scope = None
+) -> TimeToApproval:
     """How long incidents detected in the last `days` waited for operators' votes.
 
     An approximation, because no column records when an incident entered awaiting_approval:
@@ -452,7 +519,8 @@ async def time_to_approval(session: AsyncSession, *, days: int) -> TimeToApprova
                 "                      ORDER BY v.created_at, v.id) AS nth"
                 "  FROM plugin_incidents i JOIN approvals v ON v.incident_id = i.id"
                 "   AND v.created_at >= coalesce(i.decided_at, i.detected_at)"
-                "  WHERE i.detected_at > now() - make_interval(days => :days)),"
+                "  WHERE i.detected_at > now() - make_interval(days => :days)"
+                f"   AND {scope_sql('i.tenant_id', tenants)}),"
                 " per_incident AS ("
                 "  SELECT extract(epoch FROM min(created_at) - began) AS first_s,"
                 "   extract(epoch FROM min(created_at) FILTER"
@@ -465,7 +533,7 @@ async def time_to_approval(session: AsyncSession, *, days: int) -> TimeToApprova
                 "  percentile_cont(0.5) WITHIN GROUP (ORDER BY quorum_s) AS quorum_median"
                 " FROM per_incident"
             ),
-            {"days": days},
+            {"days": days, **scope_params(tenants)},
         )
     ).one()
     return TimeToApproval(
@@ -498,7 +566,9 @@ def _bounds(k: int) -> tuple[float, float]:
     return round(k / 10, 1), round((k + 1) / 10, 1)
 
 
-async def confidence_distribution(session: AsyncSession, *, days: int) -> ConfidenceDistribution:
+async def confidence_distribution(
+    session: AsyncSession, *, days: int, tenants: Scope = None
+) -> ConfidenceDistribution:
     """The decisions recorded in the last `days` (`plugin_incidents.sira_decision`, by
     `decided_at`: the decision service's and the fallback's), by confidence in buckets of
     0.1, with each bucket's split by `source` and by `action`."""
@@ -510,9 +580,10 @@ async def confidence_distribution(session: AsyncSession, *, days: int) -> Confid
             " FROM plugin_incidents i"
             " WHERE jsonb_typeof(i.sira_decision) = 'object'"
             "   AND i.decided_at > now() - make_interval(days => :days)"
+            f"   AND {scope_sql('i.tenant_id', tenants)}"
             " GROUP BY 1, 2, 3"
         ),
-        {"days": days},
+        {"days": days, **scope_params(tenants)},
     )
     buckets = [
         ConfidenceBucket(lower=lo, upper=hi, count=0, by_source={}, by_action={})
@@ -535,7 +606,7 @@ async def confidence_distribution(session: AsyncSession, *, days: int) -> Confid
 CALIBRATION_SOURCES = ("sira", "fallback")
 
 
-async def calibration(session: AsyncSession, *, days: int) -> Calibration:
+async def calibration(session: AsyncSession, *, days: int, tenants: Scope = None) -> Calibration:
     """Predicted confidence against actual success, by bucket of 0.1, for the decision
     service (`sira`) and the fallback separately. Counted over the attempts created in the
     last `days` that finished with an outcome that says whether the change worked: success
@@ -551,14 +622,15 @@ async def calibration(session: AsyncSession, *, days: int) -> Calibration:
             "  FROM plugin_autopatch_attempts a"
             "  LEFT JOIN plugin_incidents i ON i.id = a.incident_id"
             "  WHERE a.status IN ('success', 'failed', 'rolled_back')"
-            "    AND a.created_at > now() - make_interval(days => :days))"
+            "    AND a.created_at > now() - make_interval(days => :days)"
+            f"    AND {installation_scope_sql('a.installation_id', tenants)})"
             f" SELECT source, {_bucket_sql('confidence')} AS bucket, count(*) AS n,"
             "  count(*) FILTER (WHERE status = 'success') AS ok, avg(confidence) AS predicted"
             " FROM finished"
             " WHERE source IN :sources AND confidence IS NOT NULL"
             " GROUP BY 1, 2"
         ).bindparams(bindparam("sources", expanding=True)),
-        {"days": days, "sources": list(CALIBRATION_SOURCES)},
+        {"days": days, "sources": list(CALIBRATION_SOURCES), **scope_params(tenants)},
     )
     found = {(row.source, row.bucket): row for row in rows}
     series = []

@@ -29,7 +29,7 @@ def incident_key(incident_id: str) -> uuid.UUID:
 @router.get("/plugin-incidents", response_model=IncidentList, responses=error_responses(422))
 async def list_incidents(
     request: Request,
-    _: Viewer,
+    user: Viewer,
     status: Annotated[str | None, Query(max_length=40)] = None,
     severity: Severity | None = None,
     tenant: Annotated[str | None, Query(max_length=200)] = None,
@@ -52,6 +52,7 @@ async def list_incidents(
             incident_type=type,
             after=after,
             limit=limit,
+            tenants=user.scope,
         )
     next_cursor = (
         queries.encode_cursor(items[-1]["detected_at"], items[-1]["id"])
@@ -68,16 +69,21 @@ async def list_incidents(
     response_model_exclude_unset=True,
     responses=error_responses(404, 422),
 )
-async def incident_detail(incident_id: str, request: Request, _: Viewer) -> IncidentDetail:
+async def incident_detail(incident_id: str, request: Request, user: Viewer) -> IncidentDetail:
+    """404 also for another tenant's incident when the caller is limited to some tenants (and
+    for a fleet incident, which spans tenants)."""
     key = incident_key(incident_id)
     async with transaction(request) as session:
-        incident = await queries.incident_detail(session, key)
+        incident = await queries.incident_detail(session, key, tenants=user.scope)
     if incident is None:
         raise NotFound("no such incident")
     return IncidentDetail.model_validate(incident)
 
 
 @router.get("/kpis", response_model=Kpis, responses=error_responses(422))
-async def kpis(request: Request, _: Viewer, days: Annotated[int, Query(ge=1, le=365)] = 7) -> Kpis:
+async def kpis(
+    request: Request, user: Viewer, days: Annotated[int, Query(ge=1, le=365)] = 7
+) -> Kpis:
+    """Over the caller's tenants only when they are limited to some."""
     async with transaction(request) as session:
-        return Kpis.model_validate(await queries.kpis(session, days=days))
+        return Kpis.model_validate(await queries.kpis(session, days=days, tenants=user.scope))

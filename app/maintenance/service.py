@@ -67,24 +67,29 @@ def _window_span(body: WindowCreate, now: datetime) -> tuple[datetime, datetime]
     return starts_at, ends_at
 
 
-async def _check_target_exists(session: AsyncSession, body: WindowCreate) -> None:
+async def _check_target_exists(
+    session: AsyncSession, body: WindowCreate, scope: list[str] | None
+) -> None:
     # Key-share locked: the target cannot be deleted before the window referencing it commits.
+    # Outside the acting user's scope, a target does not exist for them.
     if body.tenant_id is not None:
-        if not await repository.tenant_exists(session, body.tenant_id):
+        if not await repository.tenant_exists(session, body.tenant_id, scope=scope):
             raise NotFound(f"no such tenant: {body.tenant_id}", field="tenant_id")
     else:
         assert body.installation_id is not None
-        if not await repository.installation_exists(session, body.installation_id):
+        if not await repository.installation_exists(session, body.installation_id, scope=scope):
             raise NotFound(f"no such installation: {body.installation_id}", field="installation_id")
 
 
-async def create_window(session: AsyncSession, body: WindowCreate, *, actor: str) -> Window:
+async def create_window(
+    session: AsyncSession, body: WindowCreate, *, actor: str, scope: list[str] | None = None
+) -> Window:
     """Open (or schedule) a window for one tenant or one installation; a snooze gives only
     duration_s. The body is checked before the database is asked anything (the session
-    connects on its first statement)."""
+    connects on its first statement). `scope`: the acting user's tenants (None: every one)."""
     _check_target(body)
     starts_at, ends_at = _window_span(body, await repository.database_now(session))
-    await _check_target_exists(session, body)
+    await _check_target_exists(session, body, scope)
     await set_actor(session, actor)
     row = await repository.insert_window(
         session,
@@ -103,18 +108,23 @@ async def list_windows(session: AsyncSession, where: WindowFilter, *, limit: int
     return WindowList(items=[Window.model_validate(row) for row in rows])
 
 
-async def end_window(session: AsyncSession, window_id: str, *, actor: str) -> Window:
+async def end_window(
+    session: AsyncSession, window_id: str, *, actor: str, scope: list[str] | None = None
+) -> Window:
     """End an open or scheduled window now; the row stays, with who ended it in its reason.
-    NotFound for an unknown id, Conflict for a window already over."""
+    NotFound for an unknown id (or a window outside `scope`, the acting user's tenants),
+    Conflict for a window already over."""
     try:
         key = uuid.UUID(window_id)
     except ValueError:
         raise NotFound(NO_SUCH_WINDOW) from None
     await set_actor(session, actor)
-    ended = await repository.end_window_now(session, key, note=f" (ended early by {actor})")
+    ended = await repository.end_window_now(
+        session, key, note=f" (ended early by {actor})", scope=scope
+    )
     if ended is not None:
         return Window.model_validate(ended)
-    ends_at = await repository.window_ends_at(session, key)
+    ends_at = await repository.window_ends_at(session, key, scope=scope)
     if ends_at is None:
         raise NotFound(NO_SUCH_WINDOW)
     raise Conflict(f"this window is already over (it ended at {ends_at.isoformat()})")

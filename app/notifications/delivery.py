@@ -47,8 +47,10 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.crypto import SecretBox
+from app.core.errors import Invalid
 from app.decisions.client import DecisionClient, FeedbackNotDelivered
 from app.notifications import repository
+from app.notifications.egress import DestinationRefused, WebhookClient
 from app.notifications.repository import ClaimedRow, DeliveryEndpoint
 from app.notifications.service import open_secret
 from app.notifications.signing import sign
@@ -83,7 +85,7 @@ class _Outcome:
 
 async def deliver_due(
     maker: async_sessionmaker[AsyncSession],
-    http: httpx.AsyncClient,
+    webhooks: WebhookClient,
     box: SecretBox,
     *,
     decision_client: DecisionClient | None,
@@ -96,7 +98,8 @@ async def deliver_due(
     concurrency: int = 8,
     rng: random.Random | None = None,
 ) -> DeliveryResult:
-    """One delivery pass over at most `limit` due rows. Never raises for a row's sake (a
+    """One delivery pass over at most `limit` due rows, webhooks sent through `webhooks`
+    (app/notifications/egress.py: every connection goes to a checked address). Never raises for a row's sake (a
     receiver, a payload, a recording that fails is logged and the pass goes on); a failure
     to claim (database down) propagates, and the next pass tries again.
 
@@ -117,7 +120,7 @@ async def deliver_due(
         return DeliveryResult()
     delivery = _Pass(
         maker=maker,
-        http=http,
+        webhooks=webhooks,
         box=box,
         endpoints=endpoints,
         max_attempts=max_attempts,
@@ -160,7 +163,7 @@ class _Pass:
         self,
         *,
         maker: async_sessionmaker[AsyncSession],
-        http: httpx.AsyncClient,
+        webhooks: WebhookClient,
         box: SecretBox,
         endpoints: Mapping[uuid.UUID, DeliveryEndpoint],
         max_attempts: int,
@@ -171,7 +174,7 @@ class _Pass:
         rng: random.Random,
     ) -> None:
         self.maker = maker
-        self.http = http
+        self.webhooks = webhooks
         self.box = box
         self.endpoints = endpoints
         self.max_attempts = max_attempts
@@ -226,8 +229,13 @@ class _Pass:
                 0.0,
                 False,
             )
+        try:
+            self.webhooks.policy.check_url_syntax(endpoint.url)
+        except Invalid as refused:
+            # Stored before the rule (or SELFHEAL_ENV changed since): never sent.
+            return _Outcome("dead", refused.message, 0.0, False)
         return await _post_webhook(
-            self.http,
+            self.webhooks.http,
             row.id,
             row.topic,
             row.payload,
@@ -309,6 +317,10 @@ async def _post_webhook(
                 return _Outcome("delivered")
             excerpt = await _excerpt(response)
             retry_after = _retry_after(response.headers.get("retry-after"))
+    except DestinationRefused as refused:
+        # Found when connecting (the name resolves elsewhere now): no connection was made,
+        # and the same destination would be refused again.
+        return _Outcome("dead", f"destination refused: {refused}", 0.0, False)
     except (TimeoutError, httpx.TimeoutException):
         return _Outcome("retry", f"no answer within {timeout_s:g} s")
     except httpx.HTTPError as error:

@@ -155,10 +155,10 @@ async def insert_learning_feedback(session: AsyncSession, feedback: Feedback) ->
             """
             INSERT INTO sira_learning_feedback
                 (incident_id, attempt_id, incident_type, plugin_name, from_version,
-                 to_version, decision_source, confidence, outcome)
+                 to_version, decision_source, confidence, outcome, tenant_id)
             VALUES (CAST(:incident_id AS uuid), CAST(:attempt_id AS uuid), :incident_type,
                     :plugin_name, :from_version, :to_version, :decision_source, :confidence,
-                    :outcome)
+                    :outcome, :tenant_id)
             ON CONFLICT (attempt_id) DO NOTHING
             RETURNING id
             """
@@ -173,6 +173,7 @@ async def insert_learning_feedback(session: AsyncSession, feedback: Feedback) ->
             "decision_source": feedback.decision_source,
             "confidence": feedback.confidence,
             "outcome": feedback.outcome,
+            "tenant_id": feedback.tenant_id,
         },
     )
     return inserted.first() is not None

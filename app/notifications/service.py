@@ -11,16 +11,14 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.crypto import SecretBox
 from app.core.errors import Invalid, NotFound
 from app.notifications import repository
+from app.notifications.egress import WebhookPolicy
 from app.notifications.events import EVENTS
 from app.notifications.repository import EndpointRow
-
-MAX_URL_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,33 +52,24 @@ def parse_events(raw: str | Iterable[str] | None) -> list[str]:
     return events
 
 
-def check_url(url: str) -> str:
-    """An absolute http(s) URL with a host, as httpx will send to it."""
-    if len(url) > MAX_URL_CHARS or any(ch.isspace() for ch in url):
-        raise Invalid("the URL must be at most 2048 characters, without spaces")
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise Invalid(f"{url!r} is not a valid URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise Invalid(f"{url!r} is not an http:// or https:// URL with a host")
-    return url
-
-
 async def add_endpoint(
     session: AsyncSession,
     box: SecretBox,
     *,
     url: str,
+    policy: WebhookPolicy,
     tenant_id: str | None = None,
     events: str | Iterable[str] | None = None,
 ) -> IssuedEndpoint:
     """Create an endpoint; the returned secret is not stored in clear anywhere. A tenant must
-    exist already: creating one here would turn a typo into a tenant nobody has."""
-    check_url(url)
+    exist already: creating one here would turn a typo into a tenant nobody has. The URL must
+    pass `policy` (app/notifications/egress.py: https in prod, a public destination unless
+    allow-listed; its name is resolved now), else Invalid naming the field `url`."""
+    policy.check_url_syntax(url)
     names = parse_events(events)
     if tenant_id is not None and not await repository.tenant_exists(session, tenant_id):
         raise NotFound(f"no tenant {tenant_id!r} (tenants come from `selfheal plugin register`)")
+    await policy.check_url(url)
     endpoint_id = uuid.uuid4()
     secret = secrets.token_urlsafe(32)
     endpoint = await repository.insert_endpoint(

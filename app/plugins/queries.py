@@ -136,10 +136,12 @@ LEFT JOIN LATERAL (
 
 
 def _filters(
-    tenant: str | None, plugin: str | None, version: str | None
+    tenant: str | None, plugin: str | None, version: str | None, tenants: list[str] | None
 ) -> tuple[list[str], dict[str, Any]]:
-    conditions = ["TRUE"]
-    params: dict[str, Any] = {}
+    """The filters' conditions and parameters; `tenants`, the reader's scope (None: every
+    tenant), keeps only installations of those tenants."""
+    conditions = ["TRUE" if tenants is None else "tenant_id = ANY(:scope)"]
+    params: dict[str, Any] = {} if tenants is None else {"scope": tenants}
     for column, value in (
         ("tenant_id", tenant),
         ("plugin_name", plugin),
@@ -188,10 +190,11 @@ async def list_installations(
     health: Health | None = None,
     after: FleetCursor | None = None,
     limit: int = 50,
+    tenants: list[str] | None = None,
 ) -> FleetPage:
     """Installations by tenant, plugin, version (then id), filtered; `after` is the
-    `next_after` of the previous page."""
-    conditions, params = _filters(tenant, plugin, version)
+    `next_after` of the previous page; `tenants`: the reader's scope."""
+    conditions, params = _filters(tenant, plugin, version, tenants)
     params["limit"] = limit + 1
     if health is not None:
         conditions.append("health = :health")
@@ -227,10 +230,11 @@ async def count_by_health(
     tenant: str | None = None,
     plugin: str | None = None,
     version: str | None = None,
+    tenants: list[str] | None = None,
 ) -> dict[str, int]:
-    """How many installations matching the filters have each health word (all pages; every
-    word present, 0 when none)."""
-    conditions, params = _filters(tenant, plugin, version)
+    """How many installations matching the filters (in the reader's scope, `tenants`) have
+    each health word (all pages; every word present, 0 when none)."""
+    conditions, params = _filters(tenant, plugin, version, tenants)
     rows = await session.execute(
         text(
             f"SELECT health, count(*) AS n FROM ({_FLEET_SQL}) f"
@@ -244,15 +248,22 @@ async def count_by_health(
 
 
 async def installation_detail(
-    session: AsyncSession, installation_id: uuid.UUID, *, heartbeats: int = RECENT_HEARTBEATS
+    session: AsyncSession,
+    installation_id: uuid.UUID,
+    *,
+    heartbeats: int = RECENT_HEARTBEATS,
+    tenants: list[str] | None = None,
 ) -> InstallationDetail | None:
     """One installation with its newest `heartbeats` samples and its version history. The
     history comes from the stored heartbeats' `plugin_version` (what the plugin said it ran,
     so also changes made outside the loop), not from the attempts (which say what was asked
-    for, not what ran); it reaches back as far as heartbeats are kept."""
+    for, not what ran); it reaches back as far as heartbeats are kept. None when there is no
+    such installation of `tenants` (the reader's scope; None: every tenant)."""
+    conditions, params = _filters(None, None, None, tenants)
     row = (
         await session.execute(
-            text(f"SELECT * FROM ({_FLEET_SQL}) f WHERE id = :id"), {"id": installation_id}
+            text(f"SELECT * FROM ({_FLEET_SQL}) f WHERE id = :id AND {' AND '.join(conditions)}"),
+            {"id": installation_id, **params},
         )
     ).first()
     if row is None:

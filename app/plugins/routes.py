@@ -21,6 +21,7 @@ from starlette.types import Receive
 from app.core.errors import ApiError, DomainError, error_responses, validation_error
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
+from app.core.ratelimit import limit_plugin_request
 from app.core.settings import Settings
 from app.incidents.rules import looks_unhealthy, thresholds
 from app.plugins import service
@@ -107,6 +108,11 @@ async def authenticate(
         body=body,
     )
     structlog.contextvars.bind_contextvars(plugin_id=str(verified.installation_id))
+    # Before any database work of the request (the credentials come from the process's
+    # cache): one Redis round trip counts it per installation and per tenant, or 429.
+    await limit_plugin_request(
+        svc.limiter, svc.settings, str(verified.installation_id), verified.tenant_id
+    )
     return verified
 
 
@@ -284,9 +290,9 @@ ARTIFACT_CHUNK_BYTES = 1024 * 1024
 
 
 @functools.cache
-def _capabilities(secret_key: str) -> ArtifactCapabilities:
+def _capabilities(secret_key: str, previous: tuple[str, ...]) -> ArtifactCapabilities:
     """One key derivation per process, not one per download."""
-    return ArtifactCapabilities(secret_key)
+    return ArtifactCapabilities(secret_key, previous)
 
 
 # 422: see error_responses (a route with parameters declares it).
@@ -327,9 +333,8 @@ async def artifact(plugin: str, version: str, request: Request) -> Response:
     svc = services(request)
     expires, token = request.query_params.get("expires"), request.query_params.get("token")
     if expires is not None or token is not None:
-        if not _capabilities(svc.settings.secret_key).allows(
-            plugin, version, expires=expires or "", token=token or ""
-        ):
+        capabilities = _capabilities(svc.settings.secret_key, svc.settings.previous_secret_keys)
+        if not capabilities.allows(plugin, version, expires=expires or "", token=token or ""):
             raise ApiError(403, "forbidden", "this artifact URL is not valid or has expired")
     else:
         verified = await authenticate(svc, request.headers, request.method, request.url.path, b"")

@@ -25,7 +25,9 @@ Rules, each adding one human-readable reason when it blocks (all are reported, n
   - approvals: when the major version changes (semver major of from/to differs, or a version
     cannot be read) or the severity is at least `approval_min_severity`, `approvals_required`
     distinct approvers must have approved this exact action (`action_key`) with an unexpired
-    vote; an approver is an enabled operator or admin who is not the requester.
+    vote; an approver is an enabled operator or admin who is not the requester. The exact
+    action includes its attempt generation: after an attempt of the incident failed (or
+    reached production and ended), trying the same change again needs new votes.
 
 Decisions:
 - The kill switch stops automatic actions only. Autopatch is off by default and
@@ -98,6 +100,11 @@ class ProposedAction:
     requested_by: str
     # Set when gating a later step of an attempt that already exists.
     attempt_id: uuid.UUID | None = None
+    # How many of the incident's attempts have ended in production or failed (success,
+    # failed, rolled_back, or cancelled after it was executed): the retry after a failed
+    # attempt is a new action, and the votes for the one before do not count for it.
+    # `repository.attempt_generation_sql` computes it.
+    generation: int = 0
 
     def __post_init__(self) -> None:
         if self.action not in ("patch", "rollback"):
@@ -108,6 +115,8 @@ class ProposedAction:
             raise ValueError("confidence must be between 0 and 1")
         if not self.to_version:
             raise ValueError("to_version is required")
+        if self.generation < 0:
+            raise ValueError("generation must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,14 +152,16 @@ class ApprovalRefused(Refused):
 
 def action_key(action: ProposedAction) -> str:
     """A stable hash of what exactly would be done: incident, installation, action, from and
-    to version. An approval carries it, so it counts for that action only; a different target
-    version is a different action and needs its own approvals."""
+    to version, and the attempt generation. An approval carries it, so it counts for that
+    action only: a different target version is a different action and needs its own
+    approvals, and so is the same action tried again after an attempt that failed."""
     return key_of(
         action.incident_id,
         action.installation_id,
         action.action,
         action.from_version,
         action.to_version,
+        action.generation,
     )
 
 
@@ -160,10 +171,20 @@ def key_of(
     action: str,
     from_version: str | None,
     to_version: str | None,
+    generation: int,
 ) -> str:
     """`action_key` from its parts, for the readers that hold an incident's stored pending
-    action rather than a ProposedAction (the ops API's incident detail, the dashboard)."""
-    bound = ["v1", str(incident_id), str(installation_id), action, from_version, to_version]
+    action rather than a ProposedAction (the ops API's incident detail, the dashboard).
+    v2: v1 keys had no generation; votes stored under them match no action any more."""
+    bound = [
+        "v2",
+        str(incident_id),
+        str(installation_id),
+        action,
+        from_version,
+        to_version,
+        generation,
+    ]
     return hashlib.sha256(orjson.dumps(bound)).hexdigest()
 
 

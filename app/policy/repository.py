@@ -40,6 +40,21 @@ POLICY_FIELDS = (
 )
 POLICY_COLUMNS = ", ".join((*POLICY_FIELDS, "updated_at", "updated_by"))
 
+
+def attempt_generation_sql(incident_id: str) -> str:
+    """An SQL expression: the attempt generation (`ProposedAction.generation`) of the
+    incident whose id is the SQL expression `incident_id`: how many of its attempts ended
+    failed, rolled back or successful, or were cancelled after they were executed. An attempt
+    in flight, or cancelled before it reached production (the kill switch, the gate holding
+    it), does not count: the votes that allowed it still stand for the same action."""
+    return (
+        "(SELECT count(*) FROM plugin_autopatch_attempts g"
+        f" WHERE g.incident_id = {incident_id}"
+        "  AND (g.status IN ('success', 'failed', 'rolled_back')"
+        "       OR (g.status = 'cancelled' AND g.executed_at IS NOT NULL)))"
+    )
+
+
 # An SQL expression, true while the kill switch is off (autopatch enabled). For statements that
 # must test it in their own SQL: the heartbeat statement (INGEST_SQL) holds automatic commands
 # back with it. NULL (no row) is not true, so a missing row holds them back too.

@@ -15,12 +15,13 @@ router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(40
 
 
 @router.get("/policy", response_model=Policy)
-async def get_policy(request: Request, _: Viewer) -> Policy:
+async def get_policy(request: Request, user: Viewer) -> Policy:
+    """A tenant-scoped caller sees only their own tenants in the whitelist."""
     async with transaction(request) as session:
-        return await service.read_policy(session)
+        return service.seen_by(await service.read_policy(session), user.scope)
 
 
-@router.put("/policy", response_model=Policy, responses=error_responses(403, 422))
+@router.put("/policy", response_model=Policy, responses=error_responses(403, 413, 422))
 async def put_policy(update: PolicyUpdate, request: Request, user: Admin) -> Policy:
     async with transaction(request) as session:
         # The audit trigger records this change under the ops user's name.

@@ -8,7 +8,8 @@ S3 pre-signed URL:
 
 token = HMAC-SHA256(key, "{plugin}\\n{version}\\n{expires}"), the key derived with HKDF from
 SELFHEAL_SECRET_KEY (its own purpose label, so it is unrelated to the key that seals plugin
-secrets). The URL opens that one artifact until it expires, and nothing else."""
+secrets). The URL opens that one artifact until it expires, and nothing else. During a key
+rotation, URLs made under a key of SELFHEAL_SECRET_KEY_PREVIOUS still open until they expire."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def _token(key: bytes, plugin: str, version: str, expires: int) -> str:
 
 
 class ArtifactCapabilities:
-    def __init__(self, secret_key: str) -> None:
+    def __init__(self, secret_key: str, previous: tuple[str, ...] = ()) -> None:
         self._key = _key(secret_key)
+        self._accepted = (self._key, *(_key(k) for k in previous if k != secret_key))
 
     def url(self, base_url: str, plugin: str, version: str, *, ttl_s: int) -> str:
         expires = int(time.time()) + ttl_s
@@ -52,5 +54,7 @@ class ArtifactCapabilities:
             return False
         if int(expires) < time.time():
             return False
-        expected = _token(self._key, plugin, version, int(expires))
-        return hmac.compare_digest(expected, token.lower())
+        return any(
+            hmac.compare_digest(_token(key, plugin, version, int(expires)), token.lower())
+            for key in self._accepted
+        )

@@ -214,15 +214,39 @@ async def candidate_versions(
     return [release.version for release in usable]
 
 
-async def quarantined_versions(session: AsyncSession, plugin: str) -> frozenset[str]:
+async def quarantined_versions(
+    session: AsyncSession, plugin: str, *, tenant_id: str | None = None
+) -> frozenset[str]:
+    """The plugin's versions no automatic choice may propose: quarantined fleet-wide, and,
+    with `tenant_id`, those blocked for that tenant's installations."""
     result = await session.execute(
         text(
             "SELECT version FROM plugin_releases"
             " WHERE plugin_name = :plugin AND quarantined_at IS NOT NULL"
+            " UNION SELECT version FROM plugin_release_tenant_blocks"
+            " WHERE plugin_name = :plugin AND tenant_id = CAST(:tenant AS text)"
         ),
-        {"plugin": plugin},
+        {"plugin": plugin, "tenant": tenant_id},
     )
     return frozenset(result.scalars())
+
+
+async def block_for_tenant(
+    session: AsyncSession, plugin: str, version: str, tenant_id: str, reason: str
+) -> bool:
+    """Block a release for one tenant's installations (automatic choices stop proposing it
+    to them; an operator may still apply it by hand). True when this call blocked it; False
+    when it was blocked already (the first reason stays) or there is no such release."""
+    result = await session.execute(
+        text(
+            "INSERT INTO plugin_release_tenant_blocks (plugin_name, version, tenant_id, reason)"
+            " SELECT plugin_name, version, :tenant, :reason FROM plugin_releases"
+            " WHERE plugin_name = :plugin AND version = :version"
+            " ON CONFLICT DO NOTHING RETURNING 1"
+        ),
+        {"plugin": plugin, "version": version, "tenant": tenant_id, "reason": reason},
+    )
+    return result.first() is not None
 
 
 async def quarantine(session: AsyncSession, plugin: str, version: str, reason: str) -> bool:
@@ -240,7 +264,16 @@ async def quarantine(session: AsyncSession, plugin: str, version: str, reason: s
 
 
 async def unquarantine(session: AsyncSession, plugin: str, version: str) -> bool:
-    """Lift a quarantine. True when this call lifted it."""
+    """Lift a quarantine, and the release's blocks for single tenants. True when this call
+    lifted any."""
+    blocks = await session.execute(
+        text(
+            "DELETE FROM plugin_release_tenant_blocks"
+            " WHERE plugin_name = :plugin AND version = :version RETURNING 1"
+        ),
+        {"plugin": plugin, "version": version},
+    )
+    lifted_blocks = blocks.first() is not None
     result = await session.execute(
         text(
             "UPDATE plugin_releases SET quarantined_at = NULL, quarantine_reason = NULL"
@@ -249,7 +282,7 @@ async def unquarantine(session: AsyncSession, plugin: str, version: str) -> bool
         ),
         {"plugin": plugin, "version": version},
     )
-    return result.first() is not None
+    return result.first() is not None or lifted_blocks
 
 
 async def list_releases(session: AsyncSession, plugin: str | None = None) -> list[ReleaseRow]:
@@ -354,18 +387,21 @@ class ReleaseOutcome:
 
 
 async def release_outcomes(
-    session: AsyncSession, plugin: str | None = None
+    session: AsyncSession, plugin: str | None = None, *, tenants: list[str] | None = None
 ) -> list[ReleaseOutcome]:
     """Every release (of `plugin`), by plugin name then newest version first, with the
     outcomes of the patch attempts to it (`to_version`, on installations of that plugin).
     Rollback attempts to a version are not counted: they say how leaving a bad version went,
-    not how this one behaves."""
+    not how this one behaves. `tenants` (a tenant-scoped reader): installations and attempts
+    of those tenants only; None: every tenant."""
     result = await session.execute(
         text(
             "SELECT r.plugin_name, r.version, r.created_at, r.quarantined_at,"
             " r.quarantine_reason,"
             " (SELECT count(*) FROM merchant_plugins m WHERE m.plugin_name = r.plugin_name"
-            "   AND m.plugin_version = r.version) AS installations,"
+            "   AND m.plugin_version = r.version"
+            "   AND (CAST(:scope AS text[]) IS NULL OR m.tenant_id = ANY(:scope)))"
+            "   AS installations,"
             " count(a.id) AS patches,"
             " count(a.id) FILTER (WHERE a.status = 'success') AS successes,"
             " count(a.id) FILTER (WHERE a.status = 'rolled_back') AS rollbacks,"
@@ -378,11 +414,12 @@ async def release_outcomes(
             "   JOIN merchant_plugins am ON am.id = a.installation_id)"
             "  ON a.to_version = r.version AND am.plugin_name = r.plugin_name"
             "  AND a.action = 'patch'"
+            "  AND (CAST(:scope AS text[]) IS NULL OR am.tenant_id = ANY(:scope))"
             " WHERE CAST(:plugin AS text) IS NULL OR r.plugin_name = :plugin"
             " GROUP BY r.plugin_name, r.version, r.created_at, r.quarantined_at,"
             "  r.quarantine_reason"
         ),
-        {"plugin": plugin},
+        {"plugin": plugin, "scope": tenants},
     )
     outcomes = []
     for row in result.mappings():

@@ -252,7 +252,7 @@ class Session:
         identities: list[Identity] = await self.guard(
             cp.register_fleet(
                 self.maker,
-                SecretBox(self.settings.secret_key),
+                SecretBox.for_settings(self.settings),
                 tenants=self.tenants,
                 plugin=self.truth.plugin,
                 version=self.truth.initial_version,

@@ -5,6 +5,7 @@ prefix cleaned up."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
 import uuid
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from redis import Redis
 
 from app.core.settings import libpq_url
@@ -42,6 +44,21 @@ def create_database(admin_url: str, name: str, *, template: str | None = None) -
     with connect(admin_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"{copy}')
     return with_database(admin_url, name)
+
+
+def create_ops_login(admin_url: str) -> None:
+    """The tests' ops login (a member of selfheal_ops), made once per server."""
+    from tests.support.settings import OPS_LOGIN, OPS_PASSWORD
+
+    with connect(admin_url) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (OPS_LOGIN,)).fetchone():
+            return
+        with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE selfheal_ops").format(
+                    sql.Identifier(OPS_LOGIN), sql.Literal(OPS_PASSWORD)
+                )
+            )
 
 
 def drop_database(admin_url: str, name: str) -> None:

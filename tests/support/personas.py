@@ -22,11 +22,14 @@ class Persona:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-async def make_user(settings: Settings, username: str, role: str) -> Persona:
+async def make_user(
+    settings: Settings, username: str, role: str, *, tenants: list[str] | None = None
+) -> Persona:
+    """A new ops user (limited to `tenants` when given: they must exist)."""
     engine = create_engine(settings, role="test")
     try:
         async with create_sessionmaker(engine)() as session, session.begin():
-            user = await add_user(session, username, role)
+            user = await add_user(session, username, role, tenants=tenants)
     finally:
         await engine.dispose()
     return Persona(user.username, user.role, user.token, user.password)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psutil
 from redis import Redis as SyncRedis
@@ -36,6 +37,18 @@ def descendants(pid: int) -> list[tuple[psutil.Process, str]]:
     return found
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has installed a SIGTERM handler (Linux: SigCgt in its status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # not Linux, or gone: the caller's other checks decide
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return True
+
+
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
     """A real `selfheal worker` process on the test's database and Redis prefix; stopped with
@@ -47,7 +60,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[subprocess.Popen[b
     client = SyncRedis.from_url(settings.redis_url or "")
     try:
         deadline = time.monotonic() + 20
-        while not client.exists(key):
+        # Healthy (the key is per queue: another worker may have written it) and this process
+        # handles SIGTERM, so the block's end stops it gracefully, not by the default action.
+        while not (client.exists(key) and catches_sigterm(proc.pid)):
             assert proc.poll() is None, f"selfheal worker exited with {proc.returncode}"
             assert time.monotonic() < deadline, "selfheal worker did not report healthy"
             await asyncio.sleep(0.05)
