@@ -149,3 +149,17 @@ async def test_the_users_page_shows_when_tokens_expire(settings, admin):
         expires = (datetime.now(UTC) + timedelta(days=90)).strftime("%Y-%m-%d")
         assert "(expires <time" in row
         assert expires in row
+
+
+async def test_a_bearer_that_is_not_a_token_is_refused_without_a_lookup(settings):
+    """Garbage, or a random string per request, is refused on its shape: no database work."""
+    async with serve(settings) as (_, client):
+        for value in ("nonsense", "sht_short", "sht_" + "a" * 44, "Sht_" + "a" * 43):
+            response = await client.get(POLICY, headers=bearer(value))
+            assert response.status_code == 401
+            assert response.json()["error"]["message"] == (
+                "this is not a selfheal API token (they start with sht_)"
+            )
+        well_shaped = await client.get(POLICY, headers=bearer("sht_" + "a" * 43))
+        assert well_shaped.status_code == 401
+        assert "not a selfheal API token" not in well_shaped.text

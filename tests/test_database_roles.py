@@ -177,10 +177,92 @@ def test_ops_run_the_runbook(db, ops_db):
         " (gen_random_uuid(), 'update', '{}')",
         "ALTER TABLE ops_policy DISABLE TRIGGER ops_policy_audit",
         "INSERT INTO history_seals (log, row_id, key_id, mac) VALUES ('audit_log', 1, 'x', '\\x00')",
+        "UPDATE ops_policy SET approvals_required = 0 WHERE id = 1",
+        "UPDATE ops_policy SET min_confidence = 0 WHERE id = 1",
+        "SELECT url FROM notification_endpoints",
+        "SELECT secret_enc FROM notification_endpoints",
     ],
 )
 def test_ops_have_nothing_beyond_the_runbook(ops_db, statement):
     refused(ops_db, statement)
+
+
+def test_ops_end_attempts_by_hand_but_never_move_them_through_the_loop(db, ops_db):
+    installation = make_installation(db)
+    under_way = make_attempt(db, installation, "applying")
+    for status in ("success", "verifying", "pending"):
+        with pytest.raises(errors.InsufficientPrivilege, match="for selfheal to make"):
+            ops_db.execute(
+                "UPDATE plugin_autopatch_attempts SET status = %s WHERE id = %s",
+                (status, under_way),
+            )
+    ops_db.execute(
+        "UPDATE plugin_autopatch_attempts SET status = 'failed' WHERE id = %s", (under_way,)
+    )
+
+
+def test_a_temporary_table_cannot_take_the_historys_rows(db, ops_db):
+    """Unlisted in a function's search_path, pg_temp is searched first: a session's temporary
+    audit_log or attempt event log would take the rows the owner-run triggers write."""
+    installation = make_installation(db)
+    attempt = make_attempt(db, installation, "pending")
+    try:
+        ops_db.execute("CREATE TEMP TABLE audit_log (LIKE public.audit_log INCLUDING ALL)")
+        ops_db.execute(
+            "CREATE TEMP TABLE plugin_autopatch_attempt_events"
+            " (LIKE public.plugin_autopatch_attempt_events INCLUDING ALL)"
+        )
+    except errors.InsufficientPrivilege:
+        return  # no temporary tables at all (migration 0012 on a database it made): fine too
+    before = db.execute("SELECT count(*) FROM audit_log").fetchone()
+    ops_db.execute(KILL_SWITCH)
+    ops_db.execute(CANCEL)
+    assert db.execute("SELECT count(*) FROM audit_log").fetchone() != before
+    assert db.execute(
+        "SELECT new_status FROM plugin_autopatch_attempt_events WHERE attempt_id = %s"
+        " ORDER BY id DESC LIMIT 1",
+        (attempt,),
+    ).fetchone() == ("cancelled",)
+    assert ops_db.execute("SELECT count(*) FROM pg_temp.audit_log").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "function",
+    ["selfheal_append_attempt_event()", "selfheal_audit()", "selfheal_audit_without_secrets()"],
+)
+def test_the_owner_run_trigger_functions_cannot_be_attached_elsewhere(app_db, function):
+    """Attached to a table of one's own, they would write forged rows into the history."""
+    if not _can_temp(app_db):
+        pytest.skip("no temporary tables here, so no table of one's own to attach to")
+    app_db.execute("CREATE TEMP TABLE mine (id uuid, status text)")
+    with pytest.raises(errors.InsufficientPrivilege, match="permission denied for function"):
+        app_db.execute(
+            f"CREATE TRIGGER forged AFTER INSERT ON mine FOR EACH ROW EXECUTE FUNCTION public.{function}"
+        )
+
+
+def _can_temp(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT has_database_privilege(current_database(), 'TEMPORARY')").fetchone()
+    return bool(row and row[0])
+
+
+def _has(conn: psycopg.Connection[Any], table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    return bool(row and row[0])
+
+
+def test_migrate_takes_temporary_tables_from_public(fresh_login, settings, tmp_path: Path):
+    owner_url, login = fresh_login
+    env = settings_env(settings) | {
+        "DATABASE_URL": as_login(owner_url, login, "a-long-random-password"),
+        "DATABASE_OWNER_URL": owner_url,
+    }
+    done = runner(env, tmp_path)("migrate")
+    assert done.returncode == 0, done.stderr
+    with connect(as_login(owner_url, login, "a-long-random-password")) as conn:
+        assert not _can_temp(conn)
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("CREATE TEMP TABLE audit_log (id int)")
 
 
 # --- attribution ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from app.audit.seals import Head
+from app.audit.seals import Head, derive_key, keys_of
 from tests.support.cli import one_json_object, runner
 from tests.support.processes import running_worker
 from tests.support.settings import settings_env
@@ -235,3 +235,24 @@ async def test_the_worker_seals_and_exports_the_head_at_default_settings(db, set
     assert head.rows == sealed[0] and head.seq == sealed[1]
     assert (path.parent / "heads.jsonl").exists()
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_verify_without_an_exported_head_fails_unless_told(db, cli, settings):
+    history(db)
+    seal(cli)
+    settings.audit_head_path.unlink()
+    done = verify(cli)
+    assert done.returncode == 1
+    assert "no exported head" in done.stderr
+    done = cli("audit", "verify", "--no-head")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "unnoticed" in done.stderr
+
+
+def test_a_published_previous_key_vouches_for_nothing(settings):
+    weak = settings.model_copy(update={"secret_key_previous": "selfheal-dev," + "x" * 12})
+    _, known = keys_of(weak)
+    assert derive_key("selfheal-dev").id not in known
+    assert derive_key("x" * 12).id not in known
+    strong = settings.model_copy(update={"secret_key_previous": "p" * 48})
+    assert derive_key("p" * 48).id in keys_of(strong)[1]

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from app.core.ratelimit import RateLimited, RateLimiter
 from app.core.settings import Settings
 from tests.support.api import serve, serve_http
 from tests.support.personas import make_user
@@ -119,6 +121,9 @@ async def test_the_tenant_limit_counts_every_installation_of_the_tenant(
 
 async def test_a_heartbeat_costs_one_redis_round_trip(settings: Settings, plugin: Plugin) -> None:
     async with serve(settings) as (app, client):
+        # One first, so that Redis knows the limiter's script (a new Redis answers NOSCRIPT
+        # once, and redis-py loads it and tries again).
+        assert (await send_heartbeat(client, plugin)).status_code == 200
         redis = app.state.services.redis
         commands: list[str] = []
         original = redis.execute_command
@@ -151,8 +156,9 @@ async def test_ops_tokens_are_limited_each_before_the_token_is_looked_up(
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "rate_limited"
         assert (await client.get("/api/ops/policy", headers=other.auth)).status_code == 200
-        # A made-up token meets the limit too: past it, no lookup is made (429, not 401).
-        made_up = {"Authorization": "Bearer not-a-token"}
+        # A made-up token of the right shape meets the limit too: past it, no lookup is made
+        # (429, not 401). One of the wrong shape is refused on its shape, before any of this.
+        made_up = {"Authorization": "Bearer sht_" + "b" * 43}
         statuses = [
             (await client.get("/api/ops/policy", headers=made_up)).status_code for _ in range(4)
         ]
@@ -179,3 +185,42 @@ async def test_redis_down_lets_heartbeats_and_ops_through_and_says_so(
     assert float(unchecked.split()[1]) >= 4, unchecked
     logged = capfd.readouterr().err
     assert logged.count('"event": "rate_limiter_unavailable"') == 1, logged[-2000:]
+
+
+async def test_concurrent_checks_share_one_call_and_still_count_each_request(
+    settings: Settings,
+) -> None:
+    """The checks of one event-loop turn go to Redis together: 25 concurrent requests of one
+    installation under a limit of 20 make one script call, and exactly 20 pass."""
+    redis = Redis.from_url(settings.redis_url or "")
+    limiter = RateLimiter(redis, settings.redis_prefix)
+    # Once first, so that Redis knows the script (a new Redis answers the first EVALSHA with
+    # NOSCRIPT, and redis-py loads it and tries again).
+    await limiter.check(limiter.limit("installation", "warm-up", 20, 10.0))
+    calls: list[str] = []
+    original = redis.execute_command
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[0]))
+        return await original(*args, **kwargs)
+
+    redis.execute_command = counting  # type: ignore[method-assign]
+    try:
+
+        async def one() -> bool:
+            try:
+                await limiter.check(
+                    limiter.limit("installation", "one", 20, 10.0),
+                    limiter.limit("tenant", "t", 5000, 10.0),
+                )
+            except RateLimited as exc:
+                assert exc.limit == "installation" and exc.retry_after_s >= 1
+                return False
+            return True
+
+        outcomes = await asyncio.gather(*(one() for _ in range(25)))
+    finally:
+        del redis.execute_command
+        await redis.aclose()
+    assert outcomes.count(True) == 20
+    assert calls == ["EVALSHA"]

@@ -134,15 +134,19 @@ async def rows_by_id(
 async def rows_never_sealed(
     session: AsyncSession, log: str, before: datetime, limit: int
 ) -> list[int]:
-    """Ids of rows of `log` written before `before` that no seal covers."""
+    """Ids of rows of `log` that no seal covers and that the sealer will never reach: below its
+    lookback (an id slipped in among old rows, whatever time it claims), or written before
+    `before`."""
     table = _table(log)
     result = await session.execute(
         text(
-            f"SELECT t.id FROM {table} t WHERE t.at < :before"
+            f"SELECT t.id FROM {table} t"
+            " WHERE (t.at < :before OR t.id <= coalesce((SELECT max(s.row_id) FROM history_seals s"
+            "                                            WHERE s.log = :log), 0) - :lookback)"
             " AND NOT EXISTS (SELECT 1 FROM history_seals s"
             "                 WHERE s.log = :log AND s.row_id = t.id)"
             " ORDER BY t.id LIMIT :limit"
         ),
-        {"log": log, "before": before, "limit": limit},
+        {"log": log, "before": before, "lookback": LOOKBACK_IDS, "limit": limit},
     )
     return [int(r[0]) for r in result]

@@ -26,7 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from app.core.settings import Settings
+from app.core.settings import Settings, secret_key_problem
 
 # The logs sealed, by table name. Rows are sealed in the order they are found.
 LOGS = ("audit_log", "plugin_autopatch_attempt_events")
@@ -53,13 +53,15 @@ def derive_key(material: str) -> SealKey:
 
 def keys_of(settings: Settings, extra: Iterable[str] = ()) -> tuple[SealKey, dict[str, SealKey]]:
     """The key that seals now, and every key that verifies (by id): SELFHEAL_AUDIT_KEY, else the
-    secret key; the previous secret keys (SELFHEAL_SECRET_KEY_PREVIOUS) and `extra` verify only.
-    """
+    secret key; the previous secret keys (SELFHEAL_SECRET_KEY_PREVIOUS) and `extra` verify only,
+    and only when they are strong keys (never the published dev key)."""
     current = derive_key(settings.audit_key or settings.secret_key)
     known = {current.id: current}
     for material in (settings.secret_key, *settings.previous_secret_keys, *extra):
-        key = derive_key(material)
-        known.setdefault(key.id, key)
+        # A published or short key vouches for nothing: anyone could have sealed with it.
+        if secret_key_problem(material) is None:
+            key = derive_key(material)
+            known.setdefault(key.id, key)
     return current, known
 
 

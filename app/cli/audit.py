@@ -71,6 +71,13 @@ def verify(
             " else <data dir>/audit/head.json); keep a copy out of the database's reach",
         ),
     ] = None,
+    no_head: Annotated[
+        bool,
+        typer.Option(
+            "--no-head",
+            help="Verify without an exported head (seals removed from the end go unnoticed)",
+        ),
+    ] = False,
     keys: Annotated[
         list[str] | None,
         typer.Option("--key", help="Another key seals may have been made with (repeatable)"),
@@ -87,8 +94,13 @@ def verify(
             head = read_head(path)
         except (ValueError, KeyError) as exc:
             raise fail(f"{path} is not an exported head: {exc}", code=1) from None
-        if head is None and head_file is not None:
-            raise fail(f"no exported head at {path}", code=1)
+        if head is None and not no_head:
+            # Without one, removing the last rows and their seals would pass unnoticed.
+            raise fail(
+                f"no exported head at {path}: give the copy you keep with --head FILE"
+                " (or, knowing what it leaves unchecked, --no-head)",
+                code=1,
+            )
         result = _run(
             settings,
             lambda maker: verify_history(maker, settings, head=head, extra_keys=keys or ()),
@@ -112,9 +124,7 @@ def verify(
     else:
         if head is None:
             typer.echo(
-                f"warning: no exported head at {path}: seals removed from the end would go"
-                " unnoticed",
-                err=True,
+                "warning: --no-head: seals removed from the end would go unnoticed", err=True
             )
         if result.intact:
             checked = f", up to the head exported at {head.sealed_at}" if head else ""

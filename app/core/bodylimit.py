@@ -81,6 +81,10 @@ class BodyLimitMiddleware:
                 structlog.contextvars.bind_contextvars(error="payload_too_large")
                 await _answer(send, 413, too_large_body(limit))
                 return
+            # The server frames the body by its Content-Length: no more than that arrives, so
+            # there is nothing left to count (the heartbeat path pays no wrapper).
+            await self.app(scope, receive, send)
+            return
 
         received = 0
         started = False  # the application's answer began

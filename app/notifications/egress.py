@@ -80,6 +80,8 @@ def blocked_reason(address: IPAddress) -> str | None:
         return "unspecified"
     if address.is_private:
         return "private"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local (fec0::/10, private in all but name)"
     if address.is_reserved:
         return "reserved"
     if not address.is_global:

@@ -363,6 +363,10 @@ async def user_for_password(session: AsyncSession, username: str, password: str)
     return OpsUser(found.id, found.username, found.role, scope_of(found.tenants))
 
 
+# What `new_api_token` (app/core/crypto.py) makes: anything else is refused unread.
+TOKEN_SHAPE = re.compile(r"sht_[A-Za-z0-9_-]{43}")
+
+
 def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:
     """FastAPI dependency: a valid bearer token of at least `role`, else 401 / 403."""
 
@@ -374,6 +378,14 @@ def require_role(role: str) -> Callable[[Request], Awaitable[OpsUser]]:
                 401,
                 "unauthorized",
                 "Authorization: Bearer <token> is required",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not TOKEN_SHAPE.fullmatch(token.strip()):
+            # Not one of ours (sht_ and 43 URL-safe characters): refused with no database work.
+            raise ApiError(
+                401,
+                "unauthorized",
+                "this is not a selfheal API token (they start with sht_)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         # Counted per token before the token is looked up (no database work past the limit).

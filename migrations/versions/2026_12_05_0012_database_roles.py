@@ -8,14 +8,18 @@ connect as a login in `selfheal_app`, which owns nothing; ops in psql use a logi
   owner, so it cannot ALTER a table or DISABLE a trigger. Tables created by later migrations get
   the same DML rights through ALTER DEFAULT PRIVILEGES (a history table revokes them).
 - `selfheal_ops` (NOLOGIN group): SELECT on everything but the secrets (plugin secrets, ops
-  users, their tokens and sessions); the runbook's statements: the kill switch and canary
-  (`UPDATE ops_policy`), cancel and emergency rollback (`UPDATE plugin_autopatch_attempts` of
-  status, rollback_reason, rolled_back_at), re-sending dead notifications (`UPDATE outbox` of
+  users, their tokens and sessions, webhook URLs and secrets); the runbook's statements: the
+  kill switch and canary (`UPDATE ops_policy` of autopatch_enabled, autopatch_whitelist,
+  autopatch_max_severity, canary_percent), cancel and emergency rollback (`UPDATE
+  plugin_autopatch_attempts` of status, rollback_reason, rolled_back_at), re-sending dead notifications (`UPDATE outbox` of
   dead_at, attempts, next_attempt_at), maintenance windows (INSERT, UPDATE of ends_at), a
   tenant's severity floor; `selfheal_verify_attempt_events()`.
 - Nobody but the owner creates objects in the schema (PostgreSQL 14 and older let PUBLIC).
 - The trigger functions that write rows the caller may not write (the history, the commands a
-  kill switch cancels) run as the owner: SECURITY DEFINER with a fixed search_path.
+  kill switch cancels) run as the owner: SECURITY DEFINER with a fixed search_path (pg_temp
+  last), EXECUTE for the owner only; no temporary tables for PUBLIC.
+- Ops may end an attempt by hand (cancelled or failed while under way, rolled back after a
+  success), never move it through the loop (a trigger, for sessions other than the app's).
 - Attribution: who a change is recorded under comes from the session's login role
   (`session_user`, which SET ROLE cannot change), never from settings a session chooses. The
   ops user the application names (`selfheal.actor`) and its `application_name` are recorded only
@@ -23,7 +27,8 @@ connect as a login in `selfheal_app`, which owns nothing; ops in psql use a logi
   since it could rewrite anything anyway); any other session is recorded as its login role.
 
 The application's login (the user of DATABASE_URL) is created and granted `selfheal_app` by
-`selfheal migrate` (app/core/roles.py), since only it knows that login's password.
+`selfheal migrate` (`grant_app_login` in app/core/migrations.py), since only it knows that
+login's password.
 
 Revision ID: 0012_database_roles
 Revises: 0011_audit_ops_users
@@ -61,6 +66,10 @@ END $$;
 
 GRANTS = r"""
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+-- No temporary tables either: one would shadow a table of the same name for whoever made it.
+DO $$ BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END $$;
 GRANT USAGE ON SCHEMA public TO selfheal_app, selfheal_ops;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO selfheal_app;
@@ -74,7 +83,11 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO se
 
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO selfheal_ops;
 REVOKE SELECT ON plugin_secrets, ops_users, ops_api_tokens, ops_sessions FROM selfheal_ops;
-GRANT UPDATE ON ops_policy TO selfheal_ops;
+GRANT UPDATE (autopatch_enabled, autopatch_whitelist, autopatch_max_severity, canary_percent)
+    ON ops_policy TO selfheal_ops;
+REVOKE SELECT ON notification_endpoints FROM selfheal_ops;
+GRANT SELECT (id, tenant_id, events, created_at, disabled_at) ON notification_endpoints
+    TO selfheal_ops;
 GRANT UPDATE (status, rollback_reason, rolled_back_at) ON plugin_autopatch_attempts
     TO selfheal_ops;
 GRANT UPDATE (dead_at, attempts, next_attempt_at) ON outbox TO selfheal_ops;
@@ -192,6 +205,30 @@ PREVIOUS_FUNCTIONS = FUNCTIONS.replace(
     "selfheal_application_name()", "nullif(current_setting('application_name', true), '')"
 ).replace("selfheal_actor()", "nullif(current_setting('selfheal.actor', true), '')")
 
+# Ops end attempts by hand (the runbook's cancel and emergency rollback); only the application
+# moves them through the loop. Without this, the column grant on `status` would let a psql
+# session mark an attempt under way as a success.
+MANUAL_GUARD = r"""
+CREATE FUNCTION selfheal_guard_manual_attempt_update() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    IF NEW.status IS NOT DISTINCT FROM OLD.status OR selfheal_session_is_app() THEN
+        RETURN NEW;
+    END IF;
+    IF (NEW.status IN ('cancelled', 'failed')
+        AND OLD.status IN ('pending', 'staging', 'applying', 'verifying'))
+       OR (NEW.status = 'rolled_back' AND OLD.status = 'success') THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'attempt %: by hand an attempt under way is cancelled or failed, and a success'
+        ' rolled back; % -> % is for selfheal to make', OLD.id, OLD.status, NEW.status
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+CREATE TRIGGER attempts_guard_manual_update BEFORE UPDATE ON plugin_autopatch_attempts
+    FOR EACH ROW EXECUTE FUNCTION selfheal_guard_manual_attempt_update();
+ALTER TABLE plugin_autopatch_attempts ENABLE ALWAYS TRIGGER attempts_guard_manual_update;
+"""
+
 UNGRANT = r"""
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM selfheal_app, selfheal_ops;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM selfheal_app;
@@ -212,18 +249,29 @@ def upgrade() -> None:
         "selfheal_actor()",
         "selfheal_application_name()",
     ):
-        op.execute(f"ALTER FUNCTION {function} SET search_path = pg_catalog, public")
+        op.execute(f"ALTER FUNCTION {function} SET search_path = pg_catalog, public, pg_temp")
     for function in DEFINER:
+        # pg_temp last: unlisted, it would be searched first, and a session's temporary table
+        # named audit_log would take the history's rows. No EXECUTE for anyone but the owner:
+        # nobody can attach these functions to a table of their own.
         op.execute(
-            f"ALTER FUNCTION {function} SECURITY DEFINER SET search_path = pg_catalog, public"
+            f"ALTER FUNCTION {function} SECURITY DEFINER"
+            " SET search_path = pg_catalog, public, pg_temp"
         )
+        op.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
+    op.execute(MANUAL_GUARD)
 
 
 def downgrade() -> None:
     # The roles stay: other databases of the server may use them. So does the schema's CREATE
     # revocation (PostgreSQL 15's own default).
+    op.execute(
+        "DROP TRIGGER attempts_guard_manual_update ON plugin_autopatch_attempts;"
+        " DROP FUNCTION selfheal_guard_manual_attempt_update();"
+    )
     for function in DEFINER:
         op.execute(f"ALTER FUNCTION {function} SECURITY INVOKER RESET search_path")
+        op.execute(f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")
     op.execute(PREVIOUS_FUNCTIONS)
     op.execute(
         "DROP FUNCTION selfheal_application_name(); DROP FUNCTION selfheal_actor();"

@@ -30,7 +30,8 @@ CREATE TABLE history_seals (
     CONSTRAINT ck_history_seals_log
         CHECK (log IN ('audit_log', 'plugin_autopatch_attempt_events'))
 );
-REVOKE UPDATE, DELETE ON history_seals FROM selfheal_app;
+GRANT SELECT, INSERT ON history_seals TO selfheal_app;
+REVOKE UPDATE, DELETE, TRUNCATE ON history_seals FROM selfheal_app;
 GRANT SELECT ON history_seals TO selfheal_ops;
 CREATE TRIGGER history_seals_append_only BEFORE UPDATE OR DELETE ON history_seals
     FOR EACH ROW EXECUTE FUNCTION selfheal_refuse('seals are append-only');

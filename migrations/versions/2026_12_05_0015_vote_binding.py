@@ -46,7 +46,7 @@ CREATE INDEX ix_plugin_release_tenant_blocks_tenant_id
     ON plugin_release_tenant_blocks (tenant_id);
 
 ALTER TABLE sira_learning_feedback ADD COLUMN tenant_id text;
--- The application's rights come from 0012's default privileges; ops read it like the rest.
+GRANT SELECT, INSERT, UPDATE, DELETE ON plugin_release_tenant_blocks TO selfheal_app;
 GRANT SELECT ON plugin_release_tenant_blocks TO selfheal_ops;
 """
 

@@ -62,7 +62,7 @@ CREATE INDEX ix_audit_log_tenant_id ON audit_log (tenant_id);
 
 -- The tenant of an audited row: its tenant_id, else its installation's or incident's.
 CREATE FUNCTION selfheal_audit_tenant() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, public AS $$
+SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
     subject jsonb := coalesce(NEW.new, NEW.old);
     ref text;
