@@ -19,7 +19,7 @@ from app.core.settings import libpq_url
 from tests.support.api import serve
 from tests.support.plugins import register, send_heartbeat
 from tests.support.processes import running_worker
-from tests.support.settings import make_settings
+from tests.support.settings import as_login, make_settings
 
 
 async def test_secret_sealed_with_another_key_disables_only_that_key(settings, db):
@@ -239,14 +239,14 @@ async def test_silently_dead_database_connections_are_replaced(
 
 async def test_health_does_not_reveal_connection_details(database_url, servers, redis_prefix):
     settings = make_settings(database_url, servers.redis_url, redis_prefix).model_copy(
-        update={"database_url": database_url.replace("postgres@", "nosuchuser@")}
+        update={"database_url": as_login(database_url, "nosuchuser", "no-such-password")}
     )
     async with serve(settings) as (_, client):
         response = await client.get("/health")
     assert response.status_code == 503
     postgres = response.json()["components"]["postgres"]
     assert postgres["status"] == "down"
-    assert "nosuchuser" not in response.text
+    assert "nosuchuser" not in response.text and "no-such-password" not in response.text
     assert postgres["error"] == "OperationalError"
 
 
