@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.audit import repository
 from app.audit.seals import GENESIS, LOGS, Head, keys_of, seal
+from app.core.files import write_private
 from app.core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -98,12 +99,7 @@ def head_fields(head: Head) -> dict[str, object]:
 
 def export_head(path: Path, head: Head) -> None:
     """Replace `path` with `head` (atomically, 0600) and append it to heads.jsonl beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(head.to_json() + "\n")
-    os.replace(staging, path)
+    write_private(path, head.to_json() + "\n")
     fd = os.open(path.with_name("heads.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as out:
         out.write(head.to_json() + "\n")

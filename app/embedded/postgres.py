@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from app.core.files import write_private
 from app.embedded import supervise
 from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, EmbeddedServiceError
 
@@ -211,7 +212,7 @@ class _PostgresMixin(supervise.StateFile):
             if isinstance(stored, dict) and {PG_SUPERUSER, PG_APP_USER} <= stored.keys():
                 return {str(k): str(v) for k, v in stored.items()}
         made = {PG_SUPERUSER: secrets.token_urlsafe(24), PG_APP_USER: secrets.token_urlsafe(24)}
-        supervise.write_private(path, json.dumps(made, indent=2) + "\n")
+        write_private(path, json.dumps(made, indent=2) + "\n")
         return made
 
     def _secure_postgres(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import redis
 
+from app.core.files import write_private
 from app.embedded import supervise
 from app.embedded.supervise import LOOPBACK, START_TIMEOUT_S, EmbeddedServiceError
 
@@ -44,7 +45,7 @@ class _RedisMixin(supervise.StateFile):
             if stored:
                 return stored
         made = secrets.token_urlsafe(32)
-        supervise.write_private(path, made + "\n")
+        write_private(path, made + "\n")
         return made
 
     def redis_url_for(self, port: int) -> str:
@@ -70,7 +71,7 @@ class _RedisMixin(supervise.StateFile):
             port = self._choose_port("redis", tried)
             tried.add(port)
             # It holds the password: owner only.
-            supervise.write_private(conf, _redis_config(port, redis_dir, pid_file, password))
+            write_private(conf, _redis_config(port, redis_dir, pid_file, password))
             offset = supervise.file_size(self.redis_log_path)
             proc = supervise.spawn(
                 [str(executable), str(conf)],
