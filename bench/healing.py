@@ -113,6 +113,7 @@ class Process:
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None):
         self.name = name
         self.log = log
+        self.metrics_port: int | None = None  # a worker's own /metrics (workers/metrics.py)
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             argv,
@@ -722,12 +723,14 @@ def start_workers(
     env = worker_env(settings, sira, runner, args.loop, "info" if args.job_stats else "warning")
     procs: list[Process] = []
     for n in range(workers):
+        port = free_port()
         proc = Process(
             f"worker {n + 1}",
             [sys.executable, "-m", "app.cli", "worker"],
             workdir / f"worker-{n + 1}.log",
-            env,
+            {**env, "SELFHEAL_WORKER_METRICS_PORT": str(port)},
         )
+        proc.metrics_port = port
         procs.append(proc)
         stack.callback(proc.stop)
     wait_workers(procs, settings)
@@ -772,6 +775,45 @@ def play_measured(
         worker_rss_kb=rss_kb,
         scenario_s=time.time() - t0,
     )
+
+
+def lane_delays(procs: list[Process]) -> dict[str, dict[str, float]]:
+    """From each worker's /metrics: how long jobs waited from when they were due to their
+    start, per lane and job (workers/lanes.py), the histograms of all workers added up. The
+    quantiles are the upper bounds of the buckets they fall in."""
+    buckets: dict[str, dict[float, float]] = {}
+    sample = re.compile(
+        r'^selfheal_worker_job_delay_seconds_bucket\{job="([^"]+)",lane="([^"]+)",le="([^"]+)"\}'
+        r" ([0-9.e+]+)$"
+    )
+    for w in procs:
+        if w.metrics_port is None:
+            continue
+        page = httpx.get(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5).text
+        for line in page.splitlines():
+            m = sample.match(line)
+            if m:
+                job, lane, le, count = m.groups()
+                into = buckets.setdefault(f"{lane}/{job}", {})
+                bound = float("inf") if le == "+Inf" else float(le)
+                into[bound] = into.get(bound, 0.0) + float(count)
+    out: dict[str, dict[str, float]] = {}
+    for key, cumulative in sorted(buckets.items()):
+        bounds = sorted(cumulative)
+        total = cumulative[bounds[-1]]
+        if not total:
+            continue
+
+        def at(
+            q: float,
+            bounds: list[float] = bounds,
+            cumulative: dict[float, float] = cumulative,
+            total: float = total,
+        ) -> float:
+            return next(b for b in bounds if cumulative[b] >= q * total)
+
+        out[key] = {"count": total, "p50": at(0.5), "p95": at(0.95), "max": at(1.0)}
+    return out
 
 
 def stop_workers(procs: list[Process]) -> WorkerLogs:
@@ -856,6 +898,7 @@ def run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         procs = start_workers(settings, args, workers, (sira, runner), workdir, stack)
         usage = play_measured(settings, plugins, args, procs, [sira, runner])
         figures = database_figures(db_url)
+        figures["lane_delay_s"] = lane_delays(procs)
         logs = stop_workers(procs)
     finally:
         with signals_held():
@@ -934,6 +977,11 @@ def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, versions:
             f" CPU probe before / after {r['cpu_probe_ms'][0]} / {r['cpu_probe_ms'][1]} ms;"
             f" worker logs (warning and above): {logged}"
         )
+        for key, d in r["lane_delay_s"].items():
+            print(
+                f"    {key:<14} {d['count']:>7,.0f} jobs; from due to start p50 / p95 / max"
+                f" <= {d['p50']:g} / {d['p95']:g} / {d['max']:g} s (histogram buckets)"
+            )
         for job, j in r["jobs"].items():
             print(
                 f"    arq {job:<8} {j['count']:>6,} jobs; waited in the queue p50 / max"

@@ -1,19 +1,22 @@
-"""The arq worker: `selfheal worker`, also started by `selfheal up`.
+"""The worker: `selfheal worker`, also started by `selfheal up`.
 
-Periodic detection without a scheduler of its own: every worker, every
-SELFHEAL_DETECT_EVERY_S seconds, enqueues the job `detect` with the id of the current tick.
-arq refuses a second job with an id it already has, so the whole fleet of workers runs one
-detection per tick, on whichever worker takes it, and a tick missed by a dead worker is
-enqueued by the others. The job itself is safe to run twice (database constraints dedupe).
-
-The healing loop rides on the same tick: the job `heal` (one per tick fleet-wide, like
-`detect`) claims the incidents that are due and enqueues one `advance` job per incident, so
-the steps of many incidents spread over every worker (app/healing/engine.py). The job
-`deliver` sends what waits in the outbox (notifications, decision-service feedback).
+Two lanes (workers/lanes.py):
+- ticks: every SELFHEAL_DETECT_EVERY_S seconds each worker claims the tick in Redis
+  (`SET NX`), and the one that wins runs `detect`, `heal` and `deliver` in its own process at
+  once; `prune` once a minute, `seal` every SELFHEAL_AUDIT_SEAL_EVERY_S. So the whole fleet of
+  workers runs one detection per tick, a tick missed by a dead worker is taken by the others,
+  and ticks never wait behind per-incident work. The jobs are safe to run twice (database
+  constraints dedupe, claims skip locked rows).
+- steps: arq's queue. The job `heal` claims the incidents that are due and enqueues one
+  `advance` job per incident, so the steps of many incidents spread over every worker
+  (app/healing/engine.py). `deliver` sends what waits in the outbox (notifications,
+  decision-service feedback).
 
 Health: arq writes `<queue>:health-check` in Redis every few seconds; GET /health reads it.
 Each worker also publishes the state of its decision-service circuit breaker
-(`decision_breaker_key`), which /health reports."""
+(`decision_breaker_key`), which /health reports, and serves its own metrics (job delay and
+duration per lane, queue depth, breaker state) on SELFHEAL_WORKER_METRICS_PORT
+(workers/metrics.py)."""
 
 from __future__ import annotations
 
@@ -52,6 +55,14 @@ from app.incidents.detection import detect_once
 from app.notifications.delivery import deliver_due
 from app.notifications.egress import WebhookPolicy, webhook_client
 from app.plugins.retention import prune_heartbeats
+from workers.lanes import Tick, TickLane
+from workers.metrics import (
+    JOB_DELAY,
+    JOB_DURATION,
+    JOBS,
+    serve_metrics,
+    set_breaker_state,
+)
 
 log = structlog.get_logger("selfheal.worker")
 
@@ -118,7 +129,20 @@ async def heal(ctx: dict[str, Any]) -> dict[str, int]:
 @reporting_domain_errors
 async def advance(ctx: dict[str, Any], incident_id: str) -> str | None:
     healer: Healer = ctx["healer"]
-    return await healer.advance(uuid.UUID(incident_id))
+    started = time.time()
+    # arq's score: when the job was due (its enqueue time), in ms.
+    JOB_DELAY.labels("steps", "advance").observe(max(0.0, started - ctx["score"] / 1000))
+    outcome = "failed"
+    try:
+        moved = await healer.advance(uuid.UUID(incident_id))
+        outcome = "ok"
+        return moved
+    except DomainError:
+        outcome = "refused"
+        raise
+    finally:
+        JOB_DURATION.labels("steps", "advance").observe(time.time() - started)
+        JOBS.labels("steps", "advance", outcome).inc()
 
 
 @reporting_domain_errors
@@ -157,35 +181,40 @@ async def seal(ctx: dict[str, Any]) -> dict[str, int]:
 async def _publish_breaker(ctx: dict[str, Any]) -> None:
     decisions: DecisionClient = ctx["decisions"]
     snapshot = decisions.breaker.snapshot() | {"at": time.time()}
+    set_breaker_state(str(snapshot["state"]))
     with contextlib.suppress(Exception):  # health reporting must not stop healing
         await ctx["redis"].hset(
             decision_breaker_key(ctx["settings"]), ctx["worker_name"], orjson.dumps(snapshot)
         )
 
 
-async def _enqueue_ticks(redis: ArqRedis, settings: Settings) -> None:
+def tick_lane(ctx: dict[str, Any]) -> TickLane:
+    """The ticks this worker takes its share of (workers/lanes.py): detection, the healing
+    loop's claims and the outbox every SELFHEAL_DETECT_EVERY_S; retention once a minute; the
+    seals every SELFHEAL_AUDIT_SEAL_EVERY_S (the first at start-up)."""
+    settings: Settings = ctx["settings"]
     period = settings.detect_every_s
-    while True:
-        tick = int(time.time() // period)
-        jobs = [("detect", tick), ("heal", tick), ("deliver", tick)]
-        # Retention is not urgent: once a minute, fleet-wide.
-        jobs.append(("prune", int(time.time() // PRUNE_EVERY_S)))
-        # The seals too (SELFHEAL_AUDIT_SEAL_EVERY_S; the first at start-up).
-        jobs.append(("seal", int(time.time() // settings.audit_seal_every_s)))
-        for job, stamp in jobs:
-            try:
-                await redis.enqueue_job(
-                    job,
-                    # arq's job keys are not per queue (`arq:job:<id>`): the prefix keeps the
-                    # ticks of deployments sharing a Redis from deduplicating each other.
-                    _job_id=f"{settings.redis_prefix}{job}:{stamp}",
-                    _queue_name=queue_name(settings),
-                )
-            except Exception as exc:  # Redis away: the next tick tries again
-                log.warning(
-                    "tick_enqueue_failed", job=job, error=f"{type(exc).__name__}: {exc}"[:200]
-                )
-        await asyncio.sleep(max(0.05, (tick + 1) * period - time.time()))
+    return TickLane(
+        ctx,
+        [
+            Tick("detect", period, detect),
+            Tick("heal", period, heal),
+            Tick("deliver", period, deliver),
+            Tick("prune", PRUNE_EVERY_S, prune),
+            Tick("seal", settings.audit_seal_every_s, seal),
+        ],
+        redis=ctx["redis"],
+        key_prefix=settings.redis_prefix,
+        owner=ctx["worker_name"],
+        timeout_s=job_timeout_s(settings),
+        queue=queue_name(settings),
+    )
+
+
+def job_timeout_s(settings: Settings) -> int:
+    # A step's outside calls are bounded (decision and staging deadlines); the lease
+    # (SELFHEAL_HEAL_LEASE_S) hands an incident to another worker if one hangs anyway.
+    return max(120, int(settings.detect_every_s * 10))
 
 
 def service_clients(
@@ -240,7 +269,10 @@ async def _startup(ctx: dict[str, Any]) -> None:
     decisions, staging = service_clients(settings, http)
     ctx["decisions"] = decisions
     ctx["healer"] = Healer(ctx["sessionmaker"], settings, decisions, staging)
-    ctx["ticker"] = asyncio.create_task(_enqueue_ticks(ctx["redis"], settings))
+    serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+    lane = tick_lane(ctx)
+    ctx["lane"] = lane
+    ctx["ticker"] = asyncio.create_task(lane.run_forever(), name="tick-lane")
     log.info("worker_started", queue=queue_name(settings), detect_every_s=settings.detect_every_s)
 
 
@@ -250,6 +282,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
+    lane: TickLane | None = ctx.get("lane")
+    if lane is not None:
+        await lane.stop()
     for client in (ctx.get("http"), ctx.get("webhooks")):
         if client is not None:
             await client.aclose()
@@ -278,7 +313,8 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     SecretBox.for_settings(settings)
     return JsonWorker(
         # `advance` results are never read, and its job ids are unique per claim: no need to
-        # keep them (tick jobs keep theirs, so their ids dedupe the tick fleet-wide).
+        # keep them. The tick jobs run in the tick lane (workers/lanes.py); they stay
+        # registered here so that what an older worker enqueues during a rolling upgrade runs.
         functions=[detect, heal, func(advance, keep_result=0), deliver, prune, seal],
         # Steps mostly wait on HTTP and PostgreSQL; the pool (SELFHEAL_DB_POOL_SIZE plus as
         # many overflow) bounds what runs against the database at once.
@@ -295,11 +331,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
         # The queue is polled this often: it bounds how late a tick's job starts.
         poll_delay=0.1,
         health_check_key=health_check_key(settings),
-        # A tick's result is not needed; its id only has to outlive the tick.
+        # Results are not read (an older worker's tick ids only had to outlive the tick).
         keep_result=max(60, int(settings.detect_every_s * 4)),
-        # A step's outside calls are bounded (decision and staging deadlines); the lease
-        # (SELFHEAL_HEAL_LEASE_S) hands an incident to another worker if one hangs anyway.
-        job_timeout=max(120, int(settings.detect_every_s * 10)),
+        job_timeout=job_timeout_s(settings),
         max_tries=1,
         # Graceful: on SIGTERM, jobs under way get this long to finish.
         job_completion_wait=10,
@@ -326,4 +360,7 @@ def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_level)
     if settings.log_level != "debug":
         logging.getLogger("arq.worker").addFilter(QuietJobLines())
-    build_worker(settings).run()
+    # A lost Redis ends arq's run(); workers/reconnect.py waits for it and starts afresh.
+    from workers.reconnect import run_until_stopped
+
+    run_until_stopped(lambda: build_worker(settings), settings)

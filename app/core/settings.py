@@ -246,6 +246,14 @@ class Settings(BaseSettings):
     heal_lease_s: int = Field(30, ge=5, le=3600, validation_alias=_env("SELFHEAL_HEAL_LEASE_S"))
     heal_poll_s: float = Field(1.0, gt=0, le=600, validation_alias=_env("SELFHEAL_HEAL_POLL_S"))
     heal_batch: int = Field(200, ge=1, le=10_000, validation_alias=_env("SELFHEAL_HEAL_BATCH"))
+    # Each worker serves its own Prometheus metrics here (workers/metrics.py); 0: off. A
+    # second worker on the same machine needs a port of its own (it warns and runs without).
+    worker_metrics_host: str = Field(
+        "127.0.0.1", validation_alias=_env("SELFHEAL_WORKER_METRICS_HOST")
+    )
+    worker_metrics_port: int = Field(
+        9112, ge=0, le=65535, validation_alias=_env("SELFHEAL_WORKER_METRICS_PORT")
+    )
     blocked_recheck_s: float = Field(
         10.0, gt=0, le=3600, validation_alias=_env("SELFHEAL_BLOCKED_RECHECK_S")
     )

@@ -58,6 +58,9 @@ def make_settings(
         "webhook_allow": TEST_WEBHOOK_ALLOW,
         # Each test's workers export the head of the seals to a file of their own.
         "audit_head_file": HEADS / f"{redis_prefix.strip(':').replace(':', '-')}.json",
+        # Many tests' workers run at once on this machine: each would fight for the default
+        # metrics port (tests/test_worker_lanes.py serves them on a port of its own).
+        "worker_metrics_port": 0,
         **overrides,
     }
     return Settings(**values)
@@ -80,6 +83,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         PORT=str(settings.port),
         LOG_LEVEL="warning",
         SELFHEAL_WEBHOOK_ALLOW=settings.webhook_allow,
+        SELFHEAL_WORKER_METRICS_PORT=str(settings.worker_metrics_port),
     )
     if settings.public_url:
         env["SELFHEAL_PUBLIC_URL"] = settings.public_url
