@@ -73,6 +73,9 @@ class TickLane:
         self.queue = queue
         self.running: dict[str, asyncio.Task[None]] = {}
         self._last: dict[str, int] = {}
+        # A tick is due at its period's start, or when this worker started if later (the first
+        # `prune` after a start is not a minute late).
+        self._started = time.time()
 
     async def run_forever(self) -> None:
         while True:
@@ -86,7 +89,7 @@ class TickLane:
                     TICKS_SKIPPED.labels(tick.name).inc()
                     continue
                 if await self._claim(tick, stamp):
-                    due = stamp * tick.period_s
+                    due = max(stamp * tick.period_s, self._started)
                     self.running[tick.name] = asyncio.create_task(
                         self._run(tick, due), name=f"tick:{tick.name}:{stamp}"
                     )
