@@ -12,6 +12,9 @@ For each fleet size, on a fresh database on the machine's PostgreSQL:
      ticking back to back. Target: 10,000 incidents within 10 s.
   4. threshold-crossing heartbeat -> incident: a sample with 60% webhook failures is stored;
      time until its incident, with ticks every 0.5 s. Target: <= 1 s.
+  4b. repeat burst: 200 installations with an open threshold incident send another failing
+     sample: the tick that repeats them all (median of 5), and that tick while another
+     transaction holds one of the incidents FOR UPDATE (as a healing step does). No target.
   5. fleet grouping at 10% silent (the 10% are open incidents of one version and type): the
      fleet step of a tick that touches that group while it is below the share (counting
      its members and, up to members / share, the version's installations); the step that
@@ -127,9 +130,9 @@ async def measure(url: str, fleet: int) -> dict[str, Any]:
             ).fetchone()[0]
             stored_at = time.perf_counter()
             conn.execute(
-                "INSERT INTO plugin_heartbeats (installation_id, plugin_version, env,"
+                "INSERT INTO plugin_heartbeats (installation_id, signed_at, plugin_version, env,"
                 " webhook_attempts, webhook_failures, msg_digest)"
-                " VALUES (%s, '1.2.2', 'prod', 50, 30, %s)",
+                " VALUES (%s, now(), '1.2.2', 'prod', 50, 30, %s)",
                 (target, uuid.uuid4().bytes),
             )
             before = conn.execute("SELECT count(*) FROM plugin_incidents").fetchone()[0]
@@ -142,6 +145,9 @@ async def measure(url: str, fleet: int) -> dict[str, Any]:
                 period=0.5,
             )
             result["threshold_heartbeat_to_incident_s"] = round(time.perf_counter() - stored_at, 3)
+
+        # 4b. A burst of repeats, with and without an incident held by a healing step.
+        result.update(await repeat_burst(maker, settings, url, REPEAT_BURST))
 
         # 5. Fleet grouping with 10% of the fleet silent: one group of `silent` open incidents.
         result["idle_tick_silent_ms_median"] = await idle_tick_ms(maker, settings)
@@ -167,6 +173,60 @@ async def measure(url: str, fleet: int) -> dict[str, Any]:
     finally:
         await engine.dispose()
     return result
+
+
+# Sick installations of the repeat burst (issue 11 saw 200 hold incident rows for up to 7 s).
+REPEAT_BURST = 200
+
+
+async def repeat_burst(maker: Any, settings: Settings, url: str, sick: int) -> dict[str, Any]:
+    """`sick` installations get a threshold incident, then another failing sample each: the
+    tick that repeats them all (median of 5), and that tick while one of the incidents is held
+    by another transaction (a healing step's FOR UPDATE) until the tick is over, or failed."""
+    figures: dict[str, Any] = {"repeat_burst": sick}
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM merchant_plugins WHERE missed_since IS NULL"
+                " ORDER BY id DESC OFFSET 1 LIMIT %s",
+                (sick,),
+            ).fetchall()
+        ]
+
+        def failing() -> None:
+            conn.execute(
+                "INSERT INTO plugin_heartbeats (installation_id, signed_at, plugin_version, env,"
+                " webhook_attempts, webhook_failures, msg_digest)"
+                " SELECT i, now(), '1.2.2', 'prod', 50, 30, decode(md5(random()::text || i::text),"
+                " 'hex') FROM unnest(%s::uuid[]) AS i",
+                (ids,),
+            )
+
+        failing()
+        await detect_once(maker, settings)  # opens them
+        ticks = []
+        for _ in range(5):
+            failing()
+            started = time.perf_counter()
+            await detect_once(maker, settings)
+            ticks.append((time.perf_counter() - started) * 1000)
+        figures["repeat_burst_tick_ms"] = round(statistics.median(ticks), 1)
+        failing()
+        with psycopg.connect(libpq_url(url)) as holder:
+            holder.execute(
+                "SELECT 1 FROM plugin_incidents WHERE installation_id = %s FOR UPDATE", (ids[0],)
+            )
+            started = time.perf_counter()
+            try:
+                await detect_once(maker, settings)
+                outcome = "completed"
+            except Exception as error:  # the old per-finding statement hit its timeout
+                outcome = f"failed ({type(error).__name__})"
+            figures["repeat_burst_held_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            figures["repeat_burst_held_outcome"] = outcome
+            holder.rollback()
+    return figures
 
 
 async def idle_tick_ms(maker: Any, settings: Settings) -> float:
@@ -252,6 +312,13 @@ def main() -> None:
             f"  idle tick: no fleet incident {r['idle_tick_silent_ms_median']} ms;"
             f" fleet incident open {r['idle_tick_open_fleet_ms_median']} ms right after"
             f" linking, {r['idle_tick_open_fleet_vacuumed_ms_median']} ms after VACUUM ANALYZE"
+        )
+    for r in rows:
+        print(
+            f"\nrepeat burst ({r['repeat_burst']} open threshold incidents repeated at once):"
+            f" tick {r['repeat_burst_tick_ms']} ms;"
+            f" with one of them held by another transaction {r['repeat_burst_held_ms']} ms,"
+            f" {r['repeat_burst_held_outcome']}"
         )
     print(f"\npeak RSS of the detecting process: {rss_mb:.0f} MB")
     big = rows[-1]

@@ -207,9 +207,9 @@ async def test_threshold_incidents_of_one_version_make_a_fleet_incident_too(sett
     fleet = installations(db, 6)
     for installation in fleet[:5]:
         db.execute(
-            "INSERT INTO plugin_heartbeats (installation_id, plugin_version, env,"
+            "INSERT INTO plugin_heartbeats (installation_id, signed_at, plugin_version, env,"
             " requests, webhook_attempts, webhook_failures, msg_digest)"
-            " VALUES (%s, '1.2.2', 'prod', 100, 50, 30, %s)",
+            " VALUES (%s, now(), '1.2.2', 'prod', 100, 50, 30, %s)",
             (installation, uuid.uuid4().bytes),
         )
     result = await tick(settings)
@@ -288,7 +288,15 @@ async def test_fleet_incident_resolves_in_the_tick_its_last_member_recovers(sett
     fleet = installations(db, 5)
     go_silent(db, fleet)
     assert (await tick(settings)).fleet_opened == 1
-    # Heartbeats resume (the ingest clears missed_since and counts them).
+    # Heartbeats resume: the ingest stores their samples, clears missed_since and counts them
+    # (recovery is looked at for the installations that sent samples since the last tick).
+    for installation in fleet:
+        for _ in range(settings.recovery_heartbeats):
+            db.execute(
+                "INSERT INTO plugin_heartbeats (installation_id, signed_at, plugin_version, env,"
+                " requests, msg_digest) VALUES (%s, now(), '1.2.2', 'prod', 100, %s)",
+                (installation, uuid.uuid4().bytes),
+            )
     db.execute(
         "UPDATE merchant_plugins SET heartbeat_count = heartbeat_count + %s,"
         " missed_since = NULL, next_expected_at = now() + interval '10 minutes'",

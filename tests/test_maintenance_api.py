@@ -508,3 +508,38 @@ async def test_a_window_made_through_the_api_suppresses_detection_until_ended(
     ).fetchall() == [(plugin.id, "webhook_fail_rate")]
     # The window is still there: the record of why the first crossing opened nothing.
     assert len(window_rows(db)) == 1
+
+
+async def test_a_window_keeps_a_silent_installation_from_being_reported_missing(
+    settings, client, operator, plugin, db
+):
+    await beat(client, plugin)
+    created = await create(
+        client, operator, tenant_id=plugin.tenant, duration_s=3600, reason="datacenter move"
+    )
+    assert created.status_code == 201, created.text
+
+    def silent_for_an_hour() -> None:
+        db.execute(
+            "UPDATE merchant_plugins SET next_expected_at = now() - interval '1 hour'"
+            " WHERE id = %s",
+            (plugin.id,),
+        )
+
+    silent_for_an_hour()
+    assert (await tick(settings)).opened == 0
+    assert (await tick(settings)).opened == 0
+    assert db.execute("SELECT count(*) FROM plugin_incidents").fetchone() == (0,)
+    # Its deadline moved forward (at most to the window's end), off the overdue range.
+    assert db.execute(
+        "SELECT next_expected_at > now(), missed_since FROM merchant_plugins WHERE id = %s",
+        (plugin.id,),
+    ).fetchone() == (True, None)
+
+    ended = await client.post(f"{WINDOWS}/{created.json()['id']}/end", headers=operator.auth)
+    assert ended.status_code == 200, ended.text
+    silent_for_an_hour()  # still silent, well after the window's end
+    assert (await tick(settings)).opened == 1
+    assert db.execute(
+        "SELECT installation_id::text, type FROM plugin_incidents WHERE status = 'detected'"
+    ).fetchall() == [(plugin.id, "heartbeat_missed")]

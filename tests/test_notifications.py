@@ -261,6 +261,10 @@ def test_summary_lines_for_every_event() -> None:
         "escalated": ":sos: [high] error_spike on acme/payments 1.2.2: escalated to ops",
         "cancelled": ":no_entry_sign: [high] error_spike on acme/payments 1.2.2: cancelled",
     }
+    rollback = ATTEMPT | {"action": "rollback", "to_version": "1.2.1"}
+    assert summary_text("patch_failed", incident, rollback, None).endswith(
+        ": rollback to 1.2.1 failed"
+    )
     fleet = summary_text("escalated", incident | {"tenant_id": None}, None, "a\nb & <@here>")
     assert fleet == (
         ":sos: [high] error_spike on payments (fleet) 1.2.2: escalated to ops"

@@ -233,14 +233,19 @@ async def test_automatic_command_waits_until_autopatch_is_enabled(settings, clie
     assert ids(await commands_in_heartbeat(client, plugin)) == [automatic]
     assert command_row(db, automatic)["delivery_count"] == 1
 
-    # The kill switch also stops redelivery of an automatic command whose lease ran out.
+    # The plugin had it when the kill switch was engaged: it is held, never handed out again
+    # once its lease runs out, not even after the switch is back on (the healing loop ends its
+    # attempt: tests/test_loose_ends.py).
     set_autopatch(db, False)
     expire_lease(db, automatic)
     assert await commands_in_heartbeat(client, plugin) == []
-    assert command_row(db, automatic)["delivery_count"] == 1
     set_autopatch(db, True)
-    assert ids(await commands_in_heartbeat(client, plugin)) == [automatic]
-    assert command_row(db, automatic)["delivery_count"] == 2
+    assert await commands_in_heartbeat(client, plugin) == []
+    row = command_row(db, automatic)
+    assert (row["status"], row["delivery_count"]) == ("delivered", 1)
+    assert db.execute(
+        "SELECT held_at IS NOT NULL FROM plugin_agent_commands WHERE id = %s", (automatic,)
+    ).fetchone() == (True,)
 
 
 async def test_concurrent_heartbeats_never_get_the_same_command(settings, plugin, db):
@@ -315,7 +320,7 @@ async def test_ack_of_unknown_command_is_not_found(client, plugin):
 
 
 async def test_fail_marks_command_failed(settings, client, plugin, db):
-    command_id = await add_command(settings, plugin)
+    command_id = await add_command(settings, plugin, max_deliveries=1)  # no retry left
     assert ids(await commands_in_heartbeat(client, plugin)) == [command_id]
     response = await fail(client, plugin, command_id, {"error": "disk full", "retryable": True})
     assert response.status_code == 200, response.text
@@ -336,12 +341,52 @@ async def test_fail_defaults_to_not_retryable(settings, client, plugin, db):
     assert command_row(db, command_id)["retryable"] is False
 
 
+async def test_retryable_fail_is_retried_within_the_delivery_budget(settings, client, plugin, db):
+    command_id = await add_command(settings, plugin, max_deliveries=2)
+    assert ids(await commands_in_heartbeat(client, plugin)) == [command_id]
+    # A transient failure (the download timed out) with a delivery left: back to pending, and
+    # the next heartbeat hands it out again.
+    first = await fail(client, plugin, command_id, {"error": "timeout", "retryable": True})
+    assert first.status_code == 200, first.text
+    assert first.json() == {"id": command_id, "status": "pending"}
+    row = command_row(db, command_id)
+    assert (row["status"], row["error"], row["retryable"], row["failed_at"]) == (
+        "pending",
+        "timeout",
+        True,
+        None,
+    )
+    assert ids(await commands_in_heartbeat(client, plugin)) == [command_id]
+    # The budget is spent (2 deliveries of 2): the same failure is final.
+    last = await fail(client, plugin, command_id, {"error": "timeout again", "retryable": True})
+    assert last.json() == {"id": command_id, "status": "failed"}
+    row = command_row(db, command_id)
+    assert (row["status"], row["delivery_count"], row["error"]) == ("failed", 2, "timeout again")
+    expire_lease(db, command_id)
+    assert await commands_in_heartbeat(client, plugin) == []
+
+    # A failure that is not retryable is final at once, deliveries left or not.
+    other = await add_command(settings, plugin, max_deliveries=5)
+    assert ids(await commands_in_heartbeat(client, plugin)) == [other]
+    refused = await fail(client, plugin, other, {"error": "bad signature", "retryable": False})
+    assert refused.json() == {"id": other, "status": "failed"}
+    # An expired command is not retried either.
+    expired = await add_command(settings, plugin, max_deliveries=5)
+    assert ids(await commands_in_heartbeat(client, plugin)) == [expired]
+    db.execute(
+        "UPDATE plugin_agent_commands SET expires_at = now() - interval '1 second' WHERE id = %s",
+        (expired,),
+    )
+    late = await fail(client, plugin, expired, {"error": "timeout", "retryable": True})
+    assert late.json() == {"id": expired, "status": "failed"}
+
+
 async def test_double_fail_is_harmless(settings, client, plugin, db):
     command_id = await add_command(settings, plugin)
-    first = await fail(client, plugin, command_id, {"error": "first", "retryable": True})
+    first = await fail(client, plugin, command_id, {"error": "first", "retryable": False})
     assert first.status_code == 200, first.text
     row = command_row(db, command_id)
-    second = await fail(client, plugin, command_id, {"error": "second", "retryable": False})
+    second = await fail(client, plugin, command_id, {"error": "second", "retryable": True})
     assert second.status_code == 200, second.text
     assert second.json() == {"id": command_id, "status": "failed"}
     assert command_row(db, command_id) == row

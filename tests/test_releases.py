@@ -41,7 +41,7 @@ from app.releases.signing import (
 )
 from tests.support.cli import one_json_object, runner
 from tests.support.databases import libpq
-from tests.support.settings import TEST_SECRET_KEY
+from tests.support.settings import APP_LOGIN, TEST_SECRET_KEY
 
 T = TypeVar("T")
 
@@ -625,3 +625,53 @@ def test_release_add_json_list_and_quarantine(run, tmp_path, db):
     )
     assert missing.returncode == 1
     assert "no release payments 9.9.9" in missing.stderr
+
+
+async def test_release_changes_and_tenant_blocks_are_audited(run, tmp_path, db, plugin, settings):
+    """Quarantine and unquarantine from the command line, a block for one tenant as the
+    healing loop records it: each lands in audit_log with who did it, and the block with its
+    tenant."""
+    assert run("keys", "generate", "--json").returncode == 0
+    artifact(tmp_path, "a.zip", b"payments 1.2.3")
+    args = ("--plugin", plugin.name, "--version", "1.2.3")
+    assert run("release", "add", *args, "--artifact", "a.zip").returncode == 0
+    assert run("release", "quarantine", *args, "--reason", "broken webhooks").returncode == 0
+    await in_tx(
+        settings,
+        lambda s: repository.block_for_tenant(s, plugin.name, "1.2.3", plugin.tenant, "3x here"),
+    )
+    assert run("release", "unquarantine", *args).returncode == 0
+
+    release_id = db.execute("SELECT id::text FROM plugin_releases").fetchone()[0]
+    rows = db.execute(
+        "SELECT entity, action, entity_id, tenant_id, db_user, application_name,"
+        "       coalesce(new, old) ->> 'quarantine_reason', coalesce(new, old) ->> 'reason'"
+        " FROM audit_log WHERE entity IN ('plugin_releases', 'plugin_release_tenant_blocks')"
+        " ORDER BY id"
+    ).fetchall()
+    assert [row[:4] for row in rows] == [
+        ("plugin_releases", "insert", release_id, None),
+        ("plugin_releases", "update", release_id, None),  # quarantined
+        (
+            "plugin_release_tenant_blocks",
+            "insert",
+            f"{plugin.name}/1.2.3/{plugin.tenant}",
+            plugin.tenant,
+        ),
+        (
+            "plugin_release_tenant_blocks",
+            "delete",
+            f"{plugin.name}/1.2.3/{plugin.tenant}",
+            plugin.tenant,
+        ),
+        ("plugin_releases", "update", release_id, None),  # unquarantined
+    ]
+    assert [row[6] for row in rows if row[0] == "plugin_releases"] == [
+        None,
+        "broken webhooks",
+        None,
+    ]
+    assert rows[2][7] == "3x here"
+    # Made by the application's login (the CLI's and the loop's sessions), named as such.
+    assert {row[4] for row in rows} == {APP_LOGIN}
+    assert rows[1][5] == "selfheal-cli"

@@ -207,10 +207,12 @@ def head_revision() -> str:
 
 def public_objects(conn: psycopg.Connection[Any]) -> dict[str, set[str]]:
     return {
+        # Tables, not the partitions of plugin_heartbeats (migration 0017), which come and go.
         "tables": {
             r[0]
             for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
             ).fetchall()
         },
         "relations": {

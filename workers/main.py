@@ -162,13 +162,15 @@ async def deliver(ctx: dict[str, Any]) -> dict[str, int]:
 
 @reporting_domain_errors
 async def prune(ctx: dict[str, Any]) -> dict[str, int]:
+    """Heartbeat partitions: made ahead, expired ones dropped whole (app/plugins/retention.py)."""
     settings: Settings = ctx["settings"]
-    deleted = await prune_heartbeats(
-        ctx["sessionmaker"], retention_days=settings.heartbeat_retention_days
-    )
-    if deleted:
-        log.info("heartbeats_pruned", deleted=deleted)
-    return {"deleted": deleted}
+    upkeep = await prune_heartbeats(ctx["sessionmaker"], settings)
+    if upkeep.created or upkeep.dropped:
+        log.info("heartbeat_partitions", created=upkeep.created, dropped=list(upkeep.dropped))
+    if upkeep.busy:
+        # A lock was not free within 3 s: nothing done, the next minute tries again.
+        log.info("heartbeat_partitions_busy", retry_in_s=PRUNE_EVERY_S)
+    return {"created": upkeep.created, "dropped": len(upkeep.dropped)}
 
 
 @reporting_domain_errors

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import structlog
-from sqlalchemy import text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -44,7 +44,8 @@ def create_engine(settings: Settings, *, role: str) -> AsyncEngine:
     pg_stat_activity and the audit log say which process made a change."""
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set and no embedded PostgreSQL was started")
-    return create_async_engine(
+    pooled = settings.transaction_pooling
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
@@ -55,8 +56,35 @@ def create_engine(settings: Settings, *, role: str) -> AsyncEngine:
             role,
             connect_timeout_s=settings.db_timeout_s,
             statement_timeout_s=settings.db_timeout_s,
-        ),
+            pooled=pooled,
+        )
+        | {"prepare_threshold": prepare_threshold_for(5, pooled=pooled)},
     )
+    if pooled:
+        timeout_per_transaction(engine, settings.db_timeout_s)
+    return engine
+
+
+def prepare_threshold_for(wanted: int | None, *, pooled: bool) -> int | None:
+    """psycopg's prepare_threshold for a connection: `wanted` (5 is psycopg's default), or None
+    (never prepare) behind a transaction pooler. A statement psycopg prepared lives on one
+    server connection, and PgBouncer before 1.21 hands each transaction any server connection:
+    the next run of it would find "prepared statement _pg3_0 does not exist" (or a name
+    already taken by another client's)."""
+    return None if pooled else wanted
+
+
+def timeout_per_transaction(engine: AsyncEngine, timeout_s: float) -> None:
+    """The statement timeout as the first statement of every transaction (SET LOCAL: it ends
+    with the transaction), for connections that cannot carry it as a startup option: PgBouncer
+    refuses the `options` startup parameter, and a plain SET would outlive our transaction on a
+    server connection that other clients get next. Costs one round trip per transaction, so
+    it is done only behind a pooler."""
+    setting = f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _set_timeout(conn: Connection) -> None:
+        conn.exec_driver_sql(setting)
 
 
 async def connect_raw(
@@ -66,35 +94,48 @@ async def connect_raw(
     connect_timeout_s: float,
     statement_timeout_s: float | None,
     prepare_threshold: int | None = 5,
+    pooled: bool = False,
 ) -> psycopg.AsyncConnection[Any]:
     """A raw autocommit psycopg connection, outside the engine's pool: for the heartbeat path
     (ingest, credential loads), where the ORM's cost shows, and for LISTEN. `url` in either
     form (SQLAlchemy's or libpq's); the options are `connection_options`'s.
     `prepare_threshold` is psycopg's (5 is its default; 1 prepares a statement at its first
-    run, None never)."""
+    run, None never); `pooled` (behind a transaction pooler, SELFHEAL_DB_POOLER) prepares
+    nothing and sends no startup options: each statement of such a connection is its own
+    transaction, bounded by the caller (`bounded`) rather than by a server-side timeout."""
     return await psycopg.AsyncConnection.connect(
         libpq_url(url),
         autocommit=True,
-        prepare_threshold=prepare_threshold,
+        prepare_threshold=prepare_threshold_for(prepare_threshold, pooled=pooled),
         **connection_options(
-            role, connect_timeout_s=connect_timeout_s, statement_timeout_s=statement_timeout_s
+            role,
+            connect_timeout_s=connect_timeout_s,
+            statement_timeout_s=statement_timeout_s,
+            pooled=pooled,
         ),
     )
 
 
 def connection_options(
-    role: str, *, connect_timeout_s: float, statement_timeout_s: float | None
+    role: str,
+    *,
+    connect_timeout_s: float,
+    statement_timeout_s: float | None,
+    pooled: bool = False,
 ) -> dict[str, Any]:
     """The libpq options of every connection of ours, pooled or raw. `role` becomes the
     application_name (selfheal-<role>). A statement that hangs (lock wait, dead server) fails
     after `statement_timeout_s` instead of holding a request; None sets no statement timeout,
     for a connection that only waits (LISTEN). Liveness checks (`connection_liveness`) give a
-    silent peer about twice the statement timeout, or the connect timeout without one."""
+    silent peer about twice the statement timeout, or the connect timeout without one.
+    `pooled`: the connection goes to a transaction pooler (PgBouncer), which refuses the
+    `options` startup parameter; the timeout is then set per transaction
+    (`timeout_per_transaction`) or enforced by the caller (`bounded`)."""
     options: dict[str, Any] = {
         "application_name": f"selfheal-{role}",
         "connect_timeout": max(1, int(connect_timeout_s)),
     }
-    if statement_timeout_s is not None:
+    if statement_timeout_s is not None and not pooled:
         options["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
     liveness_s = connect_timeout_s if statement_timeout_s is None else statement_timeout_s
     return options | connection_liveness(liveness_s)

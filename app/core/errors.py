@@ -243,8 +243,26 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers a JSON body that is not UTF-8 with a bare 400 ("error parsing
+            # the body"); it is invalid JSON like any other, and answered as such (found by
+            # schemathesis, tests/test_fuzz_api.py).
+            return error_response(422, "invalid_json", "request body is not valid JSON")
         code = _STATUS_CODES.get(exc.status_code, "error")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _unstorable_value(_: Request, exc: sa_exc.DataError) -> Response:
+        # SQLSTATE class 22: a value the request carried that PostgreSQL cannot hold or
+        # compare (a NUL character in a text filter, a number out of range). The request is at
+        # fault, not the server (found by schemathesis, tests/test_fuzz_api.py).
+        log.info("request_value_refused_by_database", error=str(exc.orig)[:200])
+        return error_response(
+            422,
+            "validation_error",
+            "a value in the request cannot be stored or compared"
+            " (a NUL character, or a number out of range)",
+        )
 
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)

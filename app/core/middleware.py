@@ -3,8 +3,8 @@ heartbeat path): request id, latency histogram, one JSON log line per request.""
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +26,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id = usable_request_id(_header(scope, b"x-request-id")) or new_request_id()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -57,10 +57,20 @@ class RequestContextMiddleware:
                 )
 
 
+def new_request_id() -> str:
+    """32 random hex digits (os.urandom: a uuid4's randomness without building a UUID)."""
+    return os.urandom(16).hex()
+
+
+def usable_request_id(text: str | None) -> str | None:
+    """A caller-chosen id is echoed into logs: keep it short and printable (None: make one)."""
+    if text is None:
+        return None
+    return text[:64] if text.isprintable() else None
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
-            text = value.decode("latin-1")
-            # A caller-chosen id is echoed into logs: keep it short and printable.
-            return text[:64] if text.isprintable() else None
+            return str(value.decode("latin-1"))
     return None

@@ -169,8 +169,11 @@ class PluginSecret(Base):
 
 
 class PluginHeartbeat(Base):
-    """One sample per accepted heartbeat. The unique (installation, digest) pair is the replay
-    guard shared by every API process: a replayed request cannot insert a second row."""
+    """One sample per accepted heartbeat. The unique (installation, digest, signed_at) triple is
+    the replay guard shared by every API process: a replayed request cannot insert a second row.
+
+    Range-partitioned by signed_at (migration 0017, docs/partitioning.md): the partitions are
+    made ahead and dropped whole by the functions that migration creates, not by the ORM."""
 
     __tablename__ = "plugin_heartbeats"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -178,6 +181,9 @@ class PluginHeartbeat(Base):
         ForeignKey("merchant_plugins.id", ondelete="CASCADE"), nullable=False
     )
     received_at: Mapped[datetime] = _now()
+    # The request's verified X-Timestamp, which its digest covers: a replay has the same one, so
+    # it lands in the same partition and meets the same unique index. The partition key.
+    signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     plugin_version: Mapped[str] = mapped_column(Text, nullable=False)
     env: Mapped[str] = mapped_column(Text, nullable=False)
@@ -196,9 +202,11 @@ class PluginHeartbeat(Base):
     )
     msg_digest: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     __table_args__ = (
-        UniqueConstraint("installation_id", "msg_digest", name="uq_plugin_heartbeats_replay"),
+        UniqueConstraint(
+            "installation_id", "msg_digest", "signed_at", name="uq_plugin_heartbeats_replay"
+        ),
         Index("ix_plugin_heartbeats_installation_received", "installation_id", "received_at"),
-        Index("ix_plugin_heartbeats_received_at", "received_at"),
+        {"postgresql_partition_by": "RANGE (signed_at)"},
     )
 
 
@@ -291,8 +299,17 @@ class PluginIncident(Base):
     escalated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set on the installations' incidents that a fleet incident (installation_id NULL) groups.
     fleet_incident_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("plugin_incidents.id"))
+    # Set while the healing loop leaves the incident alone because its installation's
+    # heartbeat_missed incident is open (migration 0018; app/healing/engine.py, `_muted`).
+    muted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A member's severity before its fleet incident raised it, kept up by its repeats; NULL
+    # when not raised. Given back when the fleet incident closes (migration 0019's trigger).
+    own_severity: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (
         CheckConstraint(_in("severity", SEVERITIES), name="severity"),
+        CheckConstraint(
+            f"own_severity IS NULL OR {_in('own_severity', SEVERITIES)}", name="own_severity"
+        ),
         CheckConstraint(_in("type", INCIDENT_TYPES), name="type"),
         CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
         Index("ix_plugin_incidents_detected_at", "detected_at"),
@@ -334,6 +351,22 @@ class PluginIncident(Base):
             "fleet_incident_id",
             postgresql_where=text(f"installation_id IS NOT NULL AND {_OPEN_INCIDENT}"),
         ),
+    )
+
+
+class PluginIncidentRepeat(Base):
+    """Repeats a detection tick could not record because a healing step held the incident:
+    the next tick adds them (app/incidents/repository.py, `record_findings`)."""
+
+    __tablename__ = "plugin_incident_repeats"
+    # No foreign key: its check would wait on the incident row the healing step holds.
+    incident_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    occurrences: Mapped[int] = mapped_column(Integer, nullable=False)
+    severity: Mapped[str] = mapped_column(Text, nullable=False)
+    deferred_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        CheckConstraint("occurrences > 0", name="occurrences"),
+        CheckConstraint(_in("severity", SEVERITIES), name="severity"),
     )
 
 
@@ -496,6 +529,9 @@ class PluginAgentCommand(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     error: Mapped[str | None] = mapped_column(Text)
     retryable: Mapped[bool | None] = mapped_column(Boolean)
+    # An automatic command the plugin had when the kill switch was engaged: never handed out
+    # again (migration 0018).
+    held_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(_in("type", COMMAND_TYPES), name="type"),
         CheckConstraint(_in("status", COMMAND_STATUSES), name="status"),
@@ -689,7 +725,7 @@ class Outbox(Base):
         Index(
             "ix_outbox_due",
             "next_attempt_at",
-            postgresql_where=text("delivered_at IS NULL"),
+            postgresql_where=text("delivered_at IS NULL AND dead_at IS NULL"),
         ),
     )
 
@@ -722,4 +758,7 @@ class DetectorWatermark(Base):
     __tablename__ = "detector_watermarks"
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # The signed_at of the last sample read: bounds the next scan's signed_at, so it reads the
+    # recent partitions only (app/incidents/repository.py, SIGNED_AT_SLACK; migration 0017).
+    last_signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now()

@@ -26,9 +26,15 @@ def has_nul(value: Any) -> bool:
 
 
 def json_for_postgres(field: str, value: Any) -> str:
-    if has_nul(value):
-        raise UnstorableValue(field, "strings cannot contain NUL characters")
     try:
-        return orjson.dumps(value).decode()
+        text = orjson.dumps(value)
     except TypeError as exc:  # e.g. an integer beyond 64 bits
+        if has_nul(value):
+            raise UnstorableValue(field, "strings cannot contain NUL characters") from None
         raise UnstorableValue(field, str(exc)) from None
+    # orjson writes a NUL as \u0000, so a document without that sequence has none; walking
+    # the value (has_nul) is needed only when it appears (a NUL, or an escaped backslash
+    # followed by "u0000"). This runs for every heartbeat.
+    if b"\\u0000" in text and has_nul(value):
+        raise UnstorableValue(field, "strings cannot contain NUL characters")
+    return text.decode()

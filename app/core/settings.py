@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     # The login that owns the tables and runs the migrations; DATABASE_URL (the API's and the
     # workers' login, a member of `selfheal_app`) when unset.
     database_owner_url: str | None = Field(None, validation_alias=_env("DATABASE_OWNER_URL"))
+    # `transaction` when DATABASE_URL is a transaction-pooling PgBouncer (docs/scaling.md,
+    # "PgBouncer"): no prepared statements, no startup options, the statement timeout set per
+    # transaction. DATABASE_DIRECT_URL then reaches PostgreSQL itself, for what needs a session
+    # of its own: the API's LISTEN for credential changes (and the migrations, without
+    # DATABASE_OWNER_URL).
+    db_pooler: Literal["none", "transaction"] = Field(
+        "none", validation_alias=_env("SELFHEAL_DB_POOLER")
+    )
+    database_direct_url: str | None = Field(None, validation_alias=_env("DATABASE_DIRECT_URL"))
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
     redis_prefix: str = Field("selfheal:", validation_alias=_env("SELFHEAL_REDIS_PREFIX"))
 
@@ -175,6 +184,15 @@ class Settings(BaseSettings):
     )
     heartbeat_retention_days: int = Field(
         14, ge=1, le=3650, validation_alias=_env("SELFHEAL_HEARTBEAT_RETENTION_DAYS")
+    )
+    # plugin_heartbeats is range-partitioned by signed time (docs/partitioning.md): the span of
+    # one partition (divides 24 or is a multiple of 24; only partitions made from then on get a
+    # new span), and how far ahead of now the workers keep partitions ready.
+    heartbeat_partition_hours: int = Field(
+        24, ge=1, le=720, validation_alias=_env("SELFHEAL_HEARTBEAT_PARTITION_HOURS")
+    )
+    heartbeat_partitions_ahead_hours: int = Field(
+        168, ge=1, le=2160, validation_alias=_env("SELFHEAL_HEARTBEAT_PARTITIONS_AHEAD_HOURS")
     )
 
     # The outbox (app/notifications/): webhooks and decision-service feedback.
@@ -304,10 +322,32 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("database_url", "database_owner_url")
+    @field_validator("database_url", "database_owner_url", "database_direct_url")
     @classmethod
     def _psycopg_driver(cls, value: str | None) -> str | None:
         return normalize_database_url(value) if value else None
+
+    @field_validator("heartbeat_partition_hours")
+    @classmethod
+    def _partition_span(cls, value: int) -> int:
+        # Partitions are aligned on UTC midnight: a day holds a whole number of them, or one
+        # holds a whole number of days.
+        if 24 % value and value % 24:
+            raise ValueError(
+                "SELFHEAL_HEARTBEAT_PARTITION_HOURS must divide 24 (1, 2, 3, 4, 6, 8, 12) or be"
+                " a multiple of 24 (24, 48, ... 720)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _partitions_ahead(self) -> Settings:
+        # What selfheal_ensure_heartbeat_partitions accepts (migration 0017).
+        if self.heartbeat_partitions_ahead_hours > 500 * self.heartbeat_partition_hours:
+            raise ValueError(
+                "SELFHEAL_HEARTBEAT_PARTITIONS_AHEAD_HOURS may cover at most 500 partitions of"
+                " SELFHEAL_HEARTBEAT_PARTITION_HOURS"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -337,8 +377,25 @@ class Settings(BaseSettings):
 
     @property
     def migration_url(self) -> str | None:
-        """The URL migrations run with: DATABASE_OWNER_URL, else DATABASE_URL."""
-        return self.database_owner_url or self.database_url
+        """The URL migrations run with: DATABASE_OWNER_URL, else DATABASE_DIRECT_URL, else
+        DATABASE_URL. Never a transaction pooler when another URL is given: migrations/env.py
+        holds a session advisory lock across transactions."""
+        return self.database_owner_url or self.database_direct_url or self.database_url
+
+    @property
+    def transaction_pooling(self) -> bool:
+        """Whether DATABASE_URL goes through a transaction pooler (SELFHEAL_DB_POOLER)."""
+        return self.db_pooler == "transaction"
+
+    @property
+    def listen_url(self) -> str | None:
+        """Where the API LISTENs for credential changes: DATABASE_DIRECT_URL, else DATABASE_URL
+        unless that is a transaction pooler, where LISTEN is accepted but its notifications
+        never reach us (the server connection goes back to the pool after the statement).
+        None: nobody listens, and the API keeps credentials 5 s at most (app/plugins/auth.py)."""
+        if self.database_direct_url:
+            return self.database_direct_url
+        return None if self.transaction_pooling else self.database_url
 
     @property
     def api_base_url(self) -> str:

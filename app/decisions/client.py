@@ -115,6 +115,9 @@ class DecisionClient:
         evidence: LocalEvidence | None = None,
     ) -> Decision:
         evidence = evidence or LocalEvidence()
+        # How long the call took, in the fallback's log line: the deadline bounds it
+        # (tests/test_decision_slow.py reads it from a real worker's log).
+        started = self._clock()
         try:
             answer = await self._ask(incident, candidates, evidence)
         except ServiceUnavailable as failure:
@@ -152,6 +155,7 @@ class DecisionClient:
             rule=decision.rule,
             action=decision.action,
             breaker=self.breaker.state,
+            elapsed_s=round(self._clock() - started, 3),
         )
         return decision
 

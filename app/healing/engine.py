@@ -32,6 +32,7 @@ transaction boundaries (the point of this file) would no longer read in one plac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -61,6 +62,17 @@ from app.releases.artifacts import ArtifactCapabilities
 log = structlog.get_logger("selfheal.healing")
 
 MAX_STEPS_PER_RUN = 12
+
+# The statuses in which an incident waits while its installation is silent (muted): nothing
+# was started for it yet. From staging on, the attempt goes on: a change that reached the
+# plugin has to be judged (verification treats silence as failure and rolls back), and one
+# that cannot reach it fails as for any plugin that does not answer.
+MUTABLE = (
+    IncidentStatus.DETECTED,
+    IncidentStatus.DECIDING,
+    IncidentStatus.AWAITING_APPROVAL,
+    IncidentStatus.BLOCKED_BY_POLICY,
+)
 
 
 class Superseded(Exception):
@@ -142,7 +154,10 @@ class Healer:
             if step is None:
                 return status
             try:
-                result = await step(state)
+                if state.status in MUTABLE and (state.installation_silent or state.muted_at):
+                    result = await self._muted(state)
+                else:
+                    result = await step(state)
             except Superseded:
                 continue  # read it again
             except Exception:
@@ -196,6 +211,39 @@ class Healer:
         return queued
 
     # -- steps ----------------------------------------------------------------------------
+
+    async def _muted(self, state: IncidentState) -> StepResult:
+        """A missed heartbeat mutes the installation's other open incidents: while its
+        heartbeat_missed incident is open, detection opens no new one (its samples are left
+        out), and the ones already open that nothing was started for are not decided, gated,
+        escalated or notified: the missing heartbeats say everything, and no command could
+        reach the plugin anyway. The incident is marked muted (muted_at) and looked at again
+        every SELFHEAL_BLOCKED_RECHECK_S; once the heartbeat_missed incident is closed
+        (heartbeats resumed), the mark is cleared and the loop goes on where it stopped."""
+        if not state.installation_silent:
+            async with self._locked(state) as session:
+                moved = await repo.move_incident(
+                    session,
+                    state.id,
+                    expected=state.status,
+                    muted=False,
+                    reason="heartbeats resumed; healing goes on",
+                    next_check_in_s=self.settings.heal_lease_s,
+                )
+            return CONTINUE if moved else WAIT
+        async with self._locked(state) as session:
+            await repo.move_incident(
+                session,
+                state.id,
+                expected=state.status,
+                muted=True,
+                reason=None
+                if state.muted_at
+                else "muted: the installation's heartbeats are missing (heartbeat_missed"
+                " incident open); waiting for them to return",
+                next_check_in_s=self.settings.blocked_recheck_s,
+            )
+        return WAIT
 
     async def _detected(self, state: IncidentState) -> StepResult:
         if state.installation_id is None:
@@ -620,7 +668,7 @@ class Healer:
             )
             if payload is None:
                 why = f"no signed release of {attempt.to_version} to apply"
-                await self._end_attempt(
+                if await self._end_attempt(
                     session,
                     state,
                     attempt,
@@ -628,7 +676,12 @@ class Healer:
                     failure_reason=why,
                     incident_status=IncidentStatus.ESCALATED,
                     reason=why,
-                )
+                ):
+                    failed = _failed(attempt, why)
+                    await self._notify(session, "patch_failed", state, "escalated", attempt=failed)
+                    await self._notify(
+                        session, "escalated", state, "escalated", why, attempt=failed
+                    )
                 return WAIT
             await self._queue_command(
                 session,
@@ -701,6 +754,8 @@ class Healer:
             cancelled = await self._cancel_if_kill_switch(state, attempt)
             if cancelled is not None:
                 return cancelled
+        if command.held_at is not None and _undeliverable(state, command):
+            return await self._hand_back_held(state, attempt, command)
         if command.status in ("expired", "cancelled") or _undeliverable(state, command):
             return await self._fail_attempt(
                 state,
@@ -969,14 +1024,19 @@ class Healer:
             ):
                 return WAIT
             await self._record_feedback(session, state, attempt, "failed")
+            failed = _failed(attempt, reason)
+            severity = "critical" if critical else None
+            await self._notify(
+                session, "patch_failed", state, "escalated", attempt=failed, severity=severity
+            )
             await self._notify(
                 session,
                 "escalated",
                 state,
                 "escalated",
                 reason,
-                attempt=attempt,
-                severity="critical" if critical else None,
+                attempt=failed,
+                severity=severity,
             )
         log.warning("attempt_failed", incident_id=str(state.id), reason=reason)
         return WAIT
@@ -1107,8 +1167,42 @@ class Healer:
             moved = await repo.move_incident(
                 session, state.id, expected=state.status, status=status, reason=reason
             )
+            if moved and attempt is not None and attempt.status == AttemptStatus.FAILED:
+                # Failed elsewhere (the runbook's SQL, by hand): an attempt failed all the same.
+                await self._notify(session, "patch_failed", state, status, attempt=attempt)
             if moved and status in ("cancelled", "escalated"):
                 await self._notify(session, status, state, status, reason)
+        return WAIT
+
+    async def _hand_back_held(
+        self, state: IncidentState, attempt: AttemptRow, command: repo.CommandRow
+    ) -> StepResult:
+        """The automatic command the plugin had when the kill switch was engaged (held,
+        migration 0018) was not acknowledged within its lease: it is never handed out again, so
+        it is expired, and the attempt ends cancelled, as the kill switch's pending commands do
+        (migration 0007): the incident waits in blocked_by_policy with its pending action, and
+        the gate decides again once autopatch is back on (deciding anew if the plugin went to
+        another version meanwhile). A late ack is refused (the command is expired)."""
+        async with self._locked(state) as session:
+            # Attempt row before command row, as in _fail_attempt.
+            await repo.lock_attempt(session, attempt.id)
+            if await repo.lock_command(session, command.id) != "delivered":
+                return CONTINUE  # acked or failed meanwhile: the next look sees it
+            await repo.expire_command(session, command.id)
+            if not await self._end_attempt(
+                session,
+                state,
+                attempt,
+                AttemptStatus.CANCELLED,
+                failure_reason=f"the {command.type} command was delivered before the kill switch"
+                " was engaged and not acknowledged within its lease; held, it is not sent again",
+                incident_status=IncidentStatus.BLOCKED_BY_POLICY,
+                reason=f"attempt cancelled: its {command.type} command, held by the kill switch,"
+                " was not acknowledged; the action waits for the policy gate again",
+                next_check_in_s=self.settings.blocked_recheck_s,
+            ):
+                return WAIT
+        log.warning("held_command_expired", incident_id=str(state.id), command_id=str(command.id))
         return WAIT
 
     async def _cancel_if_kill_switch(
@@ -1261,13 +1355,14 @@ def _skips_staging(state: IncidentState, action: str, to_version: str | None) ->
 
 
 def _undeliverable(state: IncidentState, command: repo.CommandRow) -> bool:
-    """Expired, or handed out as many times as allowed and the last lease ran out."""
+    """Expired, or handed out as many times as allowed (or held by the kill switch: never
+    handed out again) and the last lease ran out."""
     if command.status not in ("pending", "delivered"):
         return False
     if state.now >= command.expires_at:
         return True
     return (
-        command.delivery_count >= command.max_deliveries
+        (command.delivery_count >= command.max_deliveries or command.held_at is not None)
         and command.lease_expires_at is not None
         and state.now >= command.lease_expires_at
     )
@@ -1294,6 +1389,11 @@ def _still_sick(incident_type: str, samples: list[Sample], needed: int, settings
         return False
     t = thresholds(settings)
     return all(not healthy_for(incident_type, [sample], t, 1) for sample in samples[:needed])
+
+
+def _failed(attempt: AttemptRow, reason: str) -> AttemptRow:
+    """The attempt as its failure left it (what patch_failed and escalated report)."""
+    return dataclasses.replace(attempt, status=AttemptStatus.FAILED, failure_reason=reason[:2000])
 
 
 def _attempt_json(attempt: AttemptRow) -> dict[str, Any]:

@@ -26,7 +26,14 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED, INCIDENT_OPEN, IncidentStatus
+from app.core.partitions import SIGNED_AT_SLACK_SQL
+from app.core.states import (
+    ATTEMPT_IN_FLIGHT_SQL,
+    INCIDENT_CLOSED,
+    INCIDENT_CLOSED_SQL,
+    INCIDENT_OPEN,
+    IncidentStatus,
+)
 from app.decisions.schemas import OutcomeStats
 from app.healing.pending import PendingAction
 from app.incidents.repository import ROLLBACK_TARGET_SQL
@@ -62,6 +69,8 @@ class CommandRow:
     acked_at: datetime | None
     error: str | None
     version: str | None = None  # the version the command takes the plugin to
+    # The plugin had it when the kill switch was engaged: never handed out again (0018).
+    held_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,10 @@ class IncidentState:
     attempt_generation: int
     attempt: AttemptRow | None
     commands: dict[str, CommandRow]
+    # Muted (the loop leaves it alone while its installation is silent): since when.
+    muted_at: datetime | None = None
+    # The installation's heartbeat_missed incident is open (this incident being another one).
+    installation_silent: bool = False
 
     def as_notification(self) -> dict[str, Any]:
         return {
@@ -192,7 +205,14 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
                            i.pending_action, m.plugin_version AS current_version,
                            {ROLLBACK_TARGET_SQL} AS previous_version,
                            m.known_good_version, m.version_changed_at,
-                           {attempt_generation_sql("i.id")} AS attempt_generation
+                           {attempt_generation_sql("i.id")} AS attempt_generation,
+                           i.muted_at,
+                           (i.type <> 'heartbeat_missed' AND EXISTS (
+                                SELECT 1 FROM plugin_incidents x
+                                WHERE x.installation_id = i.installation_id
+                                  AND x.type = 'heartbeat_missed'
+                                  AND x.status NOT IN {INCIDENT_CLOSED_SQL}))
+                               AS installation_silent
                     FROM plugin_incidents i
                     LEFT JOIN merchant_plugins m ON m.id = i.installation_id
                     WHERE i.id = :id
@@ -234,7 +254,8 @@ async def load_state(session: AsyncSession, incident_id: uuid.UUID) -> IncidentS
             await session.execute(
                 text(
                     "SELECT id, type, status, automatic, expires_at, lease_expires_at,"
-                    " delivery_count, max_deliveries, acked_at, error, payload->>'version' AS version"
+                    " delivery_count, max_deliveries, acked_at, error, payload->>'version' AS version,"
+                    " held_at"
                     " FROM plugin_agent_commands WHERE attempt_id = :id"
                 ),
                 {"id": attempt.id},
@@ -261,12 +282,14 @@ async def move_incident(
     decided: bool = False,
     pending_action: PendingAction | Keep | None = KEEP,
     severity: str | None = None,
+    muted: bool | None = None,
 ) -> bool:
     """Guarded change of one incident; False when it is no longer in `expected`.
 
     next_check_in_s: when the loop should look again (None: never, the incident is closed or
     waits for a human). Closing statuses also set resolved_at. sira_decision, severity: set
-    when given; decided: stamp decided_at; pending_action: set (None clears it) unless KEEP."""
+    when given; decided: stamp decided_at; pending_action: set (None clears it) unless KEEP;
+    muted: True marks the incident muted (keeping the first moment), False clears it."""
     expected_tuple = (expected,) if isinstance(expected, str) else expected
     sets = ["updated_at = now()"]
     params: dict[str, Any] = {"id": incident_id, "expected": list(expected_tuple)}
@@ -298,6 +321,8 @@ async def move_incident(
     if severity is not None:
         sets.append("severity = :severity")
         params["severity"] = severity
+    if muted is not None:
+        sets.append("muted_at = coalesce(muted_at, now())" if muted else "muted_at = NULL")
     result = await session.execute(
         text(
             f"UPDATE plugin_incidents SET {', '.join(sets)}"
@@ -497,14 +522,18 @@ async def samples_since(
     version: str,
     limit: int,
 ) -> list[Any]:
-    """The newest heartbeats on `version` received after `since`, newest first."""
+    """The newest heartbeats on `version` received after `since`, newest first. A heartbeat
+    received after `since` was signed after `since` - SIGNED_AT_SLACK (app/core/partitions.py):
+    that bound keeps the read to the partitions since then."""
     rows = await session.execute(
         text(
-            """
+            f"""
             SELECT received_at, requests, errors, webhook_attempts, webhook_failures, uptime_s,
                    sent_at
             FROM plugin_heartbeats
             WHERE installation_id = :installation AND received_at > :since
+              AND signed_at > CAST(:since AS timestamptz) - {SIGNED_AT_SLACK_SQL}
+              AND signed_at < now() + {SIGNED_AT_SLACK_SQL}
               AND plugin_version = :version
             ORDER BY received_at DESC
             LIMIT :limit

@@ -11,6 +11,17 @@ SELFHEAL_FLEET_MIN_INSTALLATIONS open, not yet grouped member incidents, and tho
 least SELFHEAL_FLEET_MIN_SHARE of the version's active installations. A fleet incident
 resolves when every one of its members is closed.
 
+The raise lasts as long as the fleet incident: linking keeps what a raised member is on its own
+(`own_severity`: its rule's severity at least its tenant's floor, raised by its later repeats),
+and when the fleet incident closes, however it closes (this step, an operator's resolve or
+ignore, psql), a trigger (migration 0019) gives each member still open that severity back,
+unless it no longer has the raised one (the healing loop escalated it to critical: that stays).
+The healing loop and its policy gate read the incident's severity at every step (the severity
+cap, the approval threshold), so a lowered member is gated on its own severity from its next
+step on; a member waiting in blocked_by_policy or awaiting_approval is gated again at its next
+recheck (SELFHEAL_BLOCKED_RECHECK_S), its approvals still valid (the action key has no
+severity).
+
 Cost: this runs at the end of every detection tick, so each statement touches only what is
 due, through ix_plugin_incidents_open_members (open installation incidents by plugin, version,
 type and fleet incident):

@@ -5,7 +5,12 @@ second detector, or the same one running twice, inserts nothing.
 
 Severity is the rule's (the magnitude), raised to the tenant's severity_floor when the operator
 set one: the floor is read in the statement that opens the incident, so a tick opening 10,000
-incidents still does it in one statement."""
+incidents still does it in one statement.
+
+Over 600 lines: one module for the statements of one tick, because they share what keeps them
+consistent (the open-incident predicates the partial indexes need, the severity ranking and
+at_least, the fleet member floor the 0019 trigger also knows); most of the length is the SQL
+itself, a statement a function, each with why it is written that way."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.partitions import SAMPLE_LOOKBACK_SQL, SIGNED_AT_SLACK_SQL, unread_signed_at
 from app.core.states import INCIDENT_CLOSED_SQL
 
 # Statuses in which an incident is over; any other status is open (see the partial index).
@@ -82,20 +88,40 @@ async def open_missed_heartbeat_incidents(
     rows of the next_expected_at index, however many installations are already missing.
 
     A missing installation is a medium incident, or its tenant's severity_floor if higher
-    (joined here, so the statement stays one over up to `limit` rows)."""
+    (joined here, so the statement stays one over up to `limit` rows).
+
+    An installation in a maintenance window (its own or its tenant's) is not missing: its
+    silence is expected. Its deadline moves to the window's end instead (re-read at least
+    every grace period, so a window cut short counts), which keeps it off the next ticks'
+    overdue range, and it is missing only if it is still silent a grace period after the
+    window ended (first_bad_signal_at is then that moment)."""
     rows = await session.execute(
         text(
             f"""
-            WITH due AS (
+            WITH overdue AS (
+                SELECT m.id,
+                       (SELECT max(w.ends_at) FROM maintenance_windows w
+                        WHERE (w.installation_id = m.id OR w.tenant_id = m.tenant_id)
+                          AND now() >= w.starts_at AND now() < w.ends_at) AS window_ends_at
+                FROM merchant_plugins m
+                WHERE m.next_expected_at < now() - make_interval(secs => :grace)
+                  AND m.missed_since IS NULL AND m.status = 'active'
+                ORDER BY m.next_expected_at
+                LIMIT :limit
+                FOR UPDATE OF m SKIP LOCKED
+            ),
+            in_maintenance AS (
+                UPDATE merchant_plugins m
+                SET next_expected_at = least(o.window_ends_at,
+                                             now() + make_interval(secs => :grace))
+                FROM overdue o
+                WHERE m.id = o.id AND o.window_ends_at IS NOT NULL
+            ),
+            due AS (
                 UPDATE merchant_plugins m
                 SET missed_since = m.next_expected_at + make_interval(secs => :grace)
-                WHERE m.id IN (
-                    SELECT id FROM merchant_plugins
-                    WHERE next_expected_at < now() - make_interval(secs => :grace)
-                      AND missed_since IS NULL AND status = 'active'
-                    ORDER BY next_expected_at
-                    LIMIT :limit
-                    FOR UPDATE SKIP LOCKED)
+                FROM overdue o
+                WHERE m.id = o.id AND o.window_ends_at IS NULL
                 RETURNING m.id, m.tenant_id, m.plugin_name, m.plugin_version, m.missed_since,
                           m.last_heartbeat_at, m.next_expected_at, m.heartbeat_count,
                           m.telemetry
@@ -121,25 +147,43 @@ async def open_missed_heartbeat_incidents(
 
 
 async def resolve_recovered_missed_heartbeats(
-    session: AsyncSession, *, healthy_heartbeats: int
+    session: AsyncSession, *, after_id: int, upto_id: int, healthy_heartbeats: int
 ) -> list[uuid.UUID]:
     """A missed-heartbeat incident with nothing under way resolves itself once the
-    installation has sent `healthy_heartbeats` heartbeats since it was opened."""
+    installation has sent `healthy_heartbeats` heartbeats since it was opened.
+
+    Only the installations that sent a sample in the window the threshold detector claimed,
+    (after_id, upto_id], are looked at: a heartbeat is the only thing that can make one
+    recover, and each sample is in exactly one claimed window (claim_new_samples), so every
+    heartbeat leads to one look at its installation's incident, by whichever worker holds the
+    watermark, however many workers tick (one that skips the claim skips this too). The
+    incidents are locked SKIP LOCKED: one a healing step holds is looked at again at its
+    installation's next heartbeat, instead of making the tick wait. (`status NOT IN CLOSED`
+    lets the planner use the partial unique index on open incidents; only the incidents that
+    resolve are locked.)"""
     rows = await session.execute(
         text(
             f"""
             UPDATE plugin_incidents i SET
                 status = 'resolved', resolved_at = now(), updated_at = now(),
                 status_reason = 'heartbeats resumed', next_check_at = NULL
-            FROM merchant_plugins m
-            WHERE i.type = 'heartbeat_missed' AND i.status IN {RECOVERABLE}
-              AND m.id = i.installation_id
-              AND m.heartbeat_count
-                  >= (i.telemetry_snapshot->>'heartbeat_count')::bigint + :healthy
+            WHERE i.id IN (
+                SELECT o.id FROM plugin_incidents o
+                JOIN merchant_plugins m ON m.id = o.installation_id
+                WHERE o.installation_id IN (
+                    SELECT h.installation_id FROM plugin_heartbeats h
+                    WHERE h.id > :after AND h.id <= :upto
+                      AND {unread_signed_at("h.signed_at")})
+                  AND o.type = 'heartbeat_missed' AND o.status NOT IN {CLOSED}
+                  AND o.status IN {RECOVERABLE}
+                  AND m.heartbeat_count
+                      >= (o.telemetry_snapshot->>'heartbeat_count')::bigint + :healthy
+                FOR UPDATE OF o SKIP LOCKED)
+              AND i.status IN {RECOVERABLE}
             RETURNING i.id
             """
         ),
-        {"healthy": healthy_heartbeats},
+        {"after": after_id, "upto": upto_id, "healthy": healthy_heartbeats},
     )
     return list(rows.scalars())
 
@@ -147,15 +191,20 @@ async def resolve_recovered_missed_heartbeats(
 async def claim_new_samples(session: AsyncSession, *, max_samples: int) -> tuple[int, int] | None:
     """(last id read, id to read up to), holding the watermark row until the transaction ends
     so ticks never overlap; None when another worker is reading right now. One statement:
-    on an idle tick this is the whole threshold detector."""
+    on an idle tick this is the whole threshold detector. The bound on signed_at (app/core/
+    partitions.py) keeps the scan to the recent partitions: every unread sample is within it."""
     row = (
         await session.execute(
             text(
-                """
+                f"""
                 SELECT w.last_id,
                        (SELECT coalesce(max(s.id), w.last_id) FROM (
                             SELECT id FROM plugin_heartbeats
-                            WHERE id > w.last_id ORDER BY id LIMIT :n) s) AS upto
+                            WHERE id > w.last_id
+                              AND signed_at >= coalesce(w.last_signed_at, '-infinity')
+                                               - {SIGNED_AT_SLACK_SQL}
+                              AND signed_at < now() + {SIGNED_AT_SLACK_SQL}
+                            ORDER BY id LIMIT :n) s) AS upto
                 FROM detector_watermarks w WHERE w.name = 'samples'
                 FOR UPDATE OF w SKIP LOCKED
                 """
@@ -169,10 +218,21 @@ async def claim_new_samples(session: AsyncSession, *, max_samples: int) -> tuple
 
 
 async def advance_watermark(session: AsyncSession, upto: int) -> None:
+    """The watermark moves to `upto`, with that sample's signed_at: what bounds the next scan
+    (app/core/partitions.py; kept as it was if the sample is gone, its installation deleted)."""
     await session.execute(
         text(
-            "UPDATE detector_watermarks SET last_id = :upto, updated_at = now()"
-            " WHERE name = 'samples'"
+            f"""
+            UPDATE detector_watermarks w SET last_id = :upto, updated_at = now(),
+                last_signed_at = coalesce(
+                    (SELECT h.signed_at FROM plugin_heartbeats h
+                     WHERE h.id = :upto
+                       AND h.signed_at >= coalesce(w.last_signed_at, '-infinity')
+                                          - {SIGNED_AT_SLACK_SQL}
+                       AND h.signed_at < now() + {SIGNED_AT_SLACK_SQL}),
+                    w.last_signed_at)
+            WHERE w.name = 'samples'
+            """
         ),
         {"upto": upto},
     )
@@ -189,7 +249,7 @@ async def recent_samples_of_active_installations(
             f"""
             WITH touched AS (
                 SELECT DISTINCT installation_id FROM plugin_heartbeats
-                WHERE id > :after AND id <= :upto
+                WHERE id > :after AND id <= :upto AND {unread_signed_at("signed_at")}
             )
             SELECT m.id, m.tenant_id, m.plugin_name, m.plugin_version,
                    {ROLLBACK_TARGET_SQL} AS rollback_target, m.version_changed_at, m.telemetry,
@@ -203,6 +263,9 @@ async def recent_samples_of_active_installations(
                        h.sent_at
                 FROM plugin_heartbeats h
                 WHERE h.installation_id = m.id
+                  -- The recent partitions only (app/core/partitions.py, SAMPLE_LOOKBACK_SQL).
+                  AND h.signed_at > now() - {SAMPLE_LOOKBACK_SQL}
+                  AND h.signed_at < now() + {SIGNED_AT_SLACK_SQL}
                 ORDER BY h.received_at DESC
                 LIMIT :per
             ) s
@@ -227,51 +290,167 @@ async def recent_samples_of_active_installations(
     return list(rows)
 
 
-async def open_incident(
-    session: AsyncSession,
-    *,
-    installation_id: uuid.UUID,
-    tenant_id: str,
-    plugin_name: str,
-    plugin_version: str,
-    type: str,
-    severity: str,
-    first_bad_signal_at: datetime,
-    snapshot: dict[str, Any],
-) -> bool:
-    """Open the incident, or, when one of this type is already open for the installation,
-    count the repeat on it (its severity can only go up). True when a new one was opened.
-    The severity is the rule's, raised to the tenant's severity_floor."""
-    row = await session.execute(
+class Found(NamedTuple):
+    """One finding of the threshold rules on one installation (app/incidents/rules.py), as
+    record_findings takes it: at most one per (installation, type) in a call."""
+
+    installation_id: uuid.UUID
+    tenant_id: str
+    plugin_name: str
+    plugin_version: str | None
+    type: str
+    severity: str  # the rule's; record_findings raises it to the tenant's floor
+    first_bad_signal_at: datetime
+    snapshot: dict[str, Any]
+
+
+class Recorded(NamedTuple):
+    """What record_findings did: the groups of the incidents it opened and repeated (the fleet
+    step looks at them), how many repeats it recorded (this call's and deferred ones), and how
+    many incidents' repeats it deferred because a healing step held them."""
+
+    opened: list[Group]
+    repeated: list[Group]
+    repeats: int
+    deferred: int
+
+
+# The severity linking to a fleet incident raises a member to (link_members); the trigger of
+# migration 0019 gives a member its own severity back only while it still has this one.
+FLEET_MEMBER_FLOOR = "'high'"
+
+
+async def record_findings(session: AsyncSession, found: list[Found]) -> Recorded:
+    """Open the incidents of `found` that have none open, and count the others as repeats of
+    the open one: one statement for the whole tick, with the findings as one JSON document.
+
+    Semantics of each repeat (as the per-finding ON CONFLICT DO UPDATE had them): occurrences
+    counted, the severity only goes up; a new incident has the rule's severity raised to its
+    tenant's severity_floor, and that raised severity is what a repeat brings. A member a
+    fleet incident raised keeps its own severity (own_severity) raised by repeats too.
+    Deduplication stays the partial unique index on open (installation, type): the insert is
+    ON CONFLICT DO NOTHING on it.
+
+    Short lock holds: the open incidents to repeat are locked FOR UPDATE SKIP LOCKED. One that
+    a healing step holds is not waited for: its repeat (how many, the highest severity) goes
+    to plugin_incident_repeats, and this statement at the next tick adds it to the incident,
+    along with that tick's own repeats (or drops it if the incident closed meanwhile). The
+    tick calls this last in its transaction (app/incidents/detection.py), so the locks it
+    takes are held for the time of a commit, not of a tick.
+
+    Concurrency: only the tick holding the samples watermark calls this (claim_new_samples),
+    so no two calls run at once and plugin_incident_repeats has one writer. The statement's
+    snapshot decides what is open: a finding whose incident is not visible as open is
+    inserted, and the unique index makes that a no-op (no repeat counted) in the rare case
+    another path opened one meanwhile; an open incident that closes between the snapshot and
+    the lock is not repeated (its deferred repeat is dropped at the next tick)."""
+    rows = await session.execute(
         text(
             f"""
-            WITH floor AS (
-                SELECT (SELECT severity_floor FROM tenants WHERE id = :tenant) AS severity
+            WITH found AS MATERIALIZED (
+                SELECT f.installation_id, f.tenant_id, f.plugin_name, f.plugin_version, f.type,
+                       {at_least("f.severity", "t.severity_floor")} AS severity,
+                       f.first_bad_signal_at, f.snapshot
+                FROM json_to_recordset(CAST(:found AS json)) AS f(
+                    installation_id uuid, tenant_id text, plugin_name text,
+                    plugin_version text, type text, severity text,
+                    first_bad_signal_at timestamptz, snapshot jsonb)
+                LEFT JOIN tenants t ON t.id = f.tenant_id
+            ),
+            open AS MATERIALIZED (
+                -- The open incident of each finding, as this statement's snapshot sees it.
+                SELECT i.id, f.installation_id, f.type, f.severity
+                FROM found f
+                JOIN plugin_incidents i
+                  ON i.installation_id = f.installation_id AND i.type = f.type
+                 AND i.status NOT IN {CLOSED}
+            ),
+            wanted AS MATERIALIZED (
+                -- The repeats to record per open incident: this call's, and those deferred
+                -- by earlier ticks.
+                SELECT i.id, i.plugin_name, i.plugin_version, i.type,
+                       sum(x.n)::integer AS n,
+                       ({RANKS})[max(array_position({RANKS}, x.severity))] AS severity
+                FROM (SELECT o.id, 1 AS n, o.severity FROM open o
+                      UNION ALL
+                      SELECT r.incident_id, r.occurrences, r.severity
+                      FROM plugin_incident_repeats r) x
+                JOIN plugin_incidents i ON i.id = x.id AND i.status NOT IN {CLOSED}
+                GROUP BY i.id
+            ),
+            locked AS MATERIALIZED (
+                SELECT i.id FROM plugin_incidents i
+                WHERE i.id IN (SELECT w.id FROM wanted w) AND i.status NOT IN {CLOSED}
+                FOR UPDATE OF i SKIP LOCKED
+            ),
+            repeated AS (
+                UPDATE plugin_incidents i SET
+                    occurrences = i.occurrences + w.n,
+                    updated_at = now(),
+                    severity = {at_least("i.severity", "w.severity")},
+                    own_severity = CASE WHEN i.own_severity IS NOT NULL
+                                        THEN {at_least("i.own_severity", "w.severity")} END
+                FROM wanted w
+                WHERE i.id = w.id AND i.id IN (SELECT l.id FROM locked l)
+                RETURNING w.plugin_name, w.plugin_version, w.type, w.n
+            ),
+            skipped AS (
+                SELECT w.* FROM wanted w WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = w.id)
+            ),
+            deferred AS (
+                INSERT INTO plugin_incident_repeats (incident_id, occurrences, severity)
+                SELECT s.id, s.n, s.severity FROM skipped s
+                ON CONFLICT (incident_id) DO UPDATE
+                SET occurrences = EXCLUDED.occurrences, severity = EXCLUDED.severity
+                RETURNING incident_id
+            ),
+            cleared AS (
+                -- Recorded now, or their incident closed: the others were re-written above.
+                DELETE FROM plugin_incident_repeats r
+                WHERE NOT EXISTS (SELECT 1 FROM skipped s WHERE s.id = r.incident_id)
+            ),
+            opened AS (
+                INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,
+                    plugin_version, type, severity, status, first_bad_signal_at,
+                    telemetry_snapshot)
+                SELECT f.installation_id, f.tenant_id, f.plugin_name, f.plugin_version, f.type,
+                       f.severity, 'detected', f.first_bad_signal_at, f.snapshot
+                FROM found f
+                WHERE NOT EXISTS (SELECT 1 FROM open o
+                                  WHERE o.installation_id = f.installation_id
+                                    AND o.type = f.type)
+                ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED} DO NOTHING
+                RETURNING plugin_name, plugin_version, type
             )
-            INSERT INTO plugin_incidents (installation_id, tenant_id, plugin_name,
-                plugin_version, type, severity, status, first_bad_signal_at, telemetry_snapshot)
-            SELECT :installation, :tenant, :plugin, :version, :type,
-                   {at_least("CAST(:severity AS text)", "floor.severity")}, 'detected',
-                   :first_bad, CAST(:snapshot AS jsonb)
-            FROM floor
-            ON CONFLICT (installation_id, type) WHERE status NOT IN {CLOSED}
-            DO UPDATE SET occurrences = plugin_incidents.occurrences + 1,
-                          updated_at = now(),
-                          severity = {at_least("plugin_incidents.severity", "EXCLUDED.severity")}
-            RETURNING (xmax = 0) AS inserted
+            SELECT 'opened' AS outcome, plugin_name, plugin_version, type, 1 AS n FROM opened
+            UNION ALL
+            SELECT 'repeated', plugin_name, plugin_version, type, n FROM repeated
+            UNION ALL
+            SELECT 'deferred', s.plugin_name, s.plugin_version, s.type, s.n
+            FROM deferred d JOIN skipped s ON s.id = d.incident_id
             """
         ),
-        {
-            "installation": installation_id,
-            "tenant": tenant_id,
-            "plugin": plugin_name,
-            "version": plugin_version,
-            "type": type,
-            "severity": severity,
-            "first_bad": first_bad_signal_at,
-            "snapshot": orjson.dumps(snapshot, default=str).decode(),
-        },
+        {"found": orjson.dumps([f._asdict() for f in found], default=str).decode()},
     )
+    opened: list[Group] = []
+    repeated: list[Group] = []
+    repeats = deferred = 0
+    for row in rows:
+        group = Group(row.plugin_name, row.plugin_version, row.type)
+        if row.outcome == "opened":
+            opened.append(group)
+        elif row.outcome == "repeated":
+            repeated.append(group)
+            repeats += int(row.n)
+        else:
+            deferred += 1
+    return Recorded(opened, repeated, repeats, deferred)
+
+
+async def has_deferred_repeats(session: AsyncSession) -> bool:
+    """Whether an earlier tick deferred repeats (record_findings): a tick with no new samples
+    still records them. An index probe of an empty table, on an idle tick."""
+    row = await session.execute(text("SELECT EXISTS (SELECT 1 FROM plugin_incident_repeats)"))
     return bool(row.scalar_one())
 
 
@@ -292,13 +471,18 @@ async def open_threshold_incidents_of(
 async def resolve_incidents(
     session: AsyncSession, incident_ids: list[uuid.UUID], reason: str
 ) -> int:
+    """Resolve those of these incidents that are still recoverable. SKIP LOCKED: one a healing
+    step holds is left to the next look (its installation's next heartbeat) rather than
+    making the tick wait."""
     if not incident_ids:
         return 0
     result = await session.execute(
         text(
             "UPDATE plugin_incidents SET status = 'resolved', resolved_at = now(),"
             " updated_at = now(), status_reason = :reason, next_check_at = NULL"
-            f" WHERE id = ANY(:ids) AND status IN {RECOVERABLE}"
+            " WHERE id IN (SELECT id FROM plugin_incidents"
+            f"  WHERE id = ANY(:ids) AND status IN {RECOVERABLE} FOR UPDATE SKIP LOCKED)"
+            f" AND status IN {RECOVERABLE}"
         ),
         {"ids": incident_ids, "reason": reason},
     )
@@ -467,9 +651,10 @@ async def link_members(session: AsyncSession, fleet_ids: list[uuid.UUID], *, lim
     """Link the open, not yet grouped incidents of each of these fleet incidents' groups to it
     (at most `limit` per call; the rest on the next tick) and raise them to at least high:
     a problem shared by a good part of the fleet is bigger than its magnitude on one
-    installation. The fleet incident follows: severity one level above the worst linked
-    member's own severity (only ever up), earliest first bad signal, and fresh figures (its
-    occurrences count its members)."""
+    installation. A member raised keeps the severity it had in own_severity: the trigger of
+    migration 0019 gives it back when the fleet incident closes. The fleet incident follows:
+    severity one level above the worst linked member's own severity (only ever up), earliest
+    first bad signal, and fresh figures (its occurrences count its members)."""
     result = await session.execute(
         text(
             f"""
@@ -492,7 +677,12 @@ async def link_members(session: AsyncSession, fleet_ids: list[uuid.UUID], *, lim
             linked AS (
                 UPDATE plugin_incidents i
                 SET fleet_incident_id = c.fleet_id, updated_at = now(),
-                    severity = {at_least("i.severity", "'high'")}
+                    severity = {at_least("i.severity", FLEET_MEMBER_FLOOR)},
+                    -- What it is on its own, for when the fleet incident closes (0019).
+                    own_severity = CASE
+                        WHEN array_position({RANKS}, i.severity)
+                             < array_position({RANKS}, {FLEET_MEMBER_FLOOR})
+                        THEN i.severity ELSE i.own_severity END
                 FROM candidates c
                 WHERE i.id = c.id
                 RETURNING c.fleet_id, c.own_severity, c.first_bad_signal_at, c.tenant_id

@@ -153,7 +153,8 @@ def summary_text(
         what = f"{verb} to {attempt.get('to_version') or '?'}, healthy"
         reason = detail
     elif event == "patch_failed":
-        what = f"patch to {attempt.get('to_version') or '?'} failed"
+        verb = "rollback" if attempt.get("action") == "rollback" else "patch"
+        what = f"{verb} to {attempt.get('to_version') or '?'} failed"
         reason = attempt.get("failure_reason") or reason
     elif event == "rolled_back":
         what = f"rolled back to {attempt.get('from_version') or 'the previous version'}"

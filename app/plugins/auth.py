@@ -79,6 +79,12 @@ class VerifiedRequest:
     def response_headers(self, status: int, path: str, body: bytes) -> dict[str, str]:
         return response_signature(self.secret, status, path, body)
 
+    @property
+    def signed_at(self) -> datetime:
+        """X-Timestamp as an aware datetime: a stored heartbeat's partition key (migration
+        0017). The digest covers it, so a replay has the same one."""
+        return datetime.fromtimestamp(self.timestamp, UTC)
+
 
 class PluginAuthenticator:
     def __init__(
@@ -215,8 +221,12 @@ class CredentialLoader:
     large fleet sees a miss for every plugin in its first heartbeat interval). One dedicated
     autocommit connection: one round trip per query, no pool churn."""
 
-    def __init__(self, conninfo: str, box: SecretBox, *, timeout_s: float) -> None:
+    def __init__(
+        self, conninfo: str, box: SecretBox, *, timeout_s: float, pooled: bool = False
+    ) -> None:
         self._conninfo = conninfo
+        # Behind a transaction pooler (SELFHEAL_DB_POOLER): see connect_raw.
+        self._pooled = pooled
         self._box = box
         self._timeout_s = timeout_s
         self._waiting: dict[uuid.UUID, list[asyncio.Future[Credentials | None]]] = {}
@@ -284,6 +294,7 @@ class CredentialLoader:
                 "api-auth",
                 connect_timeout_s=self._timeout_s,
                 statement_timeout_s=self._timeout_s,
+                pooled=self._pooled,
             )
         conn = self._conn
         try:
@@ -363,7 +374,9 @@ async def follow_credential_changes(
     """LISTEN for credential changes and drop the matching cache entries; runs for the life of
     the process. While the connection is down the cache keeps entries only briefly (see
     PluginAuthenticator.cache_ttl_s); after it comes back the whole cache is dropped, since
-    notifications sent meanwhile are gone."""
+    notifications sent meanwhile are gone. `conninfo` must reach PostgreSQL itself
+    (Settings.listen_url): through a transaction pooler LISTEN succeeds but its server
+    connection goes back to the pool, and no notification would ever arrive."""
     while True:
         try:
             # No statement timeout: the connection waits for notifications.

@@ -3,12 +3,13 @@
 A request hands its verified heartbeat to the batcher and waits. The batcher takes everything
 queued at that moment (up to SELFHEAL_INGEST_BATCH_MAX), and runs one statement that, in a
 single round trip and transaction:
-  1. inserts one sample per heartbeat; the unique (installation, message digest) index drops
-     replays, which is our replay guard shared by every API process;
+  1. inserts one sample per heartbeat; the unique (installation, message digest, signed time)
+     index drops replays, which is our replay guard shared by every API process;
   2. updates the installation's latest telemetry, version and next_expected_at;
   3. hands out the installation's deliverable commands (pending, or delivered with an expired
      lease), marking them delivered with a new lease and a higher delivery count; automatic
-     commands are held back while the kill switch is off.
+     commands are held back while the kill switch is off, and one the plugin had when the
+     switch was engaged (held) is never handed out again.
 While one batch is in the database the next one fills up, so under load batches grow and the
 cost per heartbeat falls; with a single plugin the batch is one heartbeat and no wait is added.
 The reply is sent only after the commit: every 200 is durable.
@@ -42,21 +43,25 @@ INGEST_SQL = """
 WITH input AS (
     -- One JSON document carries the whole batch: PostgreSQL parses it in C, where binding
     -- fifteen arrays element by element would cost the API process more than the insert.
-    SELECT idx, installation_id, decode(digest, 'hex') AS msg_digest, sent_at, plugin_version,
-           env, uptime_s, requests, errors, webhook_attempts, webhook_failures, latency_p95_ms,
-           errors_last_24h, telemetry, meta
+    SELECT idx, installation_id, decode(digest, 'hex') AS msg_digest, signed_at, sent_at,
+           plugin_version, env, uptime_s, requests, errors, webhook_attempts, webhook_failures,
+           latency_p95_ms, errors_last_24h, telemetry, meta
     FROM json_to_recordset(%(batch)s::json) AS t(
-        idx int, installation_id uuid, digest text, sent_at timestamptz, plugin_version text,
+        idx int, installation_id uuid, digest text, signed_at timestamptz, sent_at timestamptz,
+        plugin_version text,
         env text, uptime_s bigint, requests bigint, errors bigint, webhook_attempts bigint,
         webhook_failures bigint, latency_p95_ms numeric, errors_last_24h bigint,
         telemetry jsonb, meta jsonb)
 ),
 ins AS (
-    INSERT INTO plugin_heartbeats (installation_id, msg_digest, sent_at, plugin_version, env,
-        uptime_s, requests, errors, webhook_attempts, webhook_failures, latency_p95_ms,
-        errors_last_24h, telemetry, meta)
-    SELECT installation_id, msg_digest, sent_at, plugin_version, env, uptime_s, requests,
-        errors, webhook_attempts, webhook_failures, latency_p95_ms, errors_last_24h,
+    -- signed_at (the verified X-Timestamp) routes the row to its partition; the replay guard
+    -- is unique on (installation_id, msg_digest, signed_at), and the digest covers the
+    -- timestamp: a replay has the same signed_at, meets the same partition's index (0017).
+    INSERT INTO plugin_heartbeats (installation_id, msg_digest, signed_at, sent_at,
+        plugin_version, env, uptime_s, requests, errors, webhook_attempts, webhook_failures,
+        latency_p95_ms, errors_last_24h, telemetry, meta)
+    SELECT installation_id, msg_digest, signed_at, sent_at, plugin_version, env, uptime_s,
+        requests, errors, webhook_attempts, webhook_failures, latency_p95_ms, errors_last_24h,
         telemetry, meta
     FROM input
     ON CONFLICT ON CONSTRAINT uq_plugin_heartbeats_replay DO NOTHING
@@ -108,6 +113,9 @@ handed_out AS (
       AND c.expires_at > now()
       AND c.delivery_count < c.max_deliveries
       AND (NOT c.automatic OR {kill_switch_off})
+      -- Held: the plugin had it when the kill switch was engaged; never handed out again,
+      -- even once the switch is back on (migration 0018).
+      AND c.held_at IS NULL
     RETURNING c.installation_id, c.id, c.type, c.payload, c.expires_at, c.created_at
 ),
 -- Installations that should come back soon (docs/contracts.md, adaptive next_heartbeat_s): an open
@@ -173,12 +181,17 @@ class IngestResult:
     urgent: bool = False
 
 
-def batch_row(installation_id: uuid.UUID, digest: bytes, hb: Heartbeat) -> bytes:
+def batch_row(
+    installation_id: uuid.UUID, digest: bytes, hb: Heartbeat, signed_at: datetime
+) -> bytes:
+    """One heartbeat of the batch document. `signed_at`: its verified X-Timestamp (aware),
+    the partition key."""
     t = hb.telemetry
     return orjson.dumps(
         {
             "installation_id": str(installation_id),
             "digest": digest.hex(),
+            "signed_at": signed_at,
             "sent_at": hb.sent_at,
             "plugin_version": hb.plugin_version,
             "env": hb.env,
@@ -219,8 +232,12 @@ class HeartbeatBatcher:
         connections: int = 2,
         connect_timeout_s: float = 5.0,
         statement_timeout_s: float = 5.0,
+        pooled: bool = False,
     ) -> None:
         self._conninfo = conninfo
+        # Behind a transaction pooler (SELFHEAL_DB_POOLER): nothing prepared, no startup
+        # options (app/core/db.py, connect_raw).
+        self._pooled = pooled
         self._interval_s = interval_s
         self._lease_s = lease_s
         self._batch_max = batch_max
@@ -251,12 +268,16 @@ class HeartbeatBatcher:
                 await conn.close()
 
     async def submit(
-        self, installation_id: uuid.UUID, digest: bytes, heartbeat: Heartbeat
+        self,
+        installation_id: uuid.UUID,
+        digest: bytes,
+        heartbeat: Heartbeat,
+        signed_at: datetime,
     ) -> IngestResult:
         # Serialised here, in the caller's request: a value PostgreSQL would refuse fails this
         # heartbeat alone, never the batch it would have joined.
         try:
-            row_json = batch_row(installation_id, digest, heartbeat)
+            row_json = batch_row(installation_id, digest, heartbeat, signed_at)
         except UnstorableValue as exc:
             raise IngestRejected(exc.field, str(exc)) from None
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
@@ -385,6 +406,7 @@ class HeartbeatBatcher:
             connect_timeout_s=self._connect_timeout_s,
             statement_timeout_s=self._statement_timeout_s,
             prepare_threshold=1,
+            pooled=self._pooled,
         )
 
     async def _store(

@@ -1,5 +1,6 @@
-"""Every SQL statement about installations, their secrets, their commands and the retention
-of their heartbeats (except the heartbeat hot path, which lives in ingest.py)."""
+"""Every SQL statement about installations, their secrets, their commands and the partitions of
+their heartbeats (except the heartbeat hot path, which lives in ingest.py; retention.py runs
+the partition calls)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,14 @@ async def ack_command(
     )
 
 
+# A failure the plugin calls retryable, of a command it may still be sent (the SET expressions
+# of one UPDATE read the row it locked: a hand-out racing this one is seen).
+_RETRY = (
+    "(CAST(:retryable AS boolean) AND delivery_count < max_deliveries"
+    " AND expires_at > now() AND held_at IS NULL)"
+)
+
+
 async def fail_command(
     session: AsyncSession,
     installation_id: uuid.UUID,
@@ -95,9 +104,17 @@ async def fail_command(
     error: str,
     retryable: bool,
 ) -> CommandState | None:
+    """The plugin could not carry the command out. A `retryable` failure of a command with
+    deliveries left (delivery_count < max_deliveries), not expired and not held by the kill
+    switch, goes back to pending: the next heartbeat hands it out again, within the budget the
+    healing loop gave it (its lifetime and delivery cap). Any other failure is final: failed,
+    and the healing loop fails the attempt. The error and flag are recorded either way."""
     row = await session.execute(
         text(
-            "UPDATE plugin_agent_commands SET status = 'failed', failed_at = now(),"
+            "UPDATE plugin_agent_commands SET"
+            f"  status = CASE WHEN {_RETRY} THEN 'pending' ELSE 'failed' END,"
+            f"  failed_at = CASE WHEN {_RETRY} THEN NULL ELSE now() END,"
+            f"  lease_expires_at = CASE WHEN {_RETRY} THEN NULL ELSE lease_expires_at END,"
             "  error = :error, retryable = :retryable"
             " WHERE id = :id AND installation_id = :plugin AND status IN ('pending', 'delivered')"
             " RETURNING id, status, acked_at, failed_at"
@@ -168,26 +185,27 @@ async def insert_command(
     return command_id
 
 
-async def delete_old_heartbeats(session: AsyncSession, *, retention_days: int, batch: int) -> int:
-    """Delete at most `batch` samples older than `retention_days`, oldest first through the
-    received_at index, never one the detector has not read yet (beyond its watermark); SKIP
-    LOCKED: concurrent prunes split the rows. The number deleted."""
-    result = await session.execute(
-        text(
-            """
-            DELETE FROM plugin_heartbeats WHERE id IN (
-                SELECT id FROM plugin_heartbeats
-                WHERE received_at < now() - make_interval(days => :days)
-                  AND id <= (SELECT last_id FROM detector_watermarks
-                             WHERE name = 'samples')
-                ORDER BY received_at
-                LIMIT :batch
-                FOR UPDATE SKIP LOCKED)
-            """
-        ),
-        {"days": retention_days, "batch": batch},
+async def ensure_partitions(session: AsyncSession, *, span_hours: int, ahead_hours: int) -> int:
+    """Make the missing heartbeat partitions from an hour behind now to `ahead_hours` ahead, as
+    the owner (migration 0017); how many (app/plugins/retention.py)."""
+    row = await session.execute(
+        text("SELECT selfheal_ensure_heartbeat_partitions(:span, :ahead)"),
+        {"span": span_hours, "ahead": ahead_hours},
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return int(row.scalar_one())
+
+
+async def drop_expired_partitions(session: AsyncSession, *, keep_days: int) -> list[str]:
+    """Drop the heartbeat partitions whose whole range is older than `keep_days` and which hold
+    no sample beyond the detector's watermark, as the owner (migration 0017); their names."""
+    row = await session.execute(
+        text(
+            "SELECT selfheal_drop_heartbeat_partitions(:keep,"
+            " (SELECT last_id FROM detector_watermarks WHERE name = 'samples'))"
+        ),
+        {"keep": keep_days},
+    )
+    return list(row.scalar_one())
 
 
 def _json(value: Any) -> str:

@@ -8,12 +8,13 @@ import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 import structlog
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from redis.exceptions import RedisError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
@@ -63,6 +64,34 @@ _BODY_ERRORS = error_responses(
 )
 
 _RETRY_LATER = {"Retry-After": "5"}
+
+# The plugin routes read their raw body (the signature covers those exact bytes), so FastAPI
+# never parses it and cannot describe it: the OpenAPI document gets each body's model from
+# here (`document_raw_bodies`, called by SelfhealAPI.openapi). (model, required)
+RAW_BODIES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
+    ("/api/plugins/heartbeat", "post"): (Heartbeat, True),
+    ("/api/plugins/commands/{command_id}/ack", "post"): (CommandAck, False),
+    ("/api/plugins/commands/{command_id}/fail", "post"): (CommandFail, True),
+}
+
+
+def document_raw_bodies(document: dict[str, Any]) -> None:
+    """Add the request bodies of RAW_BODIES, and the schemas they refer to, to `document`."""
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (model, "validation") for model, _ in RAW_BODIES.values()
+    ]
+    _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in top.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    for (path, method), (model, required) in RAW_BODIES.items():
+        operation = document["paths"][path][method]
+        operation["requestBody"] = {
+            "required": required,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
 
 
 def _signed_json(verified: VerifiedRequest, request: Request, data: dict[str, Any]) -> Response:
@@ -186,7 +215,9 @@ async def accept_heartbeat(
         except ValidationError as exc:
             raise validation_error(exc) from None
         try:
-            result = await svc.batcher.submit(verified.installation_id, verified.digest, hb)
+            result = await svc.batcher.submit(
+                verified.installation_id, verified.digest, hb, verified.signed_at
+            )
         except IngestUnavailable as exc:
             raise ApiError(503, "unavailable", f"{exc}; retry later", headers=_RETRY_LATER) from exc
         except IngestRejected as exc:

@@ -107,7 +107,8 @@ class CommandAcked(BaseModel):
 
 
 class CommandFailed(BaseModel):
-    """The signed answer to a fail (the same for a fail sent again)."""
+    """The signed answer to a fail (the same for a fail sent again). `pending`: the failure
+    was retryable and the command has deliveries left; a later heartbeat hands it out again."""
 
     id: uuid.UUID
-    status: Literal["failed"]
+    status: Literal["failed", "pending"]

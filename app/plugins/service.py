@@ -89,6 +89,7 @@ async def report_failure(
     )
     if state is None:
         raise NotFound("no such command")
-    if state.status != "failed":
+    # pending: a retryable failure with deliveries left; the command is handed out again.
+    if state.status not in ("failed", "pending"):
         raise Conflict(f"command is {state.status}; it can no longer fail")
     return {"id": str(state.id), "status": state.status}

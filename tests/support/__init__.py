@@ -28,10 +28,16 @@ module; no test module imports another.
 - control_plane.py: the control plane as processes at the settings given (ControlPlane,
   control_plane_processes: `selfheal api`, `selfheal worker`, the reference services) and
   simulated plugins embedding the real plugin_client (SimulatedPlugin, plugins_running).
+- pgbouncer.py: a real PgBouncer in transaction pooling mode as a child process
+  (running_pgbouncer, PgBouncer.through / .pool, pgbouncer_unavailable, REQUIRED).
 - browser.py: the dashboard in Debian's chromium through Playwright (browser_unavailable,
   REQUIRED, launch, Shots, sign_in, submit, until_shows, text_in).
 - fakes.py: fake peers on loopback: FakeControlPlane (plugin_client's control plane, with
   command and agent_options) and Receiver (a webhook receiver).
+- faults.py: the fault scenarios of tests/test_faults.py and bench/faults.py (worker_kills,
+  api_kills, outage with a private PostgreSQL or Redis: private_postgres, private_redis).
 - artifacts.py: ReleaseSigner and the archive builders of the plugin_client tests (PLUGIN,
   canonical, plugin_files, tar_gz, tar_with, zip_bytes, release_folder).
+- fuzz.py: schemathesis over the OpenAPI document for tests/test_fuzz_api.py and bench/fuzz.py
+  (Fuzzer, PluginSignature, FuzzResult, api_process: a real `selfheal api`).
 """

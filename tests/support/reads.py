@@ -215,11 +215,13 @@ def add_heartbeat(
     webhook_attempts: int = 0,
     webhook_failures: int = 0,
 ) -> None:
-    """A heartbeat sample received `ago_s` ago (as ingest stores it, without the request)."""
+    """A heartbeat sample received `ago_s` ago (as ingest stores it, without the request), signed
+    as it was received (migration 0017: signed_at is the partition key)."""
     db.execute(
-        "INSERT INTO plugin_heartbeats (installation_id, received_at, plugin_version, env,"
-        " requests, errors, webhook_attempts, webhook_failures, msg_digest)"
-        " VALUES (%s, now() - make_interval(secs => %s), '1.2.2', 'prod', %s, %s, %s, %s,"
+        "INSERT INTO plugin_heartbeats (installation_id, received_at, signed_at, plugin_version,"
+        " env, requests, errors, webhook_attempts, webhook_failures, msg_digest)"
+        " VALUES (%s, now() - make_interval(secs => %s), now() - make_interval(secs => %s),"
+        "  '1.2.2', 'prod', %s, %s, %s, %s,"
         "  decode(md5(random()::text || clock_timestamp()::text), 'hex'))",
-        (installation_id, ago_s, requests, errors, webhook_attempts, webhook_failures),
+        (installation_id, ago_s, ago_s, requests, errors, webhook_attempts, webhook_failures),
     )

@@ -87,6 +87,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.public_url:
         env["SELFHEAL_PUBLIC_URL"] = settings.public_url
+    if settings.db_pooler != "none":
+        env["SELFHEAL_DB_POOLER"] = settings.db_pooler
+    if settings.database_direct_url:
+        env["DATABASE_DIRECT_URL"] = libpq_url(settings.database_direct_url)
     if settings.audit_head_file:
         env["SELFHEAL_AUDIT_HEAD_FILE"] = str(settings.audit_head_file)
     return env
