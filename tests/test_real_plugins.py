@@ -24,11 +24,9 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 import pytest
-from redis import Redis as SyncRedis
 
 from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
-from app.core.redis import health_check_key
 from app.core.settings import Settings
 from app.healing.repository import load_state
 from app.incidents.detection import detect_once
@@ -51,6 +49,7 @@ from tests.support.healing import (
     incident_status,
 )
 from tests.support.plugins import Plugin, heartbeat_body, register, send_heartbeat
+from tests.support.ports import free_port
 from tests.support.settings import REPO, settings_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -487,7 +486,12 @@ def incident_of(db: Any, plugin: Plugin) -> str:
 
 
 def test_an_idle_worker_logs_nothing_at_info_level(settings, db):
-    env = settings_env(settings) | {"LOG_LEVEL": "info", "SELFHEAL_DETECT_EVERY_S": "0.2"}
+    port = free_port()
+    env = settings_env(settings) | {
+        "LOG_LEVEL": "info",
+        "SELFHEAL_DETECT_EVERY_S": "0.2",
+        "SELFHEAL_WORKER_METRICS_PORT": str(port),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"],
         env=env,
@@ -495,12 +499,11 @@ def test_an_idle_worker_logs_nothing_at_info_level(settings, db):
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    redis = SyncRedis.from_url(settings.redis_url or "")
     try:
-        # Wait until the worker reports 40 finished jobs (about ten ticks of four jobs) in its
-        # health check, not for a clock.
+        # Wait until the worker reports 40 finished tick jobs (about ten ticks of four jobs) in
+        # its own metrics (workers/metrics.py), not for a clock.
         deadline = time.monotonic() + 90
-        while completed_jobs(redis.get(health_check_key(settings))) < 40:
+        while completed_ticks(port) < 40:
             assert proc.poll() is None, "the worker exited"
             assert time.monotonic() < deadline, "the worker ran no ticks"
             time.sleep(0.2)
@@ -513,12 +516,17 @@ def test_an_idle_worker_logs_nothing_at_info_level(settings, db):
     assert len(events) <= 8, events
 
 
-def completed_jobs(health: bytes | None) -> int:
-    """arq's health check value: "... j_complete=12 j_failed=0 ..."."""
-    for part in (health or b"").decode().split():
-        if part.startswith("j_complete="):
-            return int(part.split("=", 1)[1])
-    return 0
+def completed_ticks(port: int) -> float:
+    """The tick jobs the worker has run, from its /metrics (0 until it serves them)."""
+    try:
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return 0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("selfheal_worker_jobs_total{") and 'lane="ticks"' in line
+    )
 
 
 async def test_a_rollback_that_does_not_heal_escalates_as_critical(

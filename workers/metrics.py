@@ -60,6 +60,9 @@ BREAKER_STATE = Gauge(
     registry=REGISTRY,
 )
 BREAKER_STATES = ("closed", "open", "half_open")
+# Where this process already serves REGISTRY: a worker rebuilt after a Redis restart
+# (workers/reconnect.py) keeps the server it started with.
+_serving: tuple[str, int] | None = None
 
 
 def set_breaker_state(state: str) -> None:
@@ -71,8 +74,11 @@ def serve_metrics(host: str, port: int) -> bool:
     """Serve REGISTRY on http://host:port/metrics (a daemon thread); False, with a warning, when
     the port is taken (say a second worker on the same machine with the same setting): the
     worker runs on without its metrics rather than not at all."""
+    global _serving
     if port == 0:
         return False
+    if _serving == (host, port):
+        return True
     try:
         start_http_server(port, addr=host, registry=REGISTRY)
     except OSError as exc:
@@ -84,5 +90,6 @@ def serve_metrics(host: str, port: int) -> bool:
             hint="give each worker on this machine its own SELFHEAL_WORKER_METRICS_PORT",
         )
         return False
+    _serving = (host, port)
     log.info("worker_metrics_serving", url=f"http://{host}:{port}/metrics")
     return True
