@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from app.releases.signing import generate_key
 from plugin_client import AsyncAgent
 from tests.support.plugins import Plugin
 from tests.support.ports import free_port
+from tests.support.processes import stop_process
 from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
 from tests.support.settings import REPO, settings_env
 
@@ -74,12 +74,7 @@ class ControlPlane:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
     def agent(self, plugin: Plugin, version: str, state_dir: Path) -> AsyncAgent:
         return AsyncAgent(

@@ -42,6 +42,7 @@ from app.core.settings import Settings, libpq_url
 from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED
 from tests.support.healing import FAILING_WEBHOOKS, HEALTHY, add_release, enable_autopatch
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, register
+from tests.support.processes import stop_process
 from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
 from tests.support.settings import REPO, settings_env
 
@@ -91,13 +92,7 @@ class Child:
         self._out.close()
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 20)
         if not self._out.closed:
             self._out.close()
         return self.proc.returncode

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from app.core.settings import Settings
 from app.plugins.signatures import sign
 from tests.support.plugins import Plugin
+from tests.support.processes import stop_process
 from tests.support.settings import REPO, settings_env
 
 OPS_PREFIX = "/api/ops/"
@@ -215,9 +215,4 @@ def api_process(settings: Settings, extra_env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)

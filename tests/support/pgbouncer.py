@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import psycopg
 
 from tests.support.ports import free_port
+from tests.support.processes import stop_process
 
 PGBOUNCER = Path(os.environ.get("SELFHEAL_PGBOUNCER", "/usr/sbin/pgbouncer"))
 # "required": a pgbouncer that is missing or cannot start fails the test instead of skipping it.
@@ -148,10 +148,5 @@ def running_pgbouncer(
             time.sleep(0.05)
         yield bouncer
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         shutil.rmtree(directory, ignore_errors=True)

@@ -18,6 +18,19 @@ from app.core.settings import Settings
 from tests.support.settings import REPO, settings_env
 
 
+def stop_process(proc: subprocess.Popen[bytes], wait_s: float = 20) -> None:
+    """SIGTERM (the process's graceful shutdown), then SIGKILL if it has not ended within
+    `wait_s`; returns once it is gone. A process already ended is left as it is."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def descendants(pid: int) -> list[tuple[psutil.Process, str]]:
     """The processes `pid` started, directly or not, with their command lines.
 
