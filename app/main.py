@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             interval_s=settings.heartbeat_interval_s,
             lease_s=settings.command_lease_s,
             batch_max=settings.ingest_batch_max,
+            connections=settings.ingest_connections,
             connect_timeout_s=settings.db_timeout_s,
             statement_timeout_s=settings.db_timeout_s,
             pooled=settings.transaction_pooling,
