@@ -62,8 +62,11 @@ def servers() -> Iterator[Servers]:
     if not database_url or not redis_url:
         from app.embedded import EmbeddedServices
 
+        # Under pytest-xdist every worker process starts its own pair (.selfheal-test/gw0, ...).
         embedded = EmbeddedServices(
-            REPO / ".selfheal-test", postgres=not database_url, redis=not redis_url
+            REPO / ".selfheal-test" / os.environ.get("PYTEST_XDIST_WORKER", ""),
+            postgres=not database_url,
+            redis=not redis_url,
         )
         embedded.start()
         # The superuser's: the fixtures create databases and logins with it.
@@ -83,14 +86,19 @@ def template_db(servers: Servers) -> Iterator[str]:
     name = template_name()
     create_database(servers.admin_url, name)
     owner_url = servers.database_url(name)
-    run_migrations(
-        Settings(
-            database_url=app_url(owner_url),
-            database_owner_url=owner_url,
-            redis_url=servers.redis_url,
+    # Roles are server-wide: pytest-xdist's workers, each migrating its own template on the
+    # same server, take turns (the migrations tolerate a concurrent install, but a test run
+    # should not depend on winning that race).
+    with connect(servers.admin_url) as lock:
+        lock.execute("SELECT pg_advisory_lock(hashtext('selfheal-test-templates'))")
+        run_migrations(
+            Settings(
+                database_url=app_url(owner_url),
+                database_owner_url=owner_url,
+                redis_url=servers.redis_url,
+            )
         )
-    )
-    create_ops_login(servers.admin_url)
+        create_ops_login(servers.admin_url)
     os.environ["SELFHEAL_TEST_TEMPLATE"] = name
     yield name
     drop_databases(servers.admin_url, template_and_copies(servers.admin_url, name))
