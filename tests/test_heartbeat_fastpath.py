@@ -5,11 +5,16 @@ same answers."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, send_heartbeat
+import psycopg
+import pytest
+
+from tests.support.api import serve
+from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, register, send_heartbeat
 from tests.test_health_metrics import sample
 
 
@@ -76,3 +81,64 @@ async def test_a_chunked_heartbeat_is_served_through_the_whole_stack(
     replay = await client.post(HEARTBEAT, content=body, headers=headers)
     assert replay.status_code == 401
     assert replay.json()["error"]["code"] == "replay"
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _ingest_backends(db: Any) -> list[tuple[str | None, str | None]]:
+    """(wait_event_type, state) of the API's ingest connections to the test's database."""
+    return db.execute(
+        "SELECT wait_event_type, state FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'selfheal-api-ingest'"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_a_blocked_batch_holds_up_others_only_when_it_has_the_only_ingest_connection(
+    settings: Any, db: Any, database_url: str, connections: int
+) -> None:
+    """SELFHEAL_INGEST_CONNECTIONS bounds the batches an API process has in the database at
+    once: with one, a heartbeat waits for the batch in flight; with two, it goes past it."""
+    settings = settings.model_copy(update={"ingest_connections": connections})
+    stuck = await register(settings, tenant="merchant-1")
+    other = await register(settings, tenant="merchant-2")
+    with psycopg.connect(database_url) as locker:
+        # The stuck plugin's batch waits on its installation row (its update) until we commit.
+        locker.execute("SELECT 1 FROM merchant_plugins WHERE id = %s FOR UPDATE", (stuck.id,))
+        async with serve(settings) as (app, client):
+            batcher = app.state.services.batcher
+            submitted: list[Any] = []
+            submit = batcher.submit
+
+            async def counted(*args: Any) -> Any:
+                submitted.append(args)
+                return await submit(*args)
+
+            batcher.submit = counted
+            first = asyncio.create_task(send_heartbeat(client, stuck))
+            await _until(
+                lambda: any(wait == "Lock" for wait, _ in _ingest_backends(db)),
+                "the first batch to wait on the row lock",
+            )
+            second = asyncio.create_task(send_heartbeat(client, other))
+            if connections == 1:
+                await _until(lambda: len(submitted) == 2, "the second heartbeat handed over")
+                await asyncio.sleep(0)
+                # Handed to the batcher, it cannot be answered while the only connection waits.
+                assert not second.done()
+                assert len(_ingest_backends(db)) == 1
+                locker.commit()
+            else:
+                answered = await asyncio.wait_for(second, 10)
+                assert answered.status_code == 200, answered.text
+                assert not first.done()  # it went past the blocked batch
+                locker.commit()
+            answers = [await first, await second]
+            assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+            assert len(_ingest_backends(db)) == connections
+    assert db.execute("SELECT count(*) FROM plugin_heartbeats").fetchone()[0] == 2

@@ -232,10 +232,11 @@ class Settings(BaseSettings):
     ingest_batch_max: int = Field(
         256, ge=1, le=5000, validation_alias=_env("SELFHEAL_INGEST_BATCH_MAX")
     )
-    # One batch in the database at a time per API process: the next one fills up meanwhile, so
-    # under load batches are larger and the cost per heartbeat lower (bench/README.md).
+    # Batches each API process may have in the database at once; fewer means larger batches
+    # (less PostgreSQL CPU per heartbeat), more means a slow batch holds up fewer heartbeats.
+    # Measured both ways in bench/README.md.
     ingest_connections: int = Field(
-        1, ge=1, le=16, validation_alias=_env("SELFHEAL_INGEST_CONNECTIONS")
+        2, ge=1, le=16, validation_alias=_env("SELFHEAL_INGEST_CONNECTIONS")
     )
 
     # The healing loop (app/healing/).

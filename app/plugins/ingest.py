@@ -229,7 +229,7 @@ class HeartbeatBatcher:
         interval_s: int,
         lease_s: int,
         batch_max: int,
-        connections: int = 1,
+        connections: int = 2,
         connect_timeout_s: float = 5.0,
         statement_timeout_s: float = 5.0,
         pooled: bool = False,
