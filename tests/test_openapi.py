@@ -28,8 +28,8 @@ NOT_JSON = {
 }
 # Every route under /api and the error statuses it documents: what it can answer (422 also
 # where FastAPI would otherwise add its own schema; see error_responses).
-OPS = {401, 503}
-PLUGINS = {401, 503}
+OPS = {401, 429, 503}
+PLUGINS = {401, 429, 503}
 ERRORS = {
     ("get", "/api/ops/policy"): OPS,
     ("put", "/api/ops/policy"): OPS | {403, 413, 422},
@@ -105,7 +105,7 @@ def test_every_api_route_documents_its_error_statuses_with_the_one_error_shape(d
             where = (method.upper(), path, status)
             assert response["description"], where
             assert response["content"] == {"application/json": {"schema": {"$ref": ERROR_REF}}}
-            if status == 503:
+            if status in ("429", "503"):
                 assert "Retry-After" in response["headers"], where
 
 

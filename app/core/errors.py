@@ -115,6 +115,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     413: "The request body is larger than the server accepts",
     415: "The request body's media type is not accepted",
     422: "The input is invalid; `field` names it when it is one field",
+    429: "Over a rate limit (the message names it: this installation, its tenant, this"
+    " token); retry after Retry-After seconds",
     503: "A dependency (PostgreSQL, Redis) is unavailable; retry after Retry-After seconds",
 }
 
@@ -139,7 +141,7 @@ def error_responses(
     entries: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         entry: dict[str, Any] = {"model": ErrorBody, "description": described[status]}
-        if status == 503:
+        if status in (429, 503):
             entry["headers"] = _RETRY_AFTER_HEADER
         entries[status] = entry
     return entries

@@ -19,7 +19,7 @@ from app.incidents.schemas import AttemptList
 from app.ops.security import Operator, OpsUser, Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 429, 503))
 
 AttemptStatus = Literal[
     "pending", "staging", "applying", "verifying", "success", "failed", "rolled_back", "cancelled"

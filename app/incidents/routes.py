@@ -15,7 +15,7 @@ from app.incidents.schemas import IncidentDetail, IncidentList, Kpis
 from app.ops.security import Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 429, 503))
 
 
 def incident_key(incident_id: str) -> uuid.UUID:

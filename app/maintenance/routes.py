@@ -15,7 +15,7 @@ from app.maintenance.schemas import Window, WindowCreate, WindowList
 from app.ops.security import Operator, Viewer
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 429, 503))
 
 
 # 404: the tenant or installation the body names does not exist.

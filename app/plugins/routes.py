@@ -48,6 +48,7 @@ router = APIRouter(
     tags=["plugins"],
     responses=error_responses(
         401,
+        429,
         503,
         descriptions={
             401: "Missing or bad signature headers, an unknown or disabled installation, a stale"

@@ -11,7 +11,7 @@ from app.policy import service
 from app.policy.schemas import Policy, PolicyUpdate
 from app.services import transaction
 
-router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/api/ops", tags=["ops"], responses=error_responses(401, 429, 503))
 
 
 @router.get("/policy", response_model=Policy)
