@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 from collections.abc import AsyncIterator
 
@@ -29,7 +30,7 @@ from app.maintenance.routes import router as maintenance_router
 from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
 from app.plugins.fastpath import HeartbeatFastPath, SelfhealAPI
 from app.plugins.ingest import HeartbeatBatcher
-from app.plugins.retention import ensure_partitions_at_startup
+from app.plugins.retention import ensure_partitions_at_startup, make_partitions_ahead
 from app.plugins.routes import router as plugins_router
 from app.policy.routes import router as policy_router
 from app.services import Services
@@ -59,6 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             statement_timeout_s=settings.db_timeout_s,
             pooled=settings.transaction_pooling,
         )
+        sessionmaker = create_sessionmaker(engine)
+        batcher.make_partitions = functools.partial(
+            make_partitions_ahead, sessionmaker, settings, why="ingest"
+        )
         batcher.start()
         loader = CredentialLoader(
             libpq_url(settings.database_url),
@@ -70,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         svc = Services(
             settings=settings,
             engine=engine,
-            sessionmaker=create_sessionmaker(engine),
+            sessionmaker=sessionmaker,
             redis=redis,
             box=box,
             authenticator=PluginAuthenticator(

@@ -407,3 +407,40 @@ async def test_an_existing_table_is_migrated_with_its_rows_ids_and_guard(servers
                 "SELECT count(*) FROM pg_class WHERE relname LIKE 'plugin_heartbeats_p%'"
             ).fetchone() == (0,)
         command.upgrade(config, "head")
+
+
+# --- a heartbeat with no partition for its time -----------------------------------------------
+
+
+async def test_a_heartbeat_with_no_partition_makes_them_and_is_stored(settings, db, plugin):
+    """Every worker down for longer than the partitions made ahead: the API makes them itself
+    (as its start-up does) and stores the batch, instead of answering 503 until someone runs
+    the ensure function by hand."""
+    async with serve(settings) as (_, client):
+        drop_all_partitions(db)  # after start-up, which would have made them again
+        answer = await send_heartbeat(client, plugin)
+        assert answer.status_code == 200, answer.text
+    assert db.execute("SELECT count(*) FROM plugin_heartbeats").fetchone()[0] == 1
+    rows = partitions(db)
+    assert contiguous(rows)
+    now = datetime.now(UTC)
+    assert rows[0][1] < now - timedelta(minutes=59)  # the oldest time a signature may carry
+    assert rows[-1][2] >= now + timedelta(hours=settings.heartbeat_partitions_ahead_hours - 1)
+
+
+async def test_no_partition_and_none_can_be_made_is_a_503_that_says_so(settings, db, plugin):
+    async with serve(settings) as (app, client):
+        drop_all_partitions(db)
+
+        async def cannot() -> bool:
+            return False  # what make_partitions_ahead returns when the database refuses
+
+        app.state.services.batcher.make_partitions = cannot
+        answer = await send_heartbeat(client, plugin)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "5"
+    assert answer.json()["error"] == {
+        "code": "unavailable",
+        "message": "no heartbeat partition for this time yet; retry later",
+    }
+    assert partitions(db) == []

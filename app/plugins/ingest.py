@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -233,8 +234,12 @@ class HeartbeatBatcher:
         connect_timeout_s: float = 5.0,
         statement_timeout_s: float = 5.0,
         pooled: bool = False,
+        make_partitions: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._conninfo = conninfo
+        # Called when a batch finds no partition for its time (every worker down for longer
+        # than the partitions made ahead): makes them, then the batch is sent once more.
+        self.make_partitions = make_partitions
         # Behind a transaction pooler (SELFHEAL_DB_POOLER): nothing prepared, no startup
         # options (app/core/db.py, connect_raw).
         self._pooled = pooled
@@ -336,6 +341,7 @@ class HeartbeatBatcher:
         accepted, not as replays. (A genuine replay inside such a retried batch also gets a 200,
         with nothing stored and no command: the unique index still holds.)"""
         lost_connection = False
+        made_partitions = False
         try:
             for attempt in range(3):
                 if conn is None or conn.closed:
@@ -353,6 +359,15 @@ class HeartbeatBatcher:
                 except _RETRYABLE:
                     # Two batches touched the same installations in opposite orders.
                     await asyncio.sleep(0.005 * (attempt + 1))
+                except pg_errors.CheckViolation as exc:
+                    if not _no_partition(exc) or made_partitions or self.make_partitions is None:
+                        raise
+                    made_partitions = True
+                    log.warning(
+                        "ingest_partition_missing",
+                        action="making the heartbeat partitions ahead, then storing the batch",
+                    )
+                    await self.make_partitions()
                 except (pg_errors.ForeignKeyViolation, psycopg.DataError):
                     # One heartbeat the database refuses (an installation deleted after its
                     # request was authenticated, a value out of range): store the others one
@@ -372,6 +387,14 @@ class HeartbeatBatcher:
                 # the idle ones too: replace them now rather than fail one batch on each.
                 await self._drop_idle_connections()
                 raise IngestUnavailable("database unavailable") from exc
+            if isinstance(exc, pg_errors.CheckViolation) and _no_partition(exc):
+                log.error(
+                    "ingest_partition_missing",
+                    error=str(exc)[:300],
+                    action="as the owner: SELECT selfheal_ensure_heartbeat_partitions(24, 168);"
+                    " (docs/partitioning.md)",
+                )
+                raise IngestUnavailable("no heartbeat partition for this time yet") from exc
             # Not the plugins' fault: say so in the log, answer 503 so they retry.
             log.exception("ingest_failed", error=type(exc).__name__)
             raise IngestUnavailable("heartbeat could not be stored") from exc
@@ -502,6 +525,11 @@ async def _fetch_all(
 ) -> list[tuple[Any, ...]]:
     cursor = await conn.execute(sql, params)
     return await cursor.fetchall()
+
+
+def _no_partition(exc: pg_errors.CheckViolation) -> bool:
+    """PostgreSQL's answer to a row no partition of plugin_heartbeats covers."""
+    return (exc.diag.message_primary or "").startswith("no partition of relation")
 
 
 def _fail(item: PendingHeartbeat, exc: Exception) -> None:

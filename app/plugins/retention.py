@@ -16,7 +16,8 @@ short transaction. A table lock they cannot get within 3 s (lock_timeout) ends t
 nothing done: the next minute tries again, and heartbeats never queue behind it for longer.
 
 The API runs step 1 once as it starts (ensure_partitions_at_startup), so a fresh install with
-no worker yet can still ingest after the migration's first week of partitions has passed."""
+no worker yet can still ingest after the migration's first week of partitions has passed, and
+again when a batch of heartbeats finds no partition for its time (make_partitions_ahead)."""
 
 from __future__ import annotations
 
@@ -74,9 +75,18 @@ async def prune_heartbeats(
 async def ensure_partitions_at_startup(
     maker: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:
-    """Step 1 once, as the API starts, within SELFHEAL_DB_TIMEOUT_S; a failure (database down,
-    not migrated yet, lock busy) is logged and start-up goes on: the workers do it every
-    minute, and the migration made a week of partitions."""
+    """Step 1 once, as the API starts (make_partitions_ahead)."""
+    await make_partitions_ahead(maker, settings, why="startup")
+
+
+async def make_partitions_ahead(
+    maker: async_sessionmaker[AsyncSession], settings: Settings, *, why: str
+) -> bool:
+    """Step 1 within SELFHEAL_DB_TIMEOUT_S, for the API: as it starts, and when a heartbeat
+    finds no partition for its time (every worker down for longer than the partitions ahead;
+    app/plugins/ingest.py). A failure (database down, not migrated yet, lock busy) is logged
+    and returns False: the workers do it every minute, and the migration made a week of
+    partitions."""
     try:
         async with asyncio.timeout(settings.db_timeout_s):
             async with maker() as session, session.begin():
@@ -85,11 +95,16 @@ async def ensure_partitions_at_startup(
                     span_hours=settings.heartbeat_partition_hours,
                     ahead_hours=settings.heartbeat_partitions_ahead_hours,
                 )
-    except Exception as exc:  # a start-up chore must never stop a start-up
-        log.warning("heartbeat_partitions_not_ensured", error=f"{type(exc).__name__}: {exc}"[:300])
-        return
+    except Exception as exc:  # a chore of start-up or of a request: never their failure
+        log.warning(
+            "heartbeat_partitions_not_ensured",
+            why=why,
+            error=f"{type(exc).__name__}: {exc}"[:300],
+        )
+        return False
     if created:
-        log.info("heartbeat_partitions_created", created=created)
+        log.info("heartbeat_partitions_created", created=created, why=why)
+    return True
 
 
 def _lock_not_available(exc: DBAPIError) -> bool:
