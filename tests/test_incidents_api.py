@@ -149,3 +149,26 @@ async def test_kpis_are_exact_and_null_safe(settings, client, viewer, db):
     assert body["mttd_s"] == 30.0
     assert body["mttr_s"] == 300.0
     assert body["incidents_by_severity_24h"] == {"high": 1, "medium": 1}
+
+
+async def test_a_muted_incident_says_so_in_the_api_and_on_the_dashboard(
+    settings, client, viewer, db
+):
+    """muted_at: the installation's heartbeats are missing, so healing leaves the incident."""
+    from tests.support.dashboard import sign_in
+
+    muted, plain = await make_incidents(settings, db, 2)
+    db.execute(
+        "UPDATE plugin_incidents SET status = 'detected', muted_at = now() WHERE id = %s",
+        (muted,),
+    )
+    at = db.execute("SELECT muted_at FROM plugin_incidents WHERE id = %s", (muted,)).fetchone()[0]
+    listed = (await client.get("/api/ops/plugin-incidents", headers=viewer.auth)).json()["items"]
+    assert {i["id"]: i["muted_at"] is not None for i in listed} == {muted: True, plain: False}
+    detail = (await client.get(f"/api/ops/plugin-incidents/{muted}", headers=viewer.auth)).json()
+    assert detail["muted_at"] is not None
+    assert detail["muted_at"].replace("Z", "+00:00") == at.isoformat()
+    await sign_in(client, viewer)
+    page = (await client.get(f"/ops/incidents/{muted}")).text
+    assert "Muted since" in page and "heartbeats are missing" in page
+    assert "Muted since" not in (await client.get(f"/ops/incidents/{plain}")).text

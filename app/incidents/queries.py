@@ -38,7 +38,7 @@ from app.policy.repository import attempt_generation_sql
 INCIDENT_COLUMNS = (
     "id, installation_id, tenant_id, plugin_name, plugin_version, type, severity, status,"
     " status_reason, first_bad_signal_at, detected_at, resolved_at, occurrences, updated_at,"
-    " fleet_incident_id"
+    " fleet_incident_id, muted_at"
 )
 # An attempt as the ops read side shows it (alias `a` for plugin_autopatch_attempts).
 ATTEMPT_COLUMNS = (

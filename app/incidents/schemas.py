@@ -33,6 +33,9 @@ class Incident(BaseModel):
     occurrences: int
     updated_at: datetime
     fleet_incident_id: uuid.UUID | None
+    # Set while the installation's heartbeats are missing (a heartbeat_missed incident open):
+    # the healing loop leaves this incident alone until they return (README, "Ops API").
+    muted_at: datetime | None = None
 
 
 class IncidentList(BaseModel):
