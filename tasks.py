@@ -428,7 +428,7 @@ def up(args: list[str]) -> None:
     os.execv(cmd[0], cmd)  # noqa: S606 - replaces this process, as intended
 
 
-def test_workers(pytest_args: list[str]) -> list[str]:
+def xdist_options(pytest_args: list[str]) -> list[str]:
     """pytest-xdist's options for the suite: SELFHEAL_TEST_WORKERS processes (default: twice
     the cores, at least 2: most tests wait on servers and child processes, not on a core; on
     a 2-core machine 4 processes take the suite from about 14 to about 5 minutes).
@@ -456,7 +456,7 @@ def check(pytest_args: list[str]) -> int:
         [_tool("ruff"), "format", "--check", "."],
         *([[_tool("mypy"), *packages]] if packages else []),
         [_tool("lint-imports")],
-        [_tool("pytest"), *test_workers(pytest_args), *pytest_args],
+        [_tool("pytest"), *xdist_options(pytest_args), *pytest_args],
     ]
     for cmd in steps:
         code = _run(cmd)

@@ -30,7 +30,7 @@ from app.maintenance.routes import router as maintenance_router
 from app.plugins.auth import CredentialLoader, PluginAuthenticator, follow_credential_changes
 from app.plugins.fastpath import HeartbeatFastPath, SelfhealAPI
 from app.plugins.ingest import HeartbeatBatcher
-from app.plugins.retention import ensure_partitions_at_startup, make_partitions_ahead
+from app.plugins.retention import make_partitions_ahead
 from app.plugins.routes import router as plugins_router
 from app.policy.routes import router as policy_router
 from app.services import Services
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings, role="api")
         redis = create_redis(settings)
         assert settings.database_url is not None
+        sessionmaker = create_sessionmaker(engine)
         batcher = HeartbeatBatcher(
             libpq_url(settings.database_url),
             interval_s=settings.heartbeat_interval_s,
@@ -59,10 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout_s=settings.db_timeout_s,
             statement_timeout_s=settings.db_timeout_s,
             pooled=settings.transaction_pooling,
-        )
-        sessionmaker = create_sessionmaker(engine)
-        batcher.make_partitions = functools.partial(
-            make_partitions_ahead, sessionmaker, settings, why="ingest"
+            make_partitions=functools.partial(
+                make_partitions_ahead, sessionmaker, settings, why="ingest"
+            ),
         )
         batcher.start()
         loader = CredentialLoader(
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await warn_about_privileges(engine, settings.db_timeout_s)
         # Heartbeat partitions ahead, once (the workers keep them every minute): bounded by the
         # DB timeout, logged and skipped on failure.
-        await ensure_partitions_at_startup(svc.sessionmaker, settings)
+        await make_partitions_ahead(sessionmaker, settings, why="startup")
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise show up as latency spikes under load.
         gc.freeze()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from tests.support.api import serve
+from tests.support.faults import until
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, register, send_heartbeat
 from tests.test_health_metrics import sample
 
@@ -83,13 +84,6 @@ async def test_a_chunked_heartbeat_is_served_through_the_whole_stack(
     assert replay.json()["error"]["code"] == "replay"
 
 
-async def _until(condition: Any, what: str, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 def _ingest_backends(db: Any) -> list[tuple[str | None, str | None]]:
     """(wait_event_type, state) of the API's ingest connections to the test's database."""
     return db.execute(
@@ -121,13 +115,14 @@ async def test_a_blocked_batch_holds_up_others_only_when_it_has_the_only_ingest_
 
             batcher.submit = counted
             first = asyncio.create_task(send_heartbeat(client, stuck))
-            await _until(
+            await until(
                 lambda: any(wait == "Lock" for wait, _ in _ingest_backends(db)),
+                10,
                 "the first batch to wait on the row lock",
             )
             second = asyncio.create_task(send_heartbeat(client, other))
             if connections == 1:
-                await _until(lambda: len(submitted) == 2, "the second heartbeat handed over")
+                await until(lambda: len(submitted) == 2, 10, "the second heartbeat handed over")
                 await asyncio.sleep(0)
                 # Handed to the batcher, it cannot be answered while the only connection waits.
                 assert not second.done()

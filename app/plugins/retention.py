@@ -15,9 +15,9 @@ take turns on an advisory lock, so any number of workers may run them. Each step
 short transaction. A table lock they cannot get within 3 s (lock_timeout) ends the step with
 nothing done: the next minute tries again, and heartbeats never queue behind it for longer.
 
-The API runs step 1 once as it starts (ensure_partitions_at_startup), so a fresh install with
-no worker yet can still ingest after the migration's first week of partitions has passed, and
-again when a batch of heartbeats finds no partition for its time (make_partitions_ahead)."""
+The API runs step 1 once as it starts (make_partitions_ahead), so a fresh install with no
+worker yet can still ingest after the migration's first week of partitions has passed, and
+again when a batch of heartbeats finds no partition for its time."""
 
 from __future__ import annotations
 
@@ -70,13 +70,6 @@ async def prune_heartbeats(
             raise
         busy = True
     return PartitionUpkeep(created, tuple(dropped), busy)
-
-
-async def ensure_partitions_at_startup(
-    maker: async_sessionmaker[AsyncSession], settings: Settings
-) -> None:
-    """Step 1 once, as the API starts (make_partitions_ahead)."""
-    await make_partitions_ahead(maker, settings, why="startup")
 
 
 async def make_partitions_ahead(
