@@ -3,13 +3,15 @@ machine's PostgreSQL and Redis, and the same load against a bare FastAPI endpoin
 parses the JSON (bench/bare_app.py). The ratio of the two is the headline.
 
     .venv/bin/python bench/heartbeats.py [--plugins 10000] [--duration 20] [--connections 64]
-        [--threads 1] [--workers 2] [--skip-bare] [--keep-db]
+        [--threads 1] [--workers 2] [--skip-bare] [--breakdown] [--keep-db]
 
 Steps: install wrk if missing; create a fresh database selfheal_bench_<random>, migrate it and
 register the installations with bulk COPY; pre-sign every request of the run (each one unique:
 a repeated signed request would be a replay); start `selfheal api`; warm up; measure with wrk
 (bench/heartbeat.lua); count the stored samples; then the same load against the bare endpoint.
-Prints a side-by-side table and writes bench/results/heartbeats-<timestamp>.json.
+Prints a side-by-side table and writes bench/results/heartbeats-<timestamp>.json. With
+--breakdown, also runs selfheal with its rate limits off and with nothing stored
+(bench/no_storage_app.py), and times the ingest statement alone: where a heartbeat's CPU goes.
 See bench/README.md for what each figure means. A benchmark prints figures; it is not a test.
 """
 
@@ -71,6 +73,8 @@ SIGNATURE_WINDOW_S = 300
 TARGET_RATE = 5000.0
 TARGET_P99_MS = 50.0
 TARGET_RATIO = 0.33
+# Issue 11's ingest target: what --breakdown measures the budget against.
+TARGET_BREAKDOWN_RATIO = 0.6
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -201,6 +205,18 @@ _GEN_PLUGINS: list[tuple[str, bytes]] = []
 _GEN_PREFIX = f".POST.{HEARTBEAT_PATH}.".encode()
 
 
+def _gen_body(seq: int, sent_at: str) -> bytes:
+    # uptime_s grows with the sequence number: every body, hence every signed message,
+    # is unique, so no request of the run is a replay of another.
+    return (
+        f'{{"plugin_version": "{PLUGIN_VERSION}", "env": "prod", "uptime_s": {3600 + seq}, '
+        f'"sent_at": "{sent_at}", "telemetry": {{"requests": {1000 + seq % 500}, '
+        f'"errors": {seq % 7}, "webhook_attempts": {50 + seq % 20}, '
+        f'"webhook_failures": {seq % 3}, "latency_p95_ms": {80 + seq % 90}, '
+        f'"errors_last_24h": {40 + seq % 11}}}, "meta": {{}}}}'
+    ).encode()
+
+
 def _gen_chunk(task: tuple[int, int, int]) -> bytes:
     start, stop, timestamp = task
     plugins = _GEN_PLUGINS
@@ -212,15 +228,7 @@ def _gen_chunk(task: tuple[int, int, int]) -> bytes:
     sha256 = hashlib.sha256
     for seq in range(start, stop):
         plugin_id, key = plugins[seq % n]
-        # uptime_s grows with the sequence number: every body, hence every signed message,
-        # is unique, so no request of the run is a replay of another.
-        body = (
-            f'{{"plugin_version": "{PLUGIN_VERSION}", "env": "prod", "uptime_s": {3600 + seq}, '
-            f'"sent_at": "{sent_at}", "telemetry": {{"requests": {1000 + seq % 500}, '
-            f'"errors": {seq % 7}, "webhook_attempts": {50 + seq % 20}, '
-            f'"webhook_failures": {seq % 3}, "latency_p95_ms": {80 + seq % 90}, '
-            f'"errors_last_24h": {40 + seq % 11}}}, "meta": {{}}}}'
-        ).encode()
+        body = _gen_body(seq, sent_at)
         sig = hmac.new(key, prefix + body, sha256).hexdigest()
         out.append(b"%s\t%s\tv1=%s\t%s\n" % (plugin_id.encode(), ts.encode(), sig.encode(), body))
     return b"".join(out)
@@ -796,6 +804,13 @@ def parse_args() -> argparse.Namespace:
         help="SELFHEAL_AUTH_CACHE_TTL_S for the server (default: the app's default)",
     )
     p.add_argument("--skip-bare", action="store_true", help="do not run the bare endpoint")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also run selfheal with its rate limits off, and with nothing stored "
+        "(bench/no_storage_app.py), and time the ingest statement alone: where a heartbeat's "
+        "CPU goes (about 90 s more)",
+    )
     p.add_argument("--keep-db", action="store_true", help="keep the bench database")
     p.add_argument(
         "--pg-url",
@@ -914,21 +929,27 @@ def request_files(run: BenchRun) -> RequestFiles:
     )
 
 
-def start_selfheal_api(run: BenchRun, port: int) -> tuple[Server, float]:
-    """`selfheal api` starting (not waited for) on `port`; its auth cache TTL."""
-    args = run.args
+def selfheal_env(run: BenchRun) -> dict[str, str]:
+    """The environment of the API under test (`selfheal api` and the --breakdown variants)."""
     env = {
         **os.environ,
         "DATABASE_URL": run.db_url,
-        "REDIS_URL": args.redis_url,
+        "REDIS_URL": run.args.redis_url,
         "SELFHEAL_SECRET_KEY": BENCH_SECRET_KEY,
         "SELFHEAL_REDIS_PREFIX": run.redis_prefix,
         "SELFHEAL_DATA_DIR": str(run.workdir / "data"),
         "SELFHEAL_ENV": "dev",
         "LOG_LEVEL": "warning",
     }
-    if args.auth_cache_ttl is not None:
-        env["SELFHEAL_AUTH_CACHE_TTL_S"] = str(args.auth_cache_ttl)
+    if run.args.auth_cache_ttl is not None:
+        env["SELFHEAL_AUTH_CACHE_TTL_S"] = str(run.args.auth_cache_ttl)
+    return env
+
+
+def start_selfheal_api(run: BenchRun, port: int) -> tuple[Server, float]:
+    """`selfheal api` starting (not waited for) on `port`; its auth cache TTL."""
+    args = run.args
+    env = selfheal_env(run)
     auth_ttl = float(
         env.get("SELFHEAL_AUTH_CACHE_TTL_S", Settings.model_fields["auth_cache_ttl_s"].default)
     )
@@ -1070,25 +1091,7 @@ def measure_bare(run: BenchRun, files: RequestFiles) -> WrkResult | None:
     bport = free_port()
     bare_server = Server(
         "bare app",
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.bare_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(bport),
-            "--workers",
-            str(workers),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
+        uvicorn_argv("bench.bare_app:app", bport, workers),
         {**os.environ, "PYTHONPATH": str(REPO)},
         run.workdir / "bare-app.log",
     )
@@ -1101,6 +1104,191 @@ def measure_bare(run: BenchRun, files: RequestFiles) -> WrkResult | None:
     run.servers.remove(bare_server)
     say(f"bare: {bare.rate:,.0f} requests/s, p99 {bare.latency_ms['p99']:.1f} ms")
     return bare
+
+
+def uvicorn_argv(target: str, port: int, workers: int, *extra: str) -> list[str]:
+    """uvicorn as `selfheal api` runs it: uvloop, httptools, no access log."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        *extra,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# --breakdown: where a heartbeat's CPU goes
+
+NO_LIMITS = {"SELFHEAL_RATE_PER_INSTALLATION": "0", "SELFHEAL_RATE_PER_TENANT": "0"}
+STATEMENT_BATCHES = (30, 100)
+STATEMENT_HEARTBEATS = 12_000  # per batch size: ~1 s of backend CPU, 100 clock ticks
+
+
+def measure_variant(
+    run: BenchRun, plugins: list[Plugin], files: RequestFiles, label: str, *, store: bool
+) -> WrkResult:
+    """The same load against selfheal with its rate limits off (SELFHEAL_RATE_PER_* = 0, a
+    setting), and with `store` False, also with nothing stored (bench/no_storage_app.py)."""
+    port = free_port()
+    env = {**selfheal_env(run), **NO_LIMITS}
+    if store:
+        argv = [str(VENV_BIN / "selfheal"), "api", "--port", str(port)]
+        argv += ["--workers", str(run.args.workers)]
+    else:
+        argv = uvicorn_argv("bench.no_storage_app:create_app", port, run.args.workers, "--factory")
+        env["PYTHONPATH"] = str(REPO)
+    server = Server(label, argv, env, run.workdir / f"{label.replace(' ', '-')}.log")
+    run.servers.append(server)
+    sign_requests(plugins, files)
+    server.wait_healthy(f"http://127.0.0.1:{port}/health")
+    warm_up(run, port, files, f"{label}-warmup")
+    result = measured_run(run, server, port, files, label)
+    server.stop()
+    run.servers.remove(server)
+    say(f"{label}: {result.rate:,.0f} heartbeats/s, p99 {result.latency_ms['p99']:.1f} ms")
+    return result
+
+
+def statement_cost(run: BenchRun, plugins: list[Plugin]) -> dict[str, float]:
+    """PostgreSQL's CPU per heartbeat for the ingest statement alone (INGEST_SQL, the batch
+    document the API builds, autocommit, prepared), one statement at a time on one
+    connection, by batch size: the database's share of a heartbeat without any HTTP."""
+    from app.plugins.ingest import INGEST_SQL, batch_document, batch_row
+    from app.plugins.schemas import Heartbeat
+
+    now = datetime.now(UTC)
+    # What the run's plugins send, with an uptime above theirs (a lower one is a restart,
+    # which the statement also reports).
+    heartbeat = Heartbeat.model_validate_json(_gen_body(10**8, now.isoformat()))
+    ids = [uuid.UUID(p.id) for p in plugins]
+    out: dict[str, float] = {}
+    with psycopg.connect(libpq_url(run.db_url), autocommit=True, prepare_threshold=1) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        backend = int(row[0])
+        for size in STATEMENT_BATCHES:
+            batches = [
+                {
+                    "batch": batch_document(
+                        [
+                            batch_row(
+                                ids[(b * size + i) % len(ids)], os.urandom(32), heartbeat, now
+                            )
+                            for i in range(size)
+                        ]
+                    ),
+                    "interval_s": 120,
+                    "lease_s": 30,
+                }
+                for b in range(STATEMENT_HEARTBEATS // size)
+            ]
+            for params in batches[:5]:  # planned and cached first
+                conn.execute(INGEST_SQL, params).fetchall()
+            before = _read_stat(backend)
+            for params in batches[5:]:
+                conn.execute(INGEST_SQL, params).fetchall()
+            after = _read_stat(backend)
+            assert before is not None and after is not None
+            heartbeats = (len(batches) - 5) * size
+            out[str(size)] = (after[2] - before[2]) / CLK_TCK / heartbeats * 1000
+    say(
+        "ingest statement alone: "
+        + ", ".join(f"batch {k}: {v:.3f} ms/heartbeat" for k, v in out.items())
+    )
+    return out
+
+
+def breakdown(
+    run: BenchRun,
+    plugins: list[Plugin],
+    files: RequestFiles,
+    selfheal: WrkResult,
+    bare: WrkResult | None,
+) -> dict[str, Any]:
+    """The report's "breakdown": each run's CPU per heartbeat by process group, the ingest
+    statement's cost in PostgreSQL, and what 0.6x the bare endpoint leaves for storing."""
+    no_limits = measure_variant(run, plugins, files, "limits off", store=True)
+    floor = measure_variant(run, plugins, files, "limits off, no storage", store=False)
+    runs = {
+        "selfheal, as shipped": selfheal,
+        "selfheal, rate limits off": no_limits,
+        "selfheal, limits off, nothing stored": floor,
+    }
+    if bare is not None:
+        runs["bare endpoint"] = bare
+    rows = {label: per_heartbeat(r) for label, r in runs.items()}
+    out: dict[str, Any] = {"runs": rows, "statement_ms": statement_cost(run, plugins)}
+    if bare is not None:
+        budget = rows["bare endpoint"]["machine"] / TARGET_BREAKDOWN_RATIO
+        out["budget"] = {
+            "ratio": TARGET_BREAKDOWN_RATIO,
+            "machine_ms_allowed": budget,
+            "floor_ms": rows["selfheal, limits off, nothing stored"]["machine"],
+            "left_for_limits_and_storage_ms": budget
+            - rows["selfheal, limits off, nothing stored"]["machine"],
+            "limits_ms": rows["selfheal, as shipped"]["machine"]
+            - rows["selfheal, rate limits off"]["machine"],
+            "storage_ms": rows["selfheal, rate limits off"]["machine"]
+            - rows["selfheal, limits off, nothing stored"]["machine"],
+        }
+    return out
+
+
+BREAKDOWN_GROUPS = {
+    "api": "api workers",
+    "postgres": "postgres: bench db backends",
+    "redis": "redis",
+    "wrk": "wrk",
+    "machine": "machine (all processes)",
+}
+
+
+def per_heartbeat(r: WrkResult) -> dict[str, float]:
+    """heartbeats/s, and ms of CPU per heartbeat of each process group of the run."""
+    row = {"rate": r.rate}
+    for key, group in BREAKDOWN_GROUPS.items():
+        cpu_s = r.cpu.get(group)
+        row[key] = cpu_s / r.accepted * 1000 if cpu_s is not None and r.accepted else 0.0
+    return row
+
+
+def print_breakdown(b: dict[str, Any]) -> None:
+    print("--breakdown: ms of CPU per heartbeat (every process of the machine), same load:")
+    cols = ("machine", "api", "postgres", "redis", "wrk")
+    print(f"  {'':38}{'heartbeats/s':>13}" + "".join(f"{c:>10}" for c in cols))
+    for label, row in b["runs"].items():
+        print(f"  {label:38}{row['rate']:>13,.0f}" + "".join(f"{row[c]:>10.3f}" for c in cols))
+    print(
+        "  the ingest statement alone, in PostgreSQL (one connection, one statement at a time): "
+        + ", ".join(f"batch {k}: {v:.3f}" for k, v in b["statement_ms"].items())
+    )
+    budget = b.get("budget")
+    if budget:
+        print(
+            f"  {budget['ratio']:g}x the bare endpoint allows {budget['machine_ms_allowed']:.3f} ms"
+            f" per heartbeat; with nothing stored and no limits selfheal takes"
+            f" {budget['floor_ms']:.3f},"
+        )
+        print(
+            f"  which leaves {budget['left_for_limits_and_storage_ms']:.3f} for rate limits and"
+            f" storage; they take {budget['limits_ms']:.3f} + {budget['storage_ms']:.3f}"
+            f" = {budget['limits_ms'] + budget['storage_ms']:.3f}"
+        )
+    print()
 
 
 def build_report(
@@ -1137,6 +1325,8 @@ def build_report(
 def publish(report: dict[str, Any]) -> None:
     """The table on stdout, the JSON in bench/results/."""
     print_report(report)
+    if report.get("breakdown"):
+        print_breakdown(report["breakdown"])
     if not report["durability"]["ok"]:
         say("!!! DURABILITY MISMATCH: fewer samples stored than heartbeats accepted !!!")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -1170,6 +1360,8 @@ def main() -> int:
         selfheal = measure_selfheal(run, plugins, files)
         bare = measure_bare(run, files)
         report = build_report(run, files, selfheal, bare)
+        if run.args.breakdown:
+            report["breakdown"] = breakdown(run, plugins, files, selfheal.wrk, bare)
         publish(report)
     finally:
         clean_up(run)

@@ -209,6 +209,17 @@ def batch_row(
     )
 
 
+def batch_document(rows: list[bytes]) -> str:
+    """INGEST_SQL's %(batch)s: the rows of `batch_row`, each given its position (idx)."""
+    return (
+        b"["
+        + b",".join(
+            row[:-1] + b',"idx":' + str(idx).encode() + b"}" for idx, row in enumerate(rows)
+        )
+        + b"]"
+    ).decode()
+
+
 def telemetry_document(hb: Heartbeat) -> dict[str, Any]:
     """The latest telemetry as stored on the installation: what the plugin sent, plus the
     ratios the brief's SQL users look for (webhook_fail_rate, error_rate)."""
@@ -490,12 +501,8 @@ class HeartbeatBatcher:
         return results
 
     def _parameters(self, batch: list[PendingHeartbeat]) -> dict[str, Any]:
-        rows = b",".join(
-            item.row_json[:-1] + b',"idx":' + str(idx).encode() + b"}"
-            for idx, item in enumerate(batch)
-        )
         return {
-            "batch": (b"[" + rows + b"]").decode(),
+            "batch": batch_document([item.row_json for item in batch]),
             "interval_s": self._interval_s,
             "lease_s": self._lease_s,
         }
