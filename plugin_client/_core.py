@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -26,7 +27,13 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from plugin_client.errors import CommandRefused, HeartbeatFailed, UpdateFailed
-from plugin_client.signing import parse_public_keys, response_problem, sign_request, verify_release
+from plugin_client.signing import (
+    parse_public_keys,
+    request_digest,
+    response_problem,
+    sign_request,
+    verify_release,
+)
 from plugin_client.state import Report, StateStore
 from plugin_client.telemetry import Counters, EarlyReport, Snapshot
 from plugin_client.versions import is_newer, is_valid_version
@@ -44,6 +51,13 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
 MAX_RETRY_AFTER_S = 3_600.0
 MAX_ERROR_CHARS = 4000
+# A heartbeat whose fate is unknown (no answer, cancelled, a 5xx, an answer that does not
+# verify) or that was refused for a while only (429) is sent again as the same signed bytes
+# while it is this fresh, on the control plane's clock as last seen: the control plane stores
+# it once, and answers a copy of a stored one with a signed 401 `replay` naming it, which tells
+# us it arrived. The server refuses a timestamp more than 300 s off; past this age a new
+# heartbeat carries the counts instead.
+RESEND_WITHIN_S = 240.0
 _MAX_UPTIME_S = 10 * 365 * 86_400
 _COMMAND_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -69,8 +83,9 @@ class Updater(Protocol):
 class AgentStats:
     """What the agent has done so far (read-only copies: `agent.stats`)."""
 
-    heartbeats_sent: int = 0  # heartbeats the control plane accepted (verified 200)
-    heartbeats_failed: int = 0  # heartbeats not accepted (network, non-200, unsigned 200)
+    heartbeats_sent: int = 0  # accepted (verified 200, or signed 401 replay of this one)
+    heartbeats_failed: int = 0  # tries not accepted (network, non-200, unsigned 200)
+    heartbeats_resent: int = 0  # sent again as the same signed bytes (see RESEND_WITHIN_S)
     commands_applied: int = 0  # handler ran and returned
     commands_refused: int = 0  # a check failed: the handler was never called
     commands_failed: int = 0  # the handler raised
@@ -87,6 +102,15 @@ class Prepared:
     path: str
     body: bytes
     headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SentHeartbeat:
+    """A signed heartbeat and the counts it carries."""
+
+    request: Prepared
+    snapshot: Snapshot
+    signed_at: float  # its X-Timestamp (unix seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +313,14 @@ class AgentCore:
         self.next_heartbeat_s = _clamp_interval(interval_s)
         self.rng = rng or random.Random()
         self.beat_soon = False
+        # The heartbeat in flight (sent anew or again).
+        self._current: SentHeartbeat | None = None
+        # The heartbeat whose fate is unknown, to send again as it is (RESEND_WITHIN_S): set
+        # when one is built, cleared by a definite answer, so a try that is cancelled or
+        # raises anything leaves it to be sent again.
+        self._unanswered: SentHeartbeat | None = None
+        # The control plane's clock minus ours, from the last verified answer.
+        self._clock_offset_s = 0.0
         self._stats = AgentStats()
         self._stats_lock = threading.Lock()
         self._created = time.monotonic()
@@ -361,7 +393,16 @@ class AgentCore:
         return self.last_beat_at + spacing
 
     def heartbeat_request(self) -> tuple[Prepared, Snapshot]:
+        """The heartbeat to send now: the last one again when its fate is unknown and it is
+        fresh enough (RESEND_WITHIN_S), otherwise a new one with the counts so far."""
         self.last_beat_at = time.monotonic()
+        again = self._unanswered
+        if again is not None and (
+            abs(time.time() + self._clock_offset_s - again.signed_at) < RESEND_WITHIN_S
+        ):
+            self._current = again
+            self._count(heartbeats_resent=1)
+            return again.request, again.snapshot
         snapshot = self.counters.snapshot()
         meta = self._meta() if callable(self._meta) else self._meta
         body = {
@@ -373,7 +414,11 @@ class AgentCore:
             "meta": dict(meta or {}),
         }
         raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return self.signed("POST", self.heartbeat_url, raw), snapshot
+        request = self.signed("POST", self.heartbeat_url, raw)
+        self._current = self._unanswered = SentHeartbeat(
+            request, snapshot, float(request.headers["X-Timestamp"])
+        )
+        return request, snapshot
 
     def heartbeat_result(
         self,
@@ -385,6 +430,20 @@ class AgentCore:
         """Read the answer to a heartbeat: deliver the counters when it is a verified 200, list
         the commands to check, or the failure (and the commands to refuse with it)."""
         if status_code != 200:
+            if status_code == 401 and self._stored_before(headers, body):
+                # This very heartbeat was stored before (a copy whose answer we never got, or
+                # a proxy that sent it twice): delivered, with no answer of its own.
+                self.counters.delivered(snapshot)
+                self._count(heartbeats_sent=1)
+                self._unanswered = None
+                # What was counted meanwhile goes at once, and the answer brings the interval.
+                self.beat_soon = True
+                log.info("plugin_client: the heartbeat sent again had been stored the first time")
+                return HeartbeatOutcome(body={})
+            # 429 and 5xx: refused for now, or (a proxy's 502/504) maybe stored: it stays to be
+            # sent again. Any other answer refused this request for good: the next one is new.
+            if not (status_code == 429 or status_code >= 500):
+                self._unanswered = None
             retry_after = parse_retry_after(headers.get("retry-after"))
             message = f"heartbeat answered {status_code}: {_snippet(body)}"
             self._count(heartbeats_failed=1, last_error=message)
@@ -396,7 +455,8 @@ class AgentCore:
             self.settings.secret, status_code, self.heartbeat_path, body, headers
         )
         if problem is not None:
-            # A forged or mangled 200 must neither run commands nor eat telemetry.
+            # A forged or mangled 200 must neither run commands nor eat telemetry; it may have
+            # been stored, so the same bytes go again (it stays in _unanswered).
             self._count(heartbeats_failed=1, last_error=problem)
             log.error("plugin_client: heartbeat answer refused: %s", problem)
             # Commands we know already (run, refused, or in flight) keep the answer they got.
@@ -411,6 +471,9 @@ class AgentCore:
             )
         self.counters.delivered(snapshot)
         self._count(heartbeats_sent=1)
+        self._unanswered = None
+        with contextlib.suppress(ValueError, KeyError):
+            self._clock_offset_s = int(headers["x-timestamp"]) - time.time()
         try:
             parsed = json.loads(body)
         except ValueError:
@@ -435,7 +498,31 @@ class AgentCore:
             server_now=parse_time(parsed.get("server_time")),
         )
 
+    def _stored_before(self, headers: Mapping[str, str], body: bytes) -> bool:
+        """A 401 `replay` answer, signed, naming the digest of the heartbeat in flight: that
+        very request was stored before. Unsigned, or about another request, it proves
+        nothing (error answers are not signed otherwise)."""
+        current = self._current
+        if current is None:
+            return False
+        try:
+            error = json.loads(body)["error"]
+            code, named = error["code"], error.get("request")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        request = current.request
+        digest = request_digest(request.headers["X-Timestamp"], "POST", request.path, request.body)
+        return (
+            code == "replay"
+            and isinstance(named, str)
+            and hmac.compare_digest(named, digest)
+            and response_problem(self.settings.secret, 401, self.heartbeat_path, body, headers)
+            is None
+        )
+
     def heartbeat_unreachable(self, exc: BaseException) -> HeartbeatFailed:
+        # No answer: it may have been stored all the same, so the same bytes go again (it
+        # stays in _unanswered).
         message = f"control plane unreachable: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         self._count(heartbeats_failed=1, last_error=message)
         log.warning("plugin_client: %s", message)

@@ -3,7 +3,9 @@
 - Requests: `X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{path}.{raw body}")>`
   (docs/contracts.md, "Plugin authentication").
 - Responses: the control plane signs its 200 answers the same way with the status code in
-  place of the method; a response that does not verify carries no command we run.
+  place of the method; a response that does not verify carries no command we run. The 401
+  `replay` answer to a heartbeat is signed too, and names the digest of the stored request
+  (`request_digest`).
 - Releases: an update (or a rollback naming a signed release) carries a statement signed with
   Ed25519 by the release manager's key; the client checks it against the pinned public keys.
   The server side of this format is app/releases/signing.py; it is re-implemented here because
@@ -54,6 +56,12 @@ def sign_request(
     stamp = str(int(time.time()) if timestamp is None else timestamp)
     signature = _mac(secret.encode(), _message(stamp, method.upper(), path, body))
     return {"X-Timestamp": stamp, "X-Signature": "v1=" + signature}
+
+
+def request_digest(timestamp: str, method: str, path: str, body: bytes) -> str:
+    """Hex SHA-256 of a request's signed message: the control plane's replay key, which a
+    signed 401 `replay` answer to a heartbeat names."""
+    return hashlib.sha256(_message(timestamp, method.upper(), path, body)).hexdigest()
 
 
 def sign_response(

@@ -41,7 +41,11 @@ async def test_api_killed_under_load_every_heartbeat_stored_once(settings, tmp_p
     print(report.figures())
     assert report.violations == []
     assert report.kills == 1
-    assert report.stored == report.heartbeats > 100
+    # Every heartbeat the plugins built is stored once (or was never sent: a copy replaced by
+    # a newer one after a definite refusal), and the requests they counted are stored once.
+    assert report.duplicates == 0
+    assert report.requests_stored == report.requests_counted > 100
+    assert report.stored > 100
 
 
 async def test_postgres_restart_503_then_recovery(servers, redis_prefix, tmp_path):

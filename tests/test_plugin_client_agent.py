@@ -329,24 +329,113 @@ def test_telemetry_survives_the_server_being_away(
     with pytest.raises(HeartbeatFailed):
         agent.beat()
 
+    # Each failure above sent the heartbeat of the outage again as the same signed bytes; the
+    # unsigned 200 stored it, so its next copy gets the signed 401 replay: delivered, once.
     cp.signing = "signed"
+    assert agent.beat() == {}
+    assert cp.replays == 1
+    # The counts made since go with the next heartbeat, a new one.
     agent.beat()
-    assert cp.accepted()[-1]["telemetry"] == {
-        "requests": 10,
-        "errors": 1,
-        "webhook_attempts": 5,
-        "webhook_failures": 1,
-        "latency_p95_ms": 120.0,
-    }
+    assert [hb["telemetry"] for hb in cp.stored()] == [
+        {"requests": 10, "errors": 0, "webhook_attempts": 0, "webhook_failures": 0},
+        {
+            "requests": 5,
+            "errors": 1,
+            "webhook_attempts": 1,
+            "webhook_failures": 1,
+            "latency_p95_ms": 120.0,
+        },
+        {"requests": 5, "errors": 0, "webhook_attempts": 4, "webhook_failures": 0},
+    ]
     agent.beat()
-    assert cp.accepted()[-1]["telemetry"] == {
+    assert cp.stored()[-1]["telemetry"] == {
         "requests": 0,
         "errors": 0,
         "webhook_attempts": 0,
         "webhook_failures": 0,
     }
-    assert agent.stats.heartbeats_failed == 3
+    stats = agent.stats
+    assert (stats.heartbeats_failed, stats.heartbeats_resent, stats.heartbeats_sent) == (3, 3, 4)
     assert cp.rejected_bodies == []
+
+
+def test_a_heartbeat_whose_answer_was_lost_is_sent_again_as_is_and_counted_once(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent]
+) -> None:
+    """The control plane stored the heartbeat but the answer broke off: the agent sends the
+    same signed bytes again (not a new heartbeat with the same counts, which would be stored
+    twice), and the signed 401 replay tells it the first one arrived."""
+    agent = make_agent()
+    agent.record_request(7)
+    cp.mode = "lost"
+    with pytest.raises(HeartbeatFailed, match="unreachable"):
+        agent.beat()
+    agent.record_request(2)  # counted meanwhile: goes with the next new heartbeat
+    cp.mode = "ok"
+    assert agent.beat() == {}  # the copy: 401 replay, signed
+    agent.beat()
+    stored = cp.stored()
+    assert [hb["telemetry"]["requests"] for hb in stored] == [7, 2]
+    assert [e.body["uptime_s"] for e in cp.exchanges] == [hb["uptime_s"] for hb in stored]
+    assert cp.replays == 1
+    assert agent.stats.heartbeats_resent == 1
+
+
+def test_an_unsigned_replay_answer_proves_nothing(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent]
+) -> None:
+    """A 401 replay that does not verify is an ordinary refusal: the counts stay, and go with a
+    new heartbeat (error answers are unsigned, so anyone on the path could forge one)."""
+    agent = make_agent()
+    agent.record_request(4)
+    cp.mode = "lost"
+    with pytest.raises(HeartbeatFailed):
+        agent.beat()
+    cp.mode = "ok"
+    cp.signing = "unsigned"
+    with pytest.raises(HeartbeatFailed, match="401"):
+        agent.beat()
+    cp.signing = "signed"
+    agent.beat()
+    assert [hb["telemetry"]["requests"] for hb in cp.stored()] == [4, 4]
+    assert agent.stats.heartbeats_resent == 1
+
+
+def test_a_heartbeat_refused_for_good_is_not_sent_again(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent]
+) -> None:
+    """A 401 other than a verified replay (here: the control plane refuses the plugin) is final
+    for that request: the next heartbeat is a new one, signed anew, with every count."""
+    agent = make_agent()
+    agent.record_request(3)
+    cp.mode = "401"
+    with pytest.raises(HeartbeatFailed):
+        agent.beat()
+    agent.record_request(1)
+    cp.mode = "ok"
+    agent.beat()
+    assert [hb["telemetry"]["requests"] for hb in cp.stored()] == [4]
+    assert agent.stats.heartbeats_resent == 0
+
+
+def test_a_heartbeat_too_old_to_send_again_gives_way_to_a_new_one(
+    cp: FakeControlPlane, make_agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past RESEND_WITHIN_S the server would refuse the old timestamp: a new heartbeat carries
+    the counts (if the old one was stored after all, they are counted twice: the one case
+    the same bytes cannot cover)."""
+    import plugin_client._core as core
+
+    agent = make_agent()
+    agent.record_request(3)
+    cp.stop()
+    with pytest.raises(HeartbeatFailed):
+        agent.beat()
+    cp.start()
+    monkeypatch.setattr(core, "RESEND_WITHIN_S", 0.0)
+    agent.beat()
+    assert [hb["telemetry"]["requests"] for hb in cp.stored()] == [3]
+    assert agent.stats.heartbeats_resent == 0
 
 
 def test_counting_from_many_threads_loses_nothing(

@@ -188,6 +188,24 @@ async def test_async_backoff_while_the_server_is_down(tmp_path: Path) -> None:
     assert agent.pending_telemetry()["requests"] == 7
 
 
+async def test_async_heartbeat_whose_answer_was_lost_is_sent_again_as_is(
+    cp: FakeControlPlane, make_agent: Callable[..., AsyncAgent]
+) -> None:
+    """Stored, answer cut off: the same signed bytes again, confirmed by the signed 401
+    replay; the counts are stored once."""
+    agent = make_agent()
+    agent.record_request(6)
+    cp.mode = "lost"
+    with pytest.raises(HeartbeatFailed, match="unreachable"):
+        await agent.beat()
+    cp.mode = "ok"
+    assert await agent.beat() == {}
+    agent.record_request(1)
+    await agent.beat()
+    assert [hb["telemetry"]["requests"] for hb in cp.stored()] == [6, 1]
+    assert (cp.replays, agent.stats.heartbeats_resent) == (1, 1)
+
+
 async def test_async_refuses_commands_of_an_unsigned_response(
     cp: FakeControlPlane, signer: ReleaseSigner, make_agent: Callable[..., AsyncAgent]
 ) -> None:
@@ -202,9 +220,12 @@ async def test_async_refuses_commands_of_an_unsigned_response(
         await agent.beat()
     assert called == []
     assert "unsigned response" in cp.fail_reason(update["id"])
+    # It was stored all the same: the same bytes again get the signed 401 replay, and the
+    # counts are not sent a second time.
     cp.signing = "signed"
-    await agent.beat()
-    assert cp.accepted()[-1]["telemetry"]["requests"] == 4
+    assert await agent.beat() == {}
+    assert [hb["telemetry"]["requests"] for hb in cp.stored()] == [4]
+    assert cp.replays == 1
 
 
 async def test_async_refuses_an_update_to_a_lower_version(

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from app.core.crypto import SecretBox
 from app.core.db import create_engine, create_sessionmaker
 from app.plugins.service import rotate_secret
 from app.plugins.signatures import sign
+from plugin_client.signing import request_digest, response_problem
 from tests.support.api import serve
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body
 
@@ -36,7 +38,10 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     body = response.json()
     assert list(body) == ["error"]
     error = body["error"]
-    assert set(error) == {"code", "message"}, error
+    # A heartbeat's replay answer names the stored request (the digest of its signed message).
+    assert set(error) == {"code", "message"} | ({"request"} if code == "replay" else set()), error
+    if code == "replay":
+        assert len(error["request"]) == 64 and int(error["request"], 16) >= 0, error
     assert error["code"] == code, error
     assert isinstance(error["message"], str) and error["message"]
 
@@ -262,6 +267,38 @@ async def test_replay_to_the_same_instance_is_rejected(client, plugin, db):
     assert stored(db) == 1
     row = db.execute("SELECT heartbeat_count FROM merchant_plugins WHERE id = %s", (plugin.id,))
     assert row.fetchone() == (1,)
+
+
+async def test_a_heartbeats_replay_answer_is_signed_so_its_sender_knows_it_was_stored(
+    client, plugin, db
+):
+    """A plugin that got no answer sends the same bytes again (plugin_client, RESEND_WITHIN_S):
+    the 401 replay to a copy of a stored heartbeat is signed like a 200 and names the stored
+    request, for a Content-Length body (SelfhealAPI) and a chunked one (inside the middleware
+    stack), so a forged or borrowed one cannot make the plugin drop its counts. Other error
+    answers stay unsigned."""
+    body = unique_body()
+    headers = plugin.headers(body, HEARTBEAT)
+    assert (await post(client, body, headers)).status_code == 200
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield body
+
+    for answer in (
+        await post(client, body, headers),
+        await client.post(HEARTBEAT, content=chunked(), headers=headers),
+    ):
+        assert_error(answer, 401, "replay")
+        assert (
+            response_problem(plugin.secret, 401, HEARTBEAT, answer.content, answer.headers) is None
+        )
+        named = request_digest(headers["X-Timestamp"], "POST", HEARTBEAT, body)
+        assert answer.json()["error"]["request"] == named
+    assert stored(db) == 1
+    forged = {**plugin.headers(unique_body(), HEARTBEAT), "X-Signature": "v1=" + "0" * 64}
+    refused = await post(client, body, forged)
+    assert_error(refused, 401, "bad_signature")
+    assert "x-signature" not in refused.headers
 
 
 async def test_concurrent_copies_of_one_request_store_one_sample(settings, plugin, db):

@@ -81,6 +81,7 @@ class ApiError(Exception):
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        request: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -88,6 +89,7 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+        self.request = request
 
 
 class ErrorDetail(BaseModel):
@@ -96,6 +98,12 @@ class ErrorDetail(BaseModel):
     # Absent, never null, when the error is not about one field.
     field: str | SkipJsonSchema[None] = Field(
         None, description="The input field at fault (dotted path), when it is one field"
+    )
+    request: str | SkipJsonSchema[None] = Field(
+        None,
+        description="A heartbeat's `replay` answer only: the hex SHA-256 of the signed message"
+        " ('{timestamp}.POST.{path}.{raw body}') already stored, so that the signed answer"
+        " speaks of this request and no other",
     )
 
 
@@ -147,10 +155,14 @@ def error_responses(
     return entries
 
 
-def error_body(code: str, message: str, field: str | None = None) -> bytes:
+def error_body(
+    code: str, message: str, field: str | None = None, request: str | None = None
+) -> bytes:
     error: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         error["field"] = field
+    if request is not None:
+        error["request"] = request
     return orjson.dumps({"error": error})
 
 
@@ -160,9 +172,10 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
+    request: str | None = None,
 ) -> Response:
     return Response(
-        error_body(code, message, field),
+        error_body(code, message, field, request),
         status_code=status,
         media_type="application/json",
         headers=headers,
@@ -230,7 +243,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
         structlog.contextvars.bind_contextvars(error=exc.code)
-        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+        return error_response(
+            exc.status, exc.code, exc.message, exc.field, exc.headers, exc.request
+        )
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> Response:

@@ -50,8 +50,15 @@ _RETRY = {"Retry-After": "5"}
 
 
 class AuthFailed(ApiError):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(401, reason, message)
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        request: str | None = None,
+    ) -> None:
+        super().__init__(401, reason, message, headers=headers, request=request)
         self.reason = reason
 
 

@@ -129,7 +129,11 @@ async def _answer(
     except ApiError as exc:
         structlog.contextvars.bind_contextvars(error=exc.code)
         await _respond(
-            send, exc.status, error_body(exc.code, exc.message, exc.field), exc.headers, extra
+            send,
+            exc.status,
+            error_body(exc.code, exc.message, exc.field, exc.request),
+            exc.headers,
+            extra,
         )
         return exc.status
     except Exception:

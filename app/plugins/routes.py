@@ -19,7 +19,13 @@ from redis.exceptions import RedisError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
-from app.core.errors import ApiError, DomainError, error_responses, validation_error
+from app.core.errors import (
+    ApiError,
+    DomainError,
+    error_body,
+    error_responses,
+    validation_error,
+)
 from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.ratelimit import limit_plugin_request
@@ -65,6 +71,7 @@ _BODY_ERRORS = error_responses(
 )
 
 _RETRY_LATER = {"Retry-After": "5"}
+_REPLAY = "this signed request was already received"
 
 # The plugin routes read their raw body (the signature covers those exact bytes), so FastAPI
 # never parses it and cannot describe it: the OpenAPI document gets each body's model from
@@ -165,7 +172,7 @@ async def once_only(svc: Services, verified: VerifiedRequest) -> AsyncIterator[N
             headers=_RETRY_LATER,
         ) from exc
     if not first:
-        raise AuthFailed("replay", "this signed request was already received")
+        raise AuthFailed("replay", _REPLAY)
     try:
         yield
     except (ApiError, DomainError):
@@ -226,7 +233,7 @@ async def accept_heartbeat(
         except InstallationGone:
             raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation") from None
         if not result.accepted:
-            raise AuthFailed("replay", "this signed request was already received")
+            raise signed_replay(verified, path)
     except ApiError as exc:
         HEARTBEATS_REJECTED.labels(exc.code).inc()
         raise
@@ -239,6 +246,18 @@ async def accept_heartbeat(
         }
     )
     return SignedAnswer(body, verified.response_headers(200, path, body))
+
+
+def signed_replay(verified: VerifiedRequest, path: str) -> AuthFailed:
+    """The 401 `replay` answer to a heartbeat already stored, signed like a 200 (unlike other
+    error answers) and naming the stored message's digest: a plugin that got no answer to a
+    heartbeat sends the same bytes again, and this answer tells it, verifiably and about that
+    request only, that the first copy was stored (docs/contracts.md)."""
+    digest = verified.digest.hex()
+    body = error_body("replay", _REPLAY, request=digest)
+    return AuthFailed(
+        "replay", _REPLAY, headers=verified.response_headers(401, path, body), request=digest
+    )
 
 
 @router.post(

@@ -63,11 +63,30 @@ class Reported:
     body: dict[str, Any]
 
 
+class _BrokenAnswer(Response):
+    """Announces 1000 bytes, sends 10, and ends: the server closes the connection and the
+    client sees the answer cut off (httpx: RemoteProtocolError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"server_t', "more_body": False})
+
+
 @dataclass
 class FakeControlPlane:
     plugin_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     secret: str = SECRET
-    # What the next heartbeats get: "ok", "503", "401" or "500".
+    # What the next heartbeats get: "ok", "503", "401", "500", or "lost": stored, then the
+    # connection breaks in the middle of the answer.
     mode: str = "ok"
     # How 200 answers are signed: "signed", "unsigned", "bad" (another secret), "stale".
     signing: str = "signed"
@@ -84,6 +103,8 @@ class FakeControlPlane:
     mirror_headers: list[dict[str, str]] = field(default_factory=list)
     auth_failures: list[str] = field(default_factory=list)
     rejected_bodies: list[str] = field(default_factory=list)
+    stored_messages: set[tuple[str, bytes]] = field(default_factory=set)
+    replays: int = 0  # copies of stored heartbeats, answered 401 replay
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
@@ -171,6 +192,12 @@ class FakeControlPlane:
         with self.cond:
             return [e.body for e in self.exchanges if e.status == 200 and e.signing == "signed"]
 
+    def stored(self) -> list[dict[str, Any]]:
+        """Heartbeat bodies stored: every one answered 200, however the answer was signed
+        (the real control plane stores before it answers), each signed message once."""
+        with self.cond:
+            return [e.body for e in self.exchanges if e.status == 200]
+
     # -- routes --------------------------------------------------------------------------
 
     def _check(self, request: Request, body: bytes) -> str | None:
@@ -194,19 +221,16 @@ class FakeControlPlane:
     def _signed(self, status: int, path: str, body: bytes, signing: str) -> Response:
         headers = {}
         stamp = int(time.time())
+        code = str(status)
         if signing == "signed":
-            headers["X-Signature"] = "v1=" + sign_message(
-                self.secret, str(stamp), "200", path, body
-            )
+            headers["X-Signature"] = "v1=" + sign_message(self.secret, str(stamp), code, path, body)
         elif signing == "bad":
             headers["X-Signature"] = "v1=" + sign_message(
-                "not-the-secret", str(stamp), "200", path, body
+                "not-the-secret", str(stamp), code, path, body
             )
         elif signing == "stale":
             stamp -= 1000
-            headers["X-Signature"] = "v1=" + sign_message(
-                self.secret, str(stamp), "200", path, body
-            )
+            headers["X-Signature"] = "v1=" + sign_message(self.secret, str(stamp), code, path, body)
         if signing != "unsigned":
             headers["X-Timestamp"] = str(stamp)
         return Response(body, status, headers=headers, media_type="application/json")
@@ -223,11 +247,28 @@ class FakeControlPlane:
                 self.rejected_bodies.append(str(exc))
                 self.cond.notify_all()
             return JSONResponse({"error": {"code": "validation_error"}}, 422)
+        # The real control plane's replay guard: a copy of a stored heartbeat (same signed
+        # message) gets a signed 401 `replay` and is not stored again.
+        message = (request.headers["x-timestamp"], body)
+        with self.cond:
+            replay = message in self.stored_messages
+            if replay:
+                self.replays += 1
+                self.cond.notify_all()
+        if replay:
+            signed = f"{message[0]}.POST.{request.url.path}.".encode() + body
+            named = hashlib.sha256(signed).hexdigest()
+            answer = json.dumps(
+                {"error": {"code": "replay", "message": "already received", "request": named}},
+                separators=(",", ":"),
+            ).encode()
+            return self._signed(401, request.url.path, answer, self.signing)
         with self.cond:
             mode, signing = self.mode, self.signing
-            status = {"ok": 200, "503": 503, "401": 401, "500": 500}[mode]
+            status = {"ok": 200, "lost": 200, "503": 503, "401": 401, "500": 500}[mode]
             commands: list[dict[str, Any]] = []
             if status == 200:
+                self.stored_messages.add(message)
                 commands = list(self.commands)
                 if not self.redeliver:
                     self.commands.clear()
@@ -236,6 +277,8 @@ class FakeControlPlane:
         if status != 200:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return JSONResponse({"error": {"code": mode}}, status, headers=headers)
+        if mode == "lost":
+            return _BrokenAnswer()
         answer = json.dumps(
             {
                 "server_time": datetime.now(UTC).isoformat(),

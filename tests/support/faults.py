@@ -40,6 +40,7 @@ import psycopg
 from app.core.redis import health_check_key
 from app.core.settings import Settings, libpq_url
 from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED
+from plugin_client import AsyncAgent, HeartbeatFailed
 from tests.support.healing import FAILING_WEBHOOKS, HEALTHY, add_release, enable_autopatch
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, register
 from tests.support.processes import stop_process
@@ -510,15 +511,15 @@ def collect_worker_kill_figures(
 class ApiKillReport:
     seed: int
     kills: int = 0
-    heartbeats: int = 0
-    answered_200_first_try: int = 0
-    retried: int = 0
-    retried_then_200: int = 0
-    retried_then_replay: int = 0
-    never_answered: int = 0
+    heartbeats: int = 0  # new heartbeats the agents built (each with its own uptime_s)
+    accepted_first_try: int = 0
+    failed_tries: int = 0
+    resent: int = 0  # sent again as the same signed bytes (plugin_client, RESEND_WITHIN_S)
+    confirmed_by_replay: int = 0  # a copy answered with the signed 401 replay
     stored: int = 0
     duplicates: int = 0
-    missing: int = 0
+    requests_counted: int = 0  # agent.record_request totals, every agent
+    requests_stored: int = 0  # sum of plugin_heartbeats.requests
     statuses: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
 
@@ -527,61 +528,64 @@ class ApiKillReport:
             "seed": self.seed,
             "API kills": self.kills,
             "heartbeats": self.heartbeats,
-            "200 at the first try": self.answered_200_first_try,
-            "retried (same signed bytes)": self.retried,
-            "  then 200": self.retried_then_200,
-            "  then 401 replay (stored by the first try)": self.retried_then_replay,
-            "never answered": self.never_answered,
+            "accepted at the first try": self.accepted_first_try,
+            "tries that failed": self.failed_tries,
+            "sent again as the same signed bytes": self.resent,
+            "  then 401 replay, signed (stored by an earlier copy)": self.confirmed_by_replay,
             "rows stored": self.stored,
             "stored twice": self.duplicates,
-            "acknowledged but not stored": self.missing,
-            "answers and errors seen": dict(self.statuses),
+            "requests counted by the plugins": self.requests_counted,
+            "requests stored": self.requests_stored,
+            "failures seen": dict(self.statuses),
             "violations": len(self.violations),
         }
 
 
-@dataclass
-class Sent:
-    plugin: Plugin
-    uptime: int
-    body: bytes
-    headers: dict[str, str]
-    tries: int = 0
-    outcome: str = ""  # "200", "replay" or "" (never answered)
+class _Counted:
+    """One installation's AsyncAgent (the real plugin_client) and what it counted."""
 
+    def __init__(self, plugin: Plugin, url: str, http: httpx.AsyncClient) -> None:
+        self.plugin = plugin
+        self.uptimes: list[int] = []
+        self.counted = 0
+        self.agent = AsyncAgent(
+            url,
+            plugin.id,
+            plugin.secret,
+            plugin=plugin.name,
+            version="1.2.2",
+            http=http,
+            uptime=self._new_uptime,
+            early_report=False,
+        )
 
-async def deliver(
-    clients: list[httpx.AsyncClient],
-    sent: Sent,
-    report: ApiKillReport,
-    rng: random.Random,
-    give_up_s: float,
-) -> None:
-    """Send `sent` until it is answered 200, or 401 replay after a failed try (the first try
-    was stored, its answer lost): the same signed bytes every time, to either API."""
-    deadline = time.monotonic() + give_up_s
-    while time.monotonic() < deadline:
-        sent.tries += 1
-        client = rng.choice(clients)
+    def _new_uptime(self) -> int:
+        """Called once per new heartbeat (a copy sent again keeps its body): a unique uptime_s
+        names each heartbeat in plugin_heartbeats."""
+        uptime = next(_uptime)
+        self.uptimes.append(uptime)
+        return uptime
+
+    def count(self, rng: random.Random) -> None:
+        n = rng.randint(1, 9)
+        self.agent.record_request(n)
+        self.counted += n
+
+    async def beat(self, report: ApiKillReport, *, first: bool) -> bool:
+        """One try; True when the heartbeat it sent is known stored."""
         try:
-            response = await client.post(HEARTBEAT, content=sent.body, headers=sent.headers)
-        except httpx.TransportError as exc:
-            report.statuses[type(exc).__name__] += 1
-        else:
-            report.statuses[str(response.status_code)] += 1
-            if response.status_code == 200:
-                sent.outcome = "200"
-                return
-            code = response.json().get("error", {}).get("code") if response.content else None
-            if response.status_code == 401 and code == "replay" and sent.tries > 1:
-                sent.outcome = "replay"
-                return
-            if response.status_code not in (429, 503):
-                report.violations.append(
-                    f"heartbeat answered {response.status_code} {response.text[:200]}"
-                )
-                return
-        await asyncio.sleep(rng.uniform(0.05, 0.3))
+            answer = await self.agent.beat()
+        except HeartbeatFailed as exc:
+            report.failed_tries += 1
+            report.statuses[str(exc.status_code or "no answer")] += 1
+            if exc.status_code not in (None, 429, 503):
+                report.violations.append(f"heartbeat failed: {exc}"[:300])
+            return False
+        if answer == {}:  # the signed 401 replay: an earlier copy was stored
+            report.confirmed_by_replay += 1
+        elif first:
+            report.accepted_first_try += 1
+        return True
 
 
 async def api_kills(
@@ -595,49 +599,55 @@ async def api_kills(
     kill_after_s: tuple[float, float] = (1.0, 3.0),
     say: Say = _quiet,
 ) -> ApiKillReport:
-    """Two API processes on two ports; `concurrency` senders post heartbeats of `plugins`
-    installations to either of them; `kills` times, after a random delay, one API is
-    SIGKILLed and started again on its port. Every heartbeat is then checked against
-    plugin_heartbeats (by its unique uptime_s)."""
+    """Two API processes on two ports; `concurrency` plugins, each the real plugin_client's
+    AsyncAgent pointed at one of them, count requests and send heartbeats back to back,
+    trying again after a failure as the agent decides (the same signed bytes while the
+    fate of the last one is unknown, RESEND_WITHIN_S); `kills` times, after a random delay,
+    one API is SIGKILLed and started again on its port. Then every heartbeat is looked up in
+    plugin_heartbeats (by its unique uptime_s), and the requests the plugins counted are
+    compared with the requests stored: none lost, none counted twice."""
     from tests.support.ports import free_port
 
     rng = random.Random(seed)
     report = ApiKillReport(seed=seed)
-    fleet = [await register(settings, tenant=f"load-{n}") for n in range(plugins)]
+    fleet = [await register(settings, tenant=f"load-{n}") for n in range(max(plugins, concurrency))]
     env = service_env(settings)
     ports = [settings.port, free_port()]
     apis = [
         start_api(env, port, workdir / f"api-{n}.log", f"api-{n}") for n, port in enumerate(ports)
     ]
     stop = asyncio.Event()
-    all_sent: list[Sent] = []
+    beats = 0
 
-    async def sender(clients: list[httpx.AsyncClient]) -> None:
+    async def sender(counted: _Counted) -> None:
+        nonlocal beats
         while not stop.is_set():
-            plugin = rng.choice(fleet)
-            uptime = next(_uptime)
-            body = heartbeat_body(uptime_s=uptime)
-            sent = Sent(plugin, uptime, body, plugin.headers(body, HEARTBEAT))
-            all_sent.append(sent)
-            await deliver(clients, sent, report, rng, give_up_s=60)
+            counted.count(rng)
+            first = True
+            while not await counted.beat(report, first=first):
+                first = False
+                await asyncio.sleep(rng.uniform(0.05, 0.3))
+                counted.count(rng)  # counted while the API is away: goes with a later heartbeat
+            beats += 1
 
     async def under_load(heartbeats: int) -> None:
-        """Until `heartbeats` more were sent (the load is on, and goes on after a kill)."""
-        before = len(all_sent)
-        await until(lambda: len(all_sent) > before + heartbeats, 60, "heartbeat load")
+        """Until `heartbeats` more were accepted (the load is on, and goes on after a kill)."""
+        before = beats
+        await until(lambda: beats > before + heartbeats, 60, "heartbeat load")
 
+    counted: list[_Counted] = []
     try:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with contextlib.AsyncExitStack() as stack:
             clients = [
-                await stack.enter_async_context(
-                    httpx.AsyncClient(
-                        base_url=f"http://127.0.0.1:{port}", timeout=10, limits=limits
-                    )
-                )
-                for port in ports
+                await stack.enter_async_context(httpx.AsyncClient(timeout=10, limits=limits))
+                for _ in ports
             ]
-            tasks = [asyncio.create_task(sender(clients)) for _ in range(concurrency)]
+            counted = [
+                _Counted(plugin, f"http://127.0.0.1:{ports[n % 2]}", clients[n % 2])
+                for n, plugin in enumerate(fleet[:concurrency])
+            ]
+            tasks = [asyncio.create_task(sender(c)) for c in counted]
             try:
                 for _ in range(kills):
                     await under_load(50)
@@ -645,9 +655,7 @@ async def api_kills(
                     n = rng.randrange(len(apis))
                     apis[n].kill9()
                     report.kills += 1
-                    say(
-                        f"API kill {report.kills}: {apis[n].name}, {len(all_sent)} heartbeats so far"
-                    )
+                    say(f"API kill {report.kills}: {apis[n].name}, {beats} heartbeats so far")
                     apis[n] = await asyncio.to_thread(
                         start_api, env, ports[n], workdir / f"api-{n}.log", apis[n].name
                     )
@@ -655,38 +663,40 @@ async def api_kills(
             finally:
                 stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
+            # What the plugins counted last goes out with one more heartbeat each.
+            for c in counted:
+                for _ in range(100):
+                    if await c.beat(report, first=False) and await c.beat(report, first=False):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    report.violations.append(
+                        f"plugin {c.plugin.id}: its last counts never went out"
+                    )
     finally:
         for api in apis:
             api.stop()
     with owner_db(settings) as db:
-        rows = db.execute("SELECT uptime_s, count(*) FROM plugin_heartbeats GROUP BY 1").fetchall()
-    stored = {uptime: n for uptime, n in rows}
-    report.heartbeats = len(all_sent)
-    report.stored = sum(stored.values())
-    for sent in all_sent:
-        n = stored.get(sent.uptime, 0)
-        retried = sent.tries > 1
-        report.retried += retried
-        if sent.outcome == "200":
-            report.answered_200_first_try += not retried
-            report.retried_then_200 += retried
-        elif sent.outcome == "replay":
-            report.retried_then_replay += 1
-        else:
-            report.never_answered += 1
-        if n > 1:
-            report.duplicates += 1
-            report.violations.append(f"heartbeat uptime_s={sent.uptime} stored {n} times")
-        if sent.outcome and n == 0:
-            report.missing += 1
-            report.violations.append(
-                f"heartbeat uptime_s={sent.uptime} answered {sent.outcome} but not stored"
-            )
-    if report.never_answered:
-        report.violations.append(f"{report.never_answered} heartbeats never answered in 60 s")
-    for code in report.statuses:
-        if code.startswith("5") and code != "503":
-            report.violations.append(f"{report.statuses[code]} answers {code}")
+        rows = db.execute(
+            "SELECT uptime_s, count(*), sum(requests) FROM plugin_heartbeats GROUP BY 1"
+        ).fetchall()
+    stored = {uptime: (n, requests) for uptime, n, requests in rows}
+    report.stored = sum(n for n, _ in stored.values())
+    report.requests_stored = sum(int(requests) for _, requests in stored.values())
+    for c in counted:
+        report.heartbeats += len(c.uptimes)
+        report.resent += c.agent.stats.heartbeats_resent
+        report.requests_counted += c.counted
+        for uptime in c.uptimes:
+            n = stored.get(uptime, (0, 0))[0]
+            if n > 1:
+                report.duplicates += 1
+                report.violations.append(f"heartbeat uptime_s={uptime} stored {n} times")
+    if report.requests_stored != report.requests_counted:
+        report.violations.append(
+            f"the plugins counted {report.requests_counted} requests,"
+            f" plugin_heartbeats holds {report.requests_stored}"
+        )
     return report
 
 
