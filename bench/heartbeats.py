@@ -1175,6 +1175,7 @@ def statement_cost(run: BenchRun, plugins: list[Plugin]) -> dict[str, float]:
     # which the statement also reports).
     heartbeat = Heartbeat.model_validate_json(_gen_body(10**8, now.isoformat()))
     ids = [uuid.UUID(p.id) for p in plugins]
+    defaults = Settings()  # the API's own defaults, as the bench's server runs them
     out: dict[str, float] = {}
     with psycopg.connect(libpq_url(run.db_url), autocommit=True, prepare_threshold=1) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
@@ -1191,8 +1192,8 @@ def statement_cost(run: BenchRun, plugins: list[Plugin]) -> dict[str, float]:
                             for i in range(size)
                         ]
                     ),
-                    "interval_s": 120,
-                    "lease_s": 30,
+                    "interval_s": defaults.heartbeat_interval_s,
+                    "lease_s": defaults.command_lease_s,
                 }
                 for b in range(STATEMENT_HEARTBEATS // size)
             ]

@@ -111,6 +111,7 @@ class SentHeartbeat:
     request: Prepared
     snapshot: Snapshot
     signed_at: float  # its X-Timestamp (unix seconds)
+    digest: str  # request_digest: what a signed 401 replay of it names
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,8 +416,9 @@ class AgentCore:
         }
         raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         request = self.signed("POST", self.heartbeat_url, raw)
+        stamp = request.headers["X-Timestamp"]
         self._current = self._unanswered = SentHeartbeat(
-            request, snapshot, float(request.headers["X-Timestamp"])
+            request, snapshot, float(stamp), request_digest(stamp, "POST", request.path, raw)
         )
         return request, snapshot
 
@@ -510,12 +512,10 @@ class AgentCore:
             code, named = error["code"], error.get("request")
         except (ValueError, KeyError, TypeError, AttributeError):
             return False
-        request = current.request
-        digest = request_digest(request.headers["X-Timestamp"], "POST", request.path, request.body)
         return (
             code == "replay"
             and isinstance(named, str)
-            and hmac.compare_digest(named, digest)
+            and hmac.compare_digest(named, current.digest)
             and response_problem(self.settings.secret, 401, self.heartbeat_path, body, headers)
             is None
         )
