@@ -114,9 +114,10 @@ def test_simulate_detects_and_heals_injected_webhook_failures(settings, tmp_path
             while proc.poll() is None:
                 assert time.monotonic() < deadline, f"simulate still running:\n{log.read_text()}"
                 # Every process it starts (reference services, API, worker), to check at the
-                # end that none outlives it.
+                # end that none outlives it. The latest command line seen wins: a child caught
+                # between its fork and its exec still shows its parent's (`simulate ...`).
                 for child, cmdline in descendants(proc.pid):
-                    seen.setdefault(child.pid, (child, " ".join(cmdline.split()[1:4])))
+                    seen[child.pid] = (child, " ".join(cmdline.split()[1:4]))
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:
