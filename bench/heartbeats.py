@@ -1035,6 +1035,9 @@ def ingest_figures(
         for k, v in delta.items()
         if k.startswith("selfheal_heartbeats_rejected_total{")
     }
+    # Copies of a stored heartbeat: a 401 replay to wrk too, counted apart by the server.
+    if copies := int(delta.get("selfheal_heartbeats_already_stored_total", 0)):
+        rejected["replay (already stored)"] = copies
     batches = delta.get("selfheal_ingest_batch_size_count", 0.0)
     mean_batch = delta.get("selfheal_ingest_batch_size_sum", 0.0) / batches if batches else None
     server_accepted_total = int(after.metrics.get("selfheal_heartbeats_accepted_total", 0))

@@ -21,6 +21,12 @@ HEARTBEATS_ACCEPTED = Counter(
 HEARTBEATS_REJECTED = Counter(
     "selfheal_heartbeats_rejected_total", "Heartbeats refused, by reason", ["reason"]
 )
+# Not a refusal: the plugin is told, verifiably, that this heartbeat was stored before.
+HEARTBEATS_ALREADY_STORED = Counter(
+    "selfheal_heartbeats_already_stored_total",
+    "Copies of a stored heartbeat (a plugin sending again after a lost answer, or a replay),"
+    " answered with the signed 401 replay",
+)
 REQUEST_LATENCY = Histogram(
     "selfheal_http_request_duration_seconds",
     "HTTP request latency by route template and status",

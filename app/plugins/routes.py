@@ -26,7 +26,11 @@ from app.core.errors import (
     error_responses,
     validation_error,
 )
-from app.core.metrics import HEARTBEATS_ACCEPTED, HEARTBEATS_REJECTED
+from app.core.metrics import (
+    HEARTBEATS_ACCEPTED,
+    HEARTBEATS_ALREADY_STORED,
+    HEARTBEATS_REJECTED,
+)
 from app.core.pgjson import UnstorableValue, json_for_postgres
 from app.core.ratelimit import limit_plugin_request
 from app.core.settings import Settings
@@ -232,11 +236,14 @@ async def accept_heartbeat(
             raise ApiError(422, "validation_error", str(exc), field=exc.field) from None
         except InstallationGone:
             raise AuthFailed("unknown_plugin", "X-Plugin-Id is not a known installation") from None
-        if not result.accepted:
-            raise signed_replay(verified, path)
     except ApiError as exc:
         HEARTBEATS_REJECTED.labels(exc.code).inc()
         raise
+    if not result.accepted:
+        # Mostly plugin_client sending again a heartbeat whose answer it lost: counted apart
+        # from the refusals, which an alert on replays (an attack, a broken proxy) watches.
+        HEARTBEATS_ALREADY_STORED.inc()
+        raise signed_replay(verified, path)
     HEARTBEATS_ACCEPTED.inc()
     body = orjson.dumps(
         {
