@@ -1,6 +1,7 @@
 """Fault runs: processes killed and servers restarted under load, with real processes.
 
-    .venv/bin/python bench/faults.py [--kills 50] [--workers 3] [--seed N] [--api-kills 5]
+    .venv/bin/python bench/faults.py [--kills 50] [--workers 3] [--timings quick|default]
+        [--seed N] [--api-kills 5]
         [--outages 1] [--outage-s 10] [--only workers|api|postgres|redis ...] [--keep-db]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis-url redis://127.0.0.1:6379/0]
@@ -12,6 +13,9 @@ The scenarios are tests/support/faults.py's, which tests/test_faults.py runs in 
             one attempt in flight per incident and per installation, one command of a type per
             attempt, no command handed out twice (counted by the plugins and in
             plugin_agent_commands.delivery_count); in the end every sick plugin healed.
+            --timings quick (the default, as CI runs it): a 5-s heal lease, a 30-s health
+            window, plugins beating every 0.3 s. --timings default: the product's settings,
+            plugins beating when the control plane asks, kills 0.5-20 s apart.
   api       two `selfheal api` processes under heartbeat load from plugins that embed the
             real plugin_client (AsyncAgent); --api-kills times one is SIGKILLed and started
             again. The agents try again as they decide (a heartbeat whose fate is unknown goes
@@ -103,16 +107,23 @@ async def run(args: argparse.Namespace) -> int:
             workdir.mkdir()
             started = time.monotonic()
             async with fresh(args, workdir) as settings:
-                say(f"workers: {args.kills} kills of {args.workers} workers, seed {args.seed}")
+                say(
+                    f"workers: {args.kills} kills of {args.workers} workers, seed {args.seed},"
+                    f" {args.timings} timings"
+                )
                 report = await faults.worker_kills(
                     settings,
                     workdir,
                     kills=args.kills,
                     seed=args.seed,
                     workers=args.workers,
+                    quick=args.timings == "quick",
                     say=say,
                 )
-            figures = report.figures() | {"wall seconds": round(time.monotonic() - started, 1)}
+            figures = report.figures() | {
+                "timings": args.timings,
+                "wall seconds": round(time.monotonic() - started, 1),
+            }
             show("kill -9 of a worker mid-step", figures, report.violations)
             results["workers"] = figures | {"violations": report.violations}
             failed += bool(report.violations)
@@ -175,6 +186,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--outages", type=int, default=1, help="restarts of each server (1)")
     parser.add_argument(
         "--outage-s", type=float, default=10.0, help="each server stays down this long (10)"
+    )
+    parser.add_argument(
+        "--timings",
+        choices=("quick", "default"),
+        default="quick",
+        help="workers scenario: quick (CI's timings: a 5-s heal lease, a 30-s health window,"
+        " plugins beating every 0.3 s) or default (the product's settings, plugins beating when"
+        " asked; about 15 minutes for 50 kills)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (a new one)")
     parser.add_argument(

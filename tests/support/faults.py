@@ -107,24 +107,38 @@ class Child:
 SELFHEAL = [sys.executable, "-m", "app.cli"]
 
 
+# A healing loop quick enough to give many steps a minute (as tests/test_healing_workers.py
+# runs it): what CI's short runs use. `bench/faults.py --timings default` runs without them.
+QUICK_TIMINGS = {
+    "SELFHEAL_HEAL_POLL_S": "0.1",
+    "SELFHEAL_HEAL_LEASE_S": "5",
+    "SELFHEAL_HEALTH_WINDOW_S": "30",
+    "SELFHEAL_DETECT_EVERY_S": "0.2",
+    "SELFHEAL_RECOVERY_HEARTBEATS": "2",
+    # The load here is a few plugins beating fast, not a fleet: the per-installation limit
+    # (20 per 10 s) would answer 429 to what is the test's own pace.
+    "SELFHEAL_RATE_PER_INSTALLATION": "100000",
+}
+
+
 def service_env(
-    settings: Settings, sira: Server | None = None, runner: Server | None = None, **extra: str
+    settings: Settings,
+    sira: Server | None = None,
+    runner: Server | None = None,
+    *,
+    quick: bool = True,
+    **extra: str,
 ) -> dict[str, str]:
     """What the API and workers of a scenario run with: the settings, the reference services,
-    a healing loop quick enough to give many steps a minute (as tests/test_healing_workers.py
-    runs it), and no fleet incidents (every plugin here is on the same failing version)."""
+    the quick timings unless `quick` is false (then the product's defaults: a 30-s heal lease,
+    a 90-s health window...), and no fleet incidents (every plugin here is on the same failing
+    version: that is the scenario's shape, not a timing)."""
     env = settings_env(settings) | {
         "SELFHEAL_DATA_DIR": str(settings.data_dir),
-        "SELFHEAL_HEAL_POLL_S": "0.1",
-        "SELFHEAL_HEAL_LEASE_S": "5",
-        "SELFHEAL_HEALTH_WINDOW_S": "30",
-        "SELFHEAL_DETECT_EVERY_S": "0.2",
-        "SELFHEAL_RECOVERY_HEARTBEATS": "2",
         "SELFHEAL_FLEET_MIN_INSTALLATIONS": "1000000",
-        # The load here is a few plugins beating fast, not a fleet: the per-installation
-        # limit (20 per 10 s) would answer 429 to what is the test's own pace.
-        "SELFHEAL_RATE_PER_INSTALLATION": "100000",
     }
+    if quick:
+        env |= QUICK_TIMINGS
     if sira is not None:
         env |= {"SIRA_API_URL": sira.url, "SIRA_API_TOKEN": SIRA_TOKEN}
     if runner is not None:
@@ -254,8 +268,13 @@ class SickPlugin:
     healthy_beats: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
-    async def run(self, client: httpx.AsyncClient, stop: asyncio.Event, every_s: float) -> None:
+    async def run(
+        self, client: httpx.AsyncClient, stop: asyncio.Event, every_s: float | None
+    ) -> None:
+        """Beat every `every_s`, or when the control plane says (next_heartbeat_s, as
+        plugin_client does) with None."""
         while not stop.is_set():
+            wait_s = every_s
             telemetry = FAILING_WEBHOOKS if self.version == OLD else HEALTHY
             body = heartbeat_body(
                 plugin_version=self.version, uptime_s=next(_uptime), telemetry=telemetry
@@ -272,10 +291,15 @@ class SickPlugin:
                 else:
                     if self.version == NEW:
                         self.healthy_beats += 1
-                    for command in response.json()["commands"]:
+                    answer = response.json()
+                    for command in answer["commands"]:
                         await self.take(client, command)
+                    if wait_s is None:
+                        wait_s = float(answer["next_heartbeat_s"])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+                # No answer to follow: try again at the fast cadence (plugin_client's backoff
+                # starts there too).
+                await asyncio.wait_for(stop.wait(), 5.0 if wait_s is None else wait_s)
 
     async def take(self, client: httpx.AsyncClient, command: dict[str, Any]) -> None:
         self.deliveries[command["id"]] += 1
@@ -329,21 +353,34 @@ async def worker_kills(
     seed: int,
     workers: int = 3,
     sick_at_once: int = 3,
-    kill_delay_s: tuple[float, float] = (0.05, 1.5),
+    kill_delay_s: tuple[float, float] | None = None,
     staging_delay_s: float = 0.5,
-    beat_every_s: float = 0.3,
-    heal_timeout_s: float = 180,
+    quick: bool = True,
+    heal_timeout_s: float | None = None,
     say: Say = _quiet,
 ) -> WorkerKillReport:
     """`workers` worker processes heal plugins that fall sick `sick_at_once` at a time; `kills`
     times, after a random delay (random.Random(seed)) while at least one incident is in a heal
     step, one worker chosen at random is SIGKILLed and a new one started in its place. Then
-    every plugin made sick must end healed (its incident resolved, the plugin on NEW)."""
+    every plugin made sick must end healed (its incident resolved, the plugin on NEW).
+
+    `quick` (CI's short run): QUICK_TIMINGS, plugins beating every 0.3 s, kills 0.05-1.5 s
+    apart. Otherwise the product's default settings (30-s heal lease, 90-s health window,
+    0.5-s detection), plugins beating when the control plane asks them to (5 s while sick or
+    healing), and kills 0.5-20 s apart, so that they fall in every step of a heal that now
+    lasts minutes, not only in its longest wait."""
+    if kill_delay_s is None:
+        kill_delay_s = (0.05, 1.5) if quick else (0.5, 20.0)
+    if heal_timeout_s is None:
+        heal_timeout_s = 180 if quick else 600
+    beat_every_s = 0.3 if quick else None
     rng = random.Random(seed)
     report = WorkerKillReport(seed=seed)
+    # Enough plugins to keep `sick_at_once` sick until the last kill: at the product's
+    # defaults a heal ends within about as long as the wait between two kills.
     pool = [
         await register(settings, tenant=f"kill-{n}", name="payments")
-        for n in range(kills + sick_at_once + 2)
+        for n in range((1 if quick else 4) * kills + sick_at_once + 2)
     ]
     for version in (OLD, NEW):
         await add_release(settings, workdir, "payments", version)
@@ -356,7 +393,7 @@ async def worker_kills(
             max_concurrent_actions_per_tenant=1000,
         )
     with reference_services(workdir, staging_delay_s) as (sira, runner):
-        env = service_env(settings, sira, runner)
+        env = service_env(settings, sira, runner, quick=quick)
         api = start_api(env, settings.port, workdir / "api.log")
         procs: list[Child] = []
         stop = asyncio.Event()
