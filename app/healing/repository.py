@@ -156,7 +156,9 @@ async def claim_due(
     """Incidents the loop should look at now, leased for `lease_s` seconds: due ones
     (next_check_at passed, including those whose worker died and whose lease ran out) and
     new ones (detected, never looked at; flagged True). SKIP LOCKED: concurrent claimers split
-    the work."""
+    the work. Oldest first, a new incident being due since its detection: under a burst of
+    more than `limit`, every incident waits its turn (first come, first served), however many
+    others keep coming due."""
     rows = await session.execute(
         text(
             """
@@ -168,7 +170,9 @@ async def claim_due(
                      ORDER BY next_check_at LIMIT :limit)
                     UNION ALL
                     (SELECT id FROM plugin_incidents
-                     WHERE status = 'detected' AND next_check_at IS NULL LIMIT :limit))
+                     WHERE status = 'detected' AND next_check_at IS NULL
+                     ORDER BY detected_at LIMIT :limit))
+                ORDER BY coalesce(next_check_at, detected_at)
                 LIMIT :limit
                 FOR UPDATE SKIP LOCKED
             )
