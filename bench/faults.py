@@ -193,7 +193,7 @@ def parse_args() -> argparse.Namespace:
         default="quick",
         help="workers scenario: quick (CI's timings: a 5-s heal lease, a 30-s health window,"
         " plugins beating every 0.3 s) or default (the product's settings, plugins beating when"
-        " asked; about 15 minutes for 50 kills)",
+        " asked; about 9 minutes for 50 kills)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (a new one)")
     parser.add_argument(

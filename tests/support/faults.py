@@ -41,7 +41,9 @@ from app.core.redis import health_check_key
 from app.core.settings import Settings, libpq_url
 from app.core.states import ATTEMPT_IN_FLIGHT_SQL, INCIDENT_CLOSED
 from plugin_client import AsyncAgent, HeartbeatFailed
+from tests.support.dashboard import sign_in
 from tests.support.healing import FAILING_WEBHOOKS, HEALTHY, add_release, enable_autopatch
+from tests.support.personas import make_user
 from tests.support.plugins import HEARTBEAT, Plugin, heartbeat_body, register
 from tests.support.processes import stop_process
 from tests.support.services import RUNNER_TOKEN, SIRA_TOKEN, Server
@@ -748,6 +750,9 @@ class OutageReport:
     statuses_during: Counter[str] = field(default_factory=Counter)
     statuses_after: Counter[str] = field(default_factory=Counter)
     health_during: Counter[str] = field(default_factory=Counter)
+    # The rest of the API during the outage, "<request> <status>": the ops JSON API, a plugin's
+    # ack and a dashboard page (signed in before it).
+    others_during: Counter[str] = field(default_factory=Counter)
     api_recovery_s: float | None = None
     health_recovery_s: float | None = None
     worker_recovery_s: float | None = None
@@ -764,11 +769,15 @@ class OutageReport:
             "heartbeat answers during": dict(self.statuses_during),
             "heartbeat answers after": dict(self.statuses_after),
             "/health during (code status component)": dict(self.health_during),
+            "ops API, ack and dashboard during": dict(self.others_during),
             "API recovery s (first heartbeat 200 after the server is back)": r(self.api_recovery_s),
             "/health recovery s": r(self.health_recovery_s),
             "worker recovery s (a new sick plugin's incident detected)": r(self.worker_recovery_s),
             "violations": len(self.violations),
         }
+
+
+_OPS_LIST = "/api/ops/plugin-incidents"
 
 
 @dataclass
@@ -829,11 +838,13 @@ async def outage(
     report = OutageReport(server=server.server)
     fleet = [await register(settings, tenant=f"steady-{n}") for n in range(plugins)]
     probe = await register(settings, tenant="probe")
+    admin = await make_user(settings, "outage-admin", "admin")
     env = service_env(settings)
     api = start_api(env, settings.port, workdir / "api.log")
     worker = start_worker(env, workdir / "worker.log")
     stop = asyncio.Event()
     answers: list[Observed] = []
+    others: list[tuple[Observed, str]] = []
     health: list[tuple[float, int, str, str]] = []
     component = "postgres" if server.server == "postgres" else "redis"
 
@@ -850,6 +861,31 @@ async def outage(
             answers.append(Observed(time.monotonic(), status))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), beat_every_s)
+
+    async def probe_others(client: httpx.AsyncClient, dashboard: httpx.AsyncClient) -> None:
+        """Besides heartbeats: an ops API read, a plugin's ack of a command it does not have
+        (404 when the database answers) and a dashboard page, every 0.2 s."""
+        bearer = {"Authorization": f"Bearer {admin.token}"}
+
+        async def ack() -> httpx.Response:
+            path = f"/api/plugins/commands/{uuid.uuid4()}/ack"
+            body, headers = signed(fleet[0], path, {"result": {"ok": True}})
+            return await client.post(path, content=body, headers=headers)
+
+        requests: list[tuple[str, Callable[[], Any]]] = [
+            ("GET /api/ops/plugin-incidents", lambda: client.get(_OPS_LIST, headers=bearer)),
+            ("POST ack", ack),
+            ("GET /ops/incidents", lambda: dashboard.get("/ops/incidents")),
+        ]
+        while not stop.is_set():
+            for what, send in requests:
+                try:
+                    status = str((await send()).status_code)
+                except httpx.TransportError as exc:
+                    status = type(exc).__name__
+                others.append((Observed(time.monotonic(), status), what))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
 
     async def watch_health(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
@@ -871,9 +907,14 @@ async def outage(
 
     try:
         wait_workers_healthy(settings, [worker])
-        async with httpx.AsyncClient(base_url=settings.api_base_url, timeout=30) as client:
+        async with (
+            httpx.AsyncClient(base_url=settings.api_base_url, timeout=30) as client,
+            httpx.AsyncClient(base_url=settings.api_base_url, timeout=30) as dashboard,
+        ):
+            await sign_in(dashboard, admin)
             tasks = [asyncio.create_task(beat(client, p)) for p in fleet]
             tasks.append(asyncio.create_task(watch_health(client)))
+            tasks.append(asyncio.create_task(probe_others(client, dashboard)))
             try:
                 await until(
                     lambda: sum(a.status == "200" for a in answers) >= 3 * plugins,
@@ -978,6 +1019,13 @@ async def outage(
     for at, code, status, state in health:
         if down_done < at < up_at:
             report.health_during[f"{code} {status} {component}={state}"] += 1
+    for observed, what in others:
+        if down_at < observed.at < up_at:
+            report.others_during[f"{what} {observed.status}"] += 1
+        if observed.status.startswith("5") and observed.status != "503":
+            report.violations.append(f"{what} answered {observed.status}")
+        elif not observed.status.isdigit():
+            report.violations.append(f"{what} got no answer ({observed.status})")
     for phase, seen in (
         ("before", report.statuses_before),
         ("during", report.statuses_during),
