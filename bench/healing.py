@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -337,7 +338,7 @@ def enable_autopatch(db_url: str, tenants: list[str]) -> None:
 
 @dataclass
 class Traffic:
-    client: httpx.AsyncClient
+    base_url: str
     in_flight: asyncio.Semaphore
     poll_s: float  # plugins poll (and space their recovery heartbeats) this often
     heartbeats: int = 0
@@ -345,12 +346,34 @@ class Traffic:
     round_trips_ms: list[float] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
     uptime: Iterator[int] = field(default_factory=lambda: itertools.count(1000))
+    # One client (one keep-alive connection) per plugin, as each real plugin has its own. One
+    # client shared by the fleet made httpcore's pool the bottleneck of this process: every
+    # request scanned every pooled connection (a readability syscall each), which took most
+    # of the process's CPU and, the API sharing this process, its answers 300-500 ms.
+    clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+    # Built once: each client would build its own (~20 ms of CPU), even for http://.
+    tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+
+    def client_of(self, plugin: Plugin) -> httpx.AsyncClient:
+        client = self.clients.get(plugin.id)
+        if client is None:
+            client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=30,
+                verify=self.tls,
+                limits=httpx.Limits(max_connections=1),
+            )
+            self.clients[plugin.id] = client
+        return client
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
     async def post(self, plugin: Plugin, path: str, body: bytes) -> httpx.Response:
         async with self.in_flight:
             headers = signed_headers(plugin.id, plugin.secret, body, path)
             started = time.perf_counter()
-            response = await self.client.post(path, content=body, headers=headers)
+            response = await self.client_of(plugin).post(path, content=body, headers=headers)
             self.round_trips_ms.append((time.perf_counter() - started) * 1000)
         return response
 
@@ -422,15 +445,10 @@ async def scenario(
         if serving.done():
             serving.result()
         await asyncio.sleep(0.02)
-    async with (
-        httpx.AsyncClient(
-            base_url=settings.api_base_url,
-            timeout=30,
-            limits=httpx.Limits(max_connections=args.concurrency),
-        ) as client,
-        await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db,
-    ):
-        traffic = Traffic(client, asyncio.Semaphore(args.concurrency), args.poll_s)
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
+        traffic = Traffic(settings.api_base_url, asyncio.Semaphore(args.concurrency), args.poll_s)
+        for plugin in plugins:  # before t0
+            traffic.client_of(plugin)
         timeout_s = args.timeout
         t0 = time.time()
         deadline = time.monotonic() + timeout_s
@@ -466,6 +484,7 @@ async def scenario(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await traffic.close()
             server.should_exit = True
             await serving
     return t0, traffic
