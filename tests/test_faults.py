@@ -55,7 +55,7 @@ async def test_postgres_restart_503_then_recovery(servers, redis_prefix, tmp_pat
     assert report.violations == []
     assert report.statuses_during.get("503", 0) > 0
     # The rest of the API says 503 too: the ops API, a plugin's ack, a dashboard page.
-    for request in ("GET /api/ops/plugin-incidents", "POST ack", "GET /ops/incidents"):
+    for request in faults.PROBES:
         assert report.others_during.get(f"{request} 503", 0) > 0, report.others_during
     assert report.worker_recovery_s is not None
 

@@ -778,6 +778,8 @@ class OutageReport:
 
 
 _OPS_LIST = "/api/ops/plugin-incidents"
+# What the outage scenario sends besides heartbeats (OutageReport.others_during).
+PROBES = ("GET /api/ops/plugin-incidents", "POST ack", "GET /ops/incidents")
 
 
 @dataclass
@@ -872,11 +874,12 @@ async def outage(
             body, headers = signed(fleet[0], path, {"result": {"ok": True}})
             return await client.post(path, content=body, headers=headers)
 
-        requests: list[tuple[str, Callable[[], Any]]] = [
-            ("GET /api/ops/plugin-incidents", lambda: client.get(_OPS_LIST, headers=bearer)),
-            ("POST ack", ack),
-            ("GET /ops/incidents", lambda: dashboard.get("/ops/incidents")),
-        ]
+        send = {
+            "GET /api/ops/plugin-incidents": lambda: client.get(_OPS_LIST, headers=bearer),
+            "POST ack": ack,
+            "GET /ops/incidents": lambda: dashboard.get("/ops/incidents"),
+        }
+        requests: list[tuple[str, Callable[[], Any]]] = [(what, send[what]) for what in PROBES]
         while not stop.is_set():
             for what, send in requests:
                 try:
@@ -935,6 +938,11 @@ async def outage(
                         sum(a.at > down_done for a in answers) >= answers_during
                         and time.monotonic() - down_at >= down_for_s
                         and any(h[0] > down_done and h[3] == "down" for h in health)
+                        # Each of the other requests answered at least twice while it is down.
+                        and all(
+                            sum(o.at > down_done and w == what for o, w in others) >= 2
+                            for what in PROBES
+                        )
                     ),
                     60 + down_for_s,
                     f"answers during the {server.server} outage and /health saying it is down",
