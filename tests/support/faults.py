@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -777,7 +777,6 @@ class OutageReport:
         }
 
 
-_OPS_LIST = "/api/ops/plugin-incidents"
 # What the outage scenario sends besides heartbeats (OutageReport.others_during).
 PROBES = ("GET /api/ops/plugin-incidents", "POST ack", "GET /ops/incidents")
 
@@ -874,16 +873,17 @@ async def outage(
             body, headers = signed(fleet[0], path, {"result": {"ok": True}})
             return await client.post(path, content=body, headers=headers)
 
-        send = {
-            "GET /api/ops/plugin-incidents": lambda: client.get(_OPS_LIST, headers=bearer),
+        send: dict[str, Callable[[], Awaitable[httpx.Response]]] = {
+            "GET /api/ops/plugin-incidents": lambda: client.get(
+                "/api/ops/plugin-incidents", headers=bearer
+            ),
             "POST ack": ack,
             "GET /ops/incidents": lambda: dashboard.get("/ops/incidents"),
         }
-        requests: list[tuple[str, Callable[[], Any]]] = [(what, send[what]) for what in PROBES]
         while not stop.is_set():
-            for what, send in requests:
+            for what in PROBES:
                 try:
-                    status = str((await send()).status_code)
+                    status = str((await send[what]()).status_code)
                 except httpx.TransportError as exc:
                     status = type(exc).__name__
                 others.append((Observed(time.monotonic(), status), what))
